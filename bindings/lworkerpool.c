@@ -1,0 +1,547 @@
+/*
+ * lworkerpool.c: the `workerpool` Lua module: pools, futures and the
+ * functions every state gets (worker_id, pool_name, sleep, now, get).
+ *
+ * A pool handle is a userdata holding a reference to a core pool.  The
+ * handle made by workerpool.new owns the pool: collecting or closing it
+ * drains and stops the pool.  Handles from workerpool.get only borrow it.
+ * Misuse raises; runtime failures return nil, message, name.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "lbind.h"
+
+#define WPL_MAX_WORKERS 10000
+
+typedef struct wpl_pool {
+  wp_pool *p; /* a handle reference, or NULL once collected */
+  int owner;  /* made by workerpool.new: collecting it stops the pool */
+} wpl_pool;
+
+typedef struct wpl_future {
+  wp_future *f; /* a reference, or NULL before submit succeeded */
+} wpl_future;
+
+int luaopen_workerpool(lua_State *L);
+
+int wpl_pusherr(lua_State *L, int err) {
+  lua_pushnil(L);
+  lua_pushstring(L, wp_strerror(err));
+  lua_pushstring(L, wp_err_name(err));
+  return 3;
+}
+
+static wpl_pool *checkpool(lua_State *L) {
+  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  if (u->p == NULL) luaL_error(L, "attempt to use a collected pool");
+  return u;
+}
+
+static wpl_future *checkfuture(lua_State *L) {
+  wpl_future *u = luaL_checkudata(L, 1, WPL_FUTURE_MT);
+  if (u->f == NULL) luaL_error(L, "attempt to use an empty future");
+  return u;
+}
+
+/* ---- workerpool.new -------------------------------------------------- */
+
+static const char *const pool_options[] = {
+    "name", "max_workers", "min_workers", "idle_timeout", "init", "init_file",
+    NULL};
+
+/* [-0, +0, e] Raises on a key of opts that is not an option. */
+static void check_option_names(lua_State *L) {
+  lua_pushnil(L);
+  while (lua_next(L, 1)) {
+    int i, known = 0;
+    lua_pop(L, 1);
+    if (lua_type(L, -1) == LUA_TSTRING)
+      for (i = 0; pool_options[i] && !known; i++)
+        known = strcmp(lua_tostring(L, -1), pool_options[i]) == 0;
+    if (!known)
+      luaL_error(L, "workerpool.new: unknown option '%s'",
+                 luaL_tolstring(L, -1, NULL));
+  }
+}
+
+/* [-0, +0, e] opts[k] as an integer in [lo, hi]; def when absent, unless
+ * required.  Anything else raises msg. */
+static lua_Integer int_option(lua_State *L, const char *k, lua_Integer lo,
+                              lua_Integer hi, int required, lua_Integer def,
+                              const char *msg) {
+  lua_Integer v = def;
+  int ok;
+  int t = lua_getfield(L, 1, k);
+  if (t == LUA_TNIL) {
+    if (required) luaL_error(L, "workerpool.new: %s", msg);
+  } else {
+    v = lua_tointegerx(L, -1, &ok);
+    if (t != LUA_TNUMBER || !ok || v < lo)
+      luaL_error(L, "workerpool.new: %s", msg);
+    if (v > hi)
+      luaL_error(L, "workerpool.new: %s (at most %d)", msg, (int)hi);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* [-0, +1, e] opts[k] as a string left on the stack, or NULL (pushing
+ * nil). */
+static const char *str_option(lua_State *L, int idx, const char *k) {
+  int t = lua_getfield(L, idx, k);
+  if (t == LUA_TNIL) return NULL;
+  if (t != LUA_TSTRING) luaL_error(L, "workerpool.new: %s must be a string", k);
+  return lua_tostring(L, -1);
+}
+
+/* Reads a whole file into a malloc'd buffer.  No Lua calls.  Returns NULL
+ * with errno set on failure. */
+static char *read_file(const char *path, size_t *len) {
+  FILE *fp = fopen(path, "rb");
+  char *buf = NULL, *nb;
+  size_t cap = 0, n = 0, got;
+  int saved;
+  if (fp == NULL) return NULL;
+  do {
+    if (cap - n < 4096) {
+      cap = cap ? cap * 2 : 8192;
+      if ((nb = realloc(buf, cap)) == NULL) goto err;
+      buf = nb;
+    }
+    got = fread(buf + n, 1, cap - n, fp);
+    n += got;
+  } while (got > 0);
+  if (ferror(fp)) {
+    errno = EIO;
+    goto err;
+  }
+  fclose(fp);
+  *len = n;
+  return buf;
+err:
+  saved = errno;
+  free(buf);
+  fclose(fp);
+  errno = saved;
+  return NULL;
+}
+
+static void open_worker(lua_State *L, void *ud) {
+  (void)ud;
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, luaopen_workerpool);
+  lua_setfield(L, -2, "workerpool");
+  lua_pop(L, 1);
+}
+
+/* workerpool.new(opts) -> pool   [-0, +1, e] */
+static int wpl_new(lua_State *L) {
+  wp_options o;
+  wpl_pool *u;
+  char err[4096], *file = NULL, initname[512];
+  const char *init_file;
+  size_t len = 0;
+  int r, saved;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  check_option_names(L);
+  wp_options_init(&o);
+  o.max_workers = (int)int_option(L, "max_workers", 1, WPL_MAX_WORKERS, 1, 0,
+                                  "max_workers must be a positive integer");
+  o.min_workers = (int)int_option(
+      L, "min_workers", 0, o.max_workers, 0, 0,
+      "min_workers must be an integer from 0 to max_workers");
+  if (lua_getfield(L, 1, "idle_timeout") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TNUMBER || isnan(lua_tonumber(L, -1)))
+      luaL_error(L, "workerpool.new: idle_timeout must be a number of "
+                    "seconds (negative disables reaping)");
+    o.idle_timeout = (double)lua_tonumber(L, -1);
+  }
+  o.name = str_option(L, 1, "name");           /* 3 */
+  o.init = str_option(L, 1, "init");           /* 4 */
+  init_file = str_option(L, 1, "init_file");   /* 5 */
+  if (o.init && init_file)
+    luaL_error(L, "workerpool.new: init and init_file are mutually "
+                  "exclusive");
+  if (o.init) {
+    o.init_len = lua_rawlen(L, 4);
+    o.init_name = "=init";
+  }
+  if (init_file) snprintf(initname, sizeof initname, "@%s", init_file);
+  if (lua_getglobal(L, "package") == LUA_TTABLE) { /* 6 */
+    o.package_path = str_option(L, 6, "path");     /* 7 */
+    o.package_cpath = str_option(L, 6, "cpath");   /* 8 */
+  }
+  o.open_state = open_worker;
+  u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->p = NULL;
+  u->owner = 1;
+  luaL_setmetatable(L, WPL_POOL_MT);
+  /* From here to wp_pool_new returning, no Lua call: file is ours. */
+  if (init_file) {
+    if ((file = read_file(init_file, &len)) == NULL) {
+      saved = errno;
+      return luaL_error(L, "workerpool.new: cannot read init_file '%s': %s",
+                        init_file, strerror(saved));
+    }
+    o.init = file;
+    o.init_len = len;
+    o.init_name = initname;
+  }
+  r = wp_pool_new(&o, &u->p, err, sizeof err);
+  free(file);
+  if (r == WP_EINIT)
+    return luaL_error(L, "workerpool.new: init failed: %s", err);
+  if (r == WP_EINVAL || r == WP_EEXISTS)
+    return luaL_error(L, "workerpool.new: %s", err);
+  if (r) return luaL_error(L, "workerpool.new: %s", wp_strerror(r));
+  return 1;
+}
+
+/* workerpool.get(name) -> pool | nil   [-0, +1, e] */
+static int wpl_get(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  wpl_pool *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->p = NULL;
+  u->owner = 0;
+  luaL_setmetatable(L, WPL_POOL_MT);
+  if ((u->p = wp_pool_find(name)) == NULL) lua_pushnil(L);
+  return 1;
+}
+
+/* ---- pool methods ---------------------------------------------------- */
+
+/* [-0, +1, e] Queues the task at 2 with the arguments after it and pushes
+ * its future; on a stopped pool returns nil, "stopped" instead. */
+static int submit(lua_State *L, const char *what, wpl_future **out) {
+  wpl_pool *u = checkpool(L);
+  int nargs = lua_gettop(L) - 2, r;
+  wpl_future *fu;
+  luaL_checkany(L, 2);
+  fu = lua_newuserdatauv(L, sizeof *fu, 0);
+  fu->f = NULL;
+  luaL_setmetatable(L, WPL_FUTURE_MT);
+  r = wp_submit_lua(u->p, L, 2, nargs, what, &fu->f);
+  if (r) return wpl_pusherr(L, r);
+  *out = fu;
+  return 1;
+}
+
+/* pool:submit(task, ...) -> future | nil, "stopped"   [-0, +1|3, e] */
+static int pool_submit(lua_State *L) {
+  wpl_future *fu;
+  return submit(L, "submit", &fu);
+}
+
+/* [-0, +n, e] Pushes the results of an ended future; raises its error. */
+static int finish_wait(lua_State *L, wp_future *f, const char *pool) {
+  int n;
+  switch (wp_future_status(f)) {
+  case WP_OK:
+    return wp_future_push(f, L);
+  case WP_ERROR:
+    n = wp_future_push(f, L);
+    if (n < 1) lua_pushliteral(L, "task failed");
+    return lua_error(L);
+  case WP_DISCARDED:
+    return luaL_error(L, "task discarded: pool '%s' was stopped", pool);
+  default:
+    return luaL_error(L, "task cancelled");
+  }
+}
+
+/* pool:submit_wait(task, ...) -> results... | nil, "stopped"
+ * [-0, +n, e] Raises the task's error, with its worker-side traceback. */
+static int pool_submit_wait(lua_State *L) {
+  wpl_pool *u = checkpool(L);
+  const char *pname = wp_pool_name(u->p); /* the future keeps it alive */
+  wpl_future *fu;
+  int n;
+  if (wp_state_pool(L) == u->p)
+    return luaL_error(L,
+                      "submit_wait from a task of pool '%s' would deadlock "
+                      "(the task would wait for a worker of its own pool); "
+                      "use submit, or another pool",
+                      wp_pool_name(u->p));
+  n = submit(L, "submit_wait", &fu);
+  if (n != 1) return n;
+  wp_future_wait(fu->f, -1);
+  lua_replace(L, 1); /* keep the future anchored while results decode */
+  lua_settop(L, 1);
+  return finish_wait(L, fu->f, pname);
+}
+
+static void check_deadlock(lua_State *L, wpl_pool *u, int r, const char *m) {
+  if (r == WP_EDEADLOCK)
+    luaL_error(L, "%s from a task of pool '%s' would deadlock", m,
+               wp_pool_name(u->p));
+}
+
+/* pool:pause()   [-0, +0, e] */
+static int pool_pause(lua_State *L) {
+  wpl_pool *u = checkpool(L);
+  check_deadlock(L, u, wp_pool_pause(u->p), "pause");
+  return 0;
+}
+
+/* pool:resume()   [-0, +0, e] */
+static int pool_resume(lua_State *L) {
+  wp_pool_resume(checkpool(L)->p);
+  return 0;
+}
+
+/* pool:stop() -> discarded   [-0, +1, e] */
+static int pool_stop(lua_State *L) {
+  wpl_pool *u = checkpool(L);
+  int r = wp_pool_stop(u->p);
+  check_deadlock(L, u, r, "stop");
+  lua_pushinteger(L, r);
+  return 1;
+}
+
+/* pool:stop_wait() -> 0   [-0, +1, e] */
+static int pool_stop_wait(lua_State *L) {
+  wpl_pool *u = checkpool(L);
+  int r = wp_pool_stop_wait(u->p);
+  check_deadlock(L, u, r, "stop_wait");
+  lua_pushinteger(L, r);
+  return 1;
+}
+
+/* [-0, +1, e] */
+static int pool_count(lua_State *L, int which) {
+  wp_pool_counts c;
+  wp_pool_get_counts(checkpool(L)->p, &c);
+  switch (which) {
+  case 0:
+    lua_pushboolean(L, c.stopped);
+    break;
+  case 1:
+    lua_pushinteger(L, (lua_Integer)c.waiting);
+    break;
+  case 2:
+    lua_pushinteger(L, c.running);
+    break;
+  case 3:
+    lua_pushinteger(L, c.workers);
+    break;
+  default:
+    lua_pushinteger(L, c.max_workers);
+  }
+  return 1;
+}
+
+/* pool:stopped(), :waiting(), :running(), :workers(), :size()
+ * [-0, +1, e] */
+static int pool_stopped(lua_State *L) { return pool_count(L, 0); }
+static int pool_waiting(lua_State *L) { return pool_count(L, 1); }
+static int pool_running(lua_State *L) { return pool_count(L, 2); }
+static int pool_workers(lua_State *L) { return pool_count(L, 3); }
+static int pool_size(lua_State *L) { return pool_count(L, 4); }
+
+/* pool:name() -> string   [-0, +1, e] */
+static int pool_name(lua_State *L) {
+  lua_pushstring(L, wp_pool_name(checkpool(L)->p));
+  return 1;
+}
+
+/* __close: drains and stops the pool.   [-0, +0, e] */
+static int pool_close(lua_State *L) {
+  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  if (u->p) check_deadlock(L, u, wp_pool_stop_wait(u->p), "closing a pool");
+  return 0;
+}
+
+/* __gc: an owner handle drains and stops its pool.   [-0, +0, -] */
+static int pool_gc(lua_State *L) {
+  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  if (u->p) {
+    if (u->owner) wp_pool_stop_wait(u->p);
+    wp_pool_release(u->p);
+    u->p = NULL;
+  }
+  return 0;
+}
+
+/* [-0, +1, m] */
+static int pool_tostring(lua_State *L) {
+  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  if (u->p)
+    lua_pushfstring(L, "workerpool.pool (%s)", wp_pool_name(u->p));
+  else
+    lua_pushliteral(L, "workerpool.pool (collected)");
+  return 1;
+}
+
+/* ---- futures --------------------------------------------------------- */
+
+/* f:wait([timeout]) -> true, results... | false, err | nil, "timeout"
+ * [-0, +n, e] */
+static int future_wait(lua_State *L) {
+  wpl_future *u = checkfuture(L);
+  double t = -1;
+  if (!lua_isnoneornil(L, 2)) {
+    t = (double)luaL_checknumber(L, 2);
+    luaL_argcheck(L, t >= 0, 2, "timeout must be a non-negative number");
+  }
+  if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  lua_settop(L, 1);
+  switch (wp_future_status(u->f)) {
+  case WP_OK:
+    lua_pushboolean(L, 1);
+    return 1 + wp_future_push(u->f, L);
+  case WP_ERROR:
+    lua_pushboolean(L, 0);
+    if (wp_future_push(u->f, L) < 1) lua_pushliteral(L, "task failed");
+    return 2;
+  case WP_DISCARDED:
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "discarded");
+    return 2;
+  default:
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "cancelled");
+    return 2;
+  }
+}
+
+/* f:done() -> boolean   [-0, +1, e] */
+static int future_done(lua_State *L) {
+  lua_pushboolean(L, wp_future_status(checkfuture(L)->f) != WP_PENDING);
+  return 1;
+}
+
+/* f:cancel() -> boolean   [-0, +1, e] */
+static int future_cancel(lua_State *L) {
+  lua_pushboolean(L, wp_future_cancel(checkfuture(L)->f));
+  return 1;
+}
+
+/* f:status() -> "pending" | "ok" | "error" | "discarded" | "cancelled"
+ * [-0, +1, e] */
+static int future_status(lua_State *L) {
+  static const char *const names[] = {"pending", "ok", "error", "discarded",
+                                      "cancelled"};
+  lua_pushstring(L, names[wp_future_status(checkfuture(L)->f)]);
+  return 1;
+}
+
+/* [-0, +0, -] */
+static int future_gc(lua_State *L) {
+  wpl_future *u = luaL_checkudata(L, 1, WPL_FUTURE_MT);
+  wp_future_release(u->f);
+  u->f = NULL;
+  return 0;
+}
+
+/* ---- functions for every state --------------------------------------- */
+
+/* workerpool.worker_id() -> integer | nil   [-0, +1, -] */
+static int wpl_worker_id(lua_State *L) {
+  int id = wp_state_worker_id(L);
+  if (id)
+    lua_pushinteger(L, id);
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
+/* workerpool.pool_name() -> string | nil   [-0, +1, m] */
+static int wpl_pool_name(lua_State *L) {
+  wp_pool *p = wp_state_pool(L);
+  if (p)
+    lua_pushstring(L, wp_pool_name(p));
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
+/* workerpool.sleep(seconds)   [-0, +0, e] Blocks the calling thread. */
+static int wpl_sleep(lua_State *L) {
+  double s = (double)luaL_checknumber(L, 1);
+  struct timespec ts;
+  luaL_argcheck(L, s >= 0, 1, "seconds must be a non-negative number");
+  if (s > 1e9) s = 1e9;
+  ts.tv_sec = (time_t)s;
+  ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+    ;
+  return 0;
+}
+
+/* workerpool.now() -> seconds of a monotonic clock   [-0, +1, -] */
+static int wpl_now(lua_State *L) {
+  lua_pushnumber(L, wp_now());
+  return 1;
+}
+
+static const luaL_Reg module_funcs[] = {
+    {"new", wpl_new},
+    {"get", wpl_get},
+    {"shared", wpl_shared_open},
+    {"worker_id", wpl_worker_id},
+    {"pool_name", wpl_pool_name},
+    {"sleep", wpl_sleep},
+    {"now", wpl_now},
+    {NULL, NULL}};
+
+static const luaL_Reg pool_methods[] = {
+    {"submit", pool_submit},   {"submit_wait", pool_submit_wait},
+    {"pause", pool_pause},     {"resume", pool_resume},
+    {"stop", pool_stop},       {"stop_wait", pool_stop_wait},
+    {"stopped", pool_stopped}, {"waiting", pool_waiting},
+    {"running", pool_running}, {"workers", pool_workers},
+    {"size", pool_size},       {"name", pool_name},
+    {NULL, NULL}};
+
+static const luaL_Reg future_methods[] = {{"wait", future_wait},
+                                          {"done", future_done},
+                                          {"cancel", future_cancel},
+                                          {"status", future_status},
+                                          {NULL, NULL}};
+
+/* [-0, +0, m] Creates metatable `name` with methods in __index. */
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                      lua_CFunction gc, lua_CFunction close) {
+  luaL_newmetatable(L, name);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+  if (close) {
+    lua_pushcfunction(L, close);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+}
+
+/* require "workerpool"   [-0, +1, e] */
+WP_API int luaopen_workerpool(lua_State *L) {
+  const luaL_Reg *f;
+  char name[64];
+  for (f = module_funcs; f->name; f++) {
+    snprintf(name, sizeof name, "workerpool.%s", f->name);
+    wp_register_cfunction(name, f->func);
+  }
+  new_class(L, WPL_POOL_MT, pool_methods, pool_gc, pool_close);
+  luaL_getmetatable(L, WPL_POOL_MT);
+  lua_pushcfunction(L, pool_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  new_class(L, WPL_FUTURE_MT, future_methods, future_gc, NULL);
+  wpl_shared_init(L);
+  luaL_newlib(L, module_funcs);
+  lua_pushliteral(L, WP_VERSION);
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}

@@ -1,0 +1,623 @@
+/*
+ * codec.c: copies Lua values from one state to another through a compact
+ * byte string owned by C.
+ *
+ * The sender's thread encodes (wp__encode), the receiver's thread decodes
+ * (wp__decode).  Tables keep their cycles and shared sub-tables: each table
+ * and Lua function gets an index in encounter order and a second sighting
+ * is written as a reference.  Lua functions travel as bytecode (with debug
+ * information, so tracebacks name their source lines) followed by their
+ * upvalues, copied by value; the sender's global table becomes the
+ * receiver's.  C functions of registered libraries and whole modules from
+ * package.loaded travel by name.  Metatables do not travel.  The format is
+ * described in docs/values.md.
+ *
+ * Nothing here takes a lock except the C-function name table, and no
+ * memory is held across a call that can raise: the buffer belongs to the
+ * caller, who frees it whether or not encoding raised.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "wp_internal.h"
+
+/* ---- writing --------------------------------------------------------- */
+
+int wp__put_varint(wp__buf *b, uint64_t v) {
+  int r = wp__buf_reserve(b, 10);
+  if (r) return r;
+  while (v >= 0x80) {
+    b->data[b->len++] = (char)(v | 0x80);
+    v >>= 7;
+  }
+  b->data[b->len++] = (char)v;
+  return 0;
+}
+
+static int put_bytes(wp__buf *b, const void *p, size_t n) {
+  int r = wp__buf_reserve(b, n);
+  if (r) return r;
+  memcpy(b->data + b->len, p, n);
+  b->len += n;
+  return 0;
+}
+
+static int put_tag(wp__buf *b, int tag) {
+  unsigned char c = (unsigned char)tag;
+  return put_bytes(b, &c, 1);
+}
+
+static int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
+  int r = put_tag(b, tag);
+  if (!r) r = wp__put_varint(b, len);
+  if (!r) r = put_bytes(b, s, len);
+  return r;
+}
+
+static int put_int(wp__buf *b, int64_t i) {
+  int r = put_tag(b, WP__T_INT);
+  return r ? r : put_bytes(b, &i, 8);
+}
+
+static int put_flt(wp__buf *b, double n) {
+  int r = put_tag(b, WP__T_FLT);
+  return r ? r : put_bytes(b, &n, 8);
+}
+
+int wp__put_cvalue(wp__buf *b, const wp_value *v) {
+  switch (v->type) {
+  case WP_TNIL:
+    return put_tag(b, WP__T_NIL);
+  case WP_TBOOLEAN:
+    return put_tag(b, v->u.b ? WP__T_TRUE : WP__T_FALSE);
+  case WP_TINTEGER:
+    return put_int(b, v->u.i);
+  case WP_TNUMBER:
+    return put_flt(b, v->u.n);
+  case WP_TSTRING:
+    if (v->u.s.ptr == NULL && v->u.s.len) return WP_EINVAL;
+    return put_lstring(b, WP__T_STR, v->u.s.ptr ? v->u.s.ptr : "",
+                       v->u.s.len);
+  default:
+    return WP_EINVAL;
+  }
+}
+
+/* ---- encoding Lua values --------------------------------------------- */
+
+typedef struct enc {
+  lua_State *L;
+  wp__buf *b;
+  int seen;   /* stack slot: table of value -> index, or nil until needed */
+  int loaded; /* stack slot: package.loaded, or nil until needed */
+  int nextid; /* index of the next table or function */
+  const char *what;
+  int argpos; /* position of the first value in messages; 0: results */
+  int cur;    /* which value is being encoded, from 0 */
+} enc;
+
+static _Noreturn void enc_error(enc *e, int depth, const char *msg) {
+  const char *where = depth > 0 ? " inside a table or upvalue" : "";
+  if (e->argpos > 0)
+    luaL_error(e->L, "bad argument #%d to '%s' (%s%s)", e->argpos + e->cur,
+               e->what, msg, where);
+  luaL_error(e->L, "task result #%d cannot be returned: %s%s", e->cur + 1,
+             msg, where);
+  abort(); /* not reached: luaL_error does not return */
+}
+
+static void enc_check(enc *e, int r) {
+  if (r == WP_ETOOBIG)
+    luaL_error(e->L, "value too large to cross states (limit %d MiB)",
+               (int)(WP_MAX_MSG >> 20));
+  if (r) luaL_error(e->L, "not enough memory");
+}
+
+static void enc_value(enc *e, int idx, int depth);
+
+/* [-0, +0, m] Looks idx up in the seen table: its index, or -1 after
+ * recording it under a new index. */
+static int enc_seen(enc *e, int idx) {
+  lua_State *L = e->L;
+  lua_Integer id;
+  if (lua_isnil(L, e->seen)) {
+    lua_newtable(L);
+    lua_replace(L, e->seen);
+  }
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, e->seen) == LUA_TNUMBER) {
+    id = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    return (int)id;
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, e->nextid++);
+  lua_rawset(L, e->seen);
+  return -1;
+}
+
+/* [-0, +0, m] Name under which table idx sits in package.loaded, or NULL. */
+static const char *enc_module(enc *e, int idx) {
+  lua_State *L = e->L;
+  if (lua_isnil(L, e->loaded)) {
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_replace(L, e->loaded);
+  }
+  if (!lua_istable(L, e->loaded)) return NULL;
+  lua_pushnil(L);
+  while (lua_next(L, e->loaded)) {
+    if (lua_rawequal(L, -1, idx) && lua_type(L, -2) == LUA_TSTRING) {
+      const char *name = lua_tostring(L, -2); /* anchored in loaded */
+      lua_pop(L, 2);
+      return name;
+    }
+    lua_pop(L, 1);
+  }
+  return NULL;
+}
+
+static void enc_table(enc *e, int idx, int depth) {
+  lua_State *L = e->L;
+  const char *mod;
+  int id, key;
+  lua_pushglobaltable(L);
+  if (lua_rawequal(L, -1, idx)) {
+    lua_pop(L, 1);
+    enc_check(e, put_tag(e->b, WP__T_ENV));
+    return;
+  }
+  lua_pop(L, 1);
+  if ((id = enc_seen(e, idx)) >= 0) {
+    enc_check(e, put_tag(e->b, WP__T_REF));
+    enc_check(e, wp__put_varint(e->b, (uint64_t)id));
+    return;
+  }
+  if ((mod = enc_module(e, idx)) != NULL) {
+    enc_check(e, put_lstring(e->b, WP__T_MODULE, mod, strlen(mod)));
+    return;
+  }
+  if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "tables nested too deeply");
+  luaL_checkstack(L, 4, "tables nested too deeply");
+  enc_check(e, put_tag(e->b, WP__T_TABLE));
+  lua_pushnil(L);
+  key = lua_gettop(L);
+  while (lua_next(L, idx)) {
+    enc_value(e, key, depth + 1);
+    enc_value(e, key + 1, depth + 1);
+    lua_pop(L, 1);
+  }
+  enc_check(e, put_tag(e->b, WP__T_END));
+}
+
+static int dump_writer(lua_State *L, const void *p, size_t n, void *ud) {
+  (void)L;
+  return put_bytes(ud, p, n) != 0;
+}
+
+/* [-0, +0, m] 1 when every upvalue of the function at idx is the global
+ * table, so one compiled copy can serve every call. */
+static int enc_pure(lua_State *L, int idx) {
+  int i, pure = 1;
+  lua_pushglobaltable(L);
+  for (i = 1; pure && lua_getupvalue(L, idx, i) != NULL; i++) {
+    pure = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return pure;
+}
+
+static void enc_function(enc *e, int idx, int depth) {
+  lua_State *L = e->L;
+  wp__buf *b = e->b;
+  size_t lenpos;
+  uint32_t len;
+  int id, i, nups = 0;
+  if (lua_iscfunction(L, idx)) {
+    const char *name = wp__cfunction_name(lua_tocfunction(L, idx));
+    if (name == NULL)
+      enc_error(e, depth, "cannot send a C function that is not part of "
+                          "a registered library");
+    enc_check(e, put_lstring(b, WP__T_CFUNC, name, strlen(name)));
+    return;
+  }
+  if ((id = enc_seen(e, idx)) >= 0) {
+    enc_check(e, put_tag(b, WP__T_REF));
+    enc_check(e, wp__put_varint(b, (uint64_t)id));
+    return;
+  }
+  if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "functions nested too deeply");
+  enc_check(e, put_tag(b, WP__T_FUNC));
+  lenpos = b->len;
+  enc_check(e, put_bytes(b, "\0\0\0\0", 4));
+  lua_pushvalue(L, idx);
+  if (lua_dump(L, dump_writer, b, 0) != 0) {
+    enc_check(e, wp__buf_reserve(b, WP_MAX_MSG)); /* says which */
+    luaL_error(L, "cannot dump function");
+  }
+  lua_pop(L, 1);
+  len = (uint32_t)(b->len - lenpos - 4);
+  memcpy(b->data + lenpos, &len, 4);
+  while (lua_getupvalue(L, idx, nups + 1) != NULL) {
+    lua_pop(L, 1);
+    nups++;
+  }
+  enc_check(e, wp__put_varint(b, (uint64_t)nups));
+  enc_check(e, put_tag(b, enc_pure(L, idx)));
+  luaL_checkstack(L, 2, "upvalues nested too deeply");
+  for (i = 1; i <= nups; i++) {
+    lua_getupvalue(L, idx, i);
+    enc_value(e, lua_gettop(L), depth + 1);
+    lua_pop(L, 1);
+  }
+}
+
+static void enc_value(enc *e, int idx, int depth) {
+  lua_State *L = e->L;
+  int t = lua_type(L, idx);
+  switch (t) {
+  case LUA_TNIL:
+    enc_check(e, put_tag(e->b, WP__T_NIL));
+    break;
+  case LUA_TBOOLEAN:
+    enc_check(e, put_tag(e->b, lua_toboolean(L, idx) ? WP__T_TRUE
+                                                      : WP__T_FALSE));
+    break;
+  case LUA_TNUMBER:
+    if (lua_isinteger(L, idx))
+      enc_check(e, put_int(e->b, (int64_t)lua_tointeger(L, idx)));
+    else
+      enc_check(e, put_flt(e->b, (double)lua_tonumber(L, idx)));
+    break;
+  case LUA_TSTRING: {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    enc_check(e, put_lstring(e->b, WP__T_STR, s, len));
+    break;
+  }
+  case LUA_TTABLE:
+    enc_table(e, idx, depth);
+    break;
+  case LUA_TFUNCTION:
+    enc_function(e, idx, depth);
+    break;
+  default: {
+    char msg[64];
+    snprintf(msg, sizeof msg, "cannot send a %s", lua_typename(L, t));
+    enc_error(e, depth, msg);
+  }
+  }
+}
+
+void wp__encode(lua_State *L, wp__buf *b, int first, int n, const char *what,
+                int argpos) {
+  enc e;
+  int i;
+  first = lua_absindex(L, first);
+  luaL_checkstack(L, 4, NULL);
+  e.L = L;
+  e.b = b;
+  lua_pushnil(L);
+  e.seen = lua_gettop(L);
+  lua_pushnil(L);
+  e.loaded = lua_gettop(L);
+  e.nextid = 0;
+  e.what = what;
+  e.argpos = argpos;
+  enc_check(&e, wp__put_varint(b, (uint64_t)n));
+  for (i = 0; i < n; i++) {
+    e.cur = i;
+    enc_value(&e, first + i, 0);
+  }
+  lua_pop(L, 2);
+}
+
+/* ---- reading --------------------------------------------------------- */
+
+int wp__get_varint(wp__reader *r, uint64_t *v) {
+  uint64_t x = 0;
+  int shift = 0;
+  while (r->p < r->end && shift < 64) {
+    unsigned char c = (unsigned char)*r->p++;
+    x |= (uint64_t)(c & 0x7f) << shift;
+    if (!(c & 0x80)) {
+      *v = x;
+      return 0;
+    }
+    shift += 7;
+  }
+  return WP_EINVAL;
+}
+
+static int get_bytes(wp__reader *r, void *out, size_t n) {
+  if ((size_t)(r->end - r->p) < n) return WP_EINVAL;
+  memcpy(out, r->p, n);
+  r->p += n;
+  return 0;
+}
+
+/* Reads a varint length and returns a pointer to that many bytes. */
+static int get_lstring(wp__reader *r, const char **s, size_t *len) {
+  uint64_t n;
+  if (wp__get_varint(r, &n) || n > (uint64_t)(r->end - r->p))
+    return WP_EINVAL;
+  *s = r->p;
+  *len = (size_t)n;
+  r->p += n;
+  return 0;
+}
+
+static int skip_value(wp__reader *r, int depth);
+
+static int skip_function(wp__reader *r, int depth) {
+  uint32_t len;
+  uint64_t nups, i;
+  char pure;
+  if (get_bytes(r, &len, 4) || len > (size_t)(r->end - r->p)) return WP_EINVAL;
+  r->p += len;
+  if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1)) return WP_EINVAL;
+  for (i = 0; i < nups; i++)
+    if (skip_value(r, depth + 1)) return WP_EINVAL;
+  return 0;
+}
+
+static int skip_value(wp__reader *r, int depth) {
+  unsigned char tag;
+  const char *s;
+  size_t len;
+  uint64_t id;
+  if (depth > WP_MAX_DEPTH + 1 || get_bytes(r, &tag, 1)) return WP_EINVAL;
+  switch (tag) {
+  case WP__T_NIL:
+  case WP__T_FALSE:
+  case WP__T_TRUE:
+  case WP__T_ENV:
+    return 0;
+  case WP__T_INT:
+  case WP__T_FLT:
+    if (r->end - r->p < 8) return WP_EINVAL;
+    r->p += 8;
+    return 0;
+  case WP__T_STR:
+  case WP__T_CFUNC:
+  case WP__T_MODULE:
+    return get_lstring(r, &s, &len);
+  case WP__T_REF:
+    return wp__get_varint(r, &id);
+  case WP__T_FUNC:
+    return skip_function(r, depth);
+  case WP__T_TABLE:
+    for (;;) {
+      if (r->p >= r->end) return WP_EINVAL;
+      if ((unsigned char)*r->p == WP__T_END) {
+        r->p++;
+        return 0;
+      }
+      if (skip_value(r, depth + 1) || skip_value(r, depth + 1))
+        return WP_EINVAL;
+    }
+  default:
+    return WP_EINVAL;
+  }
+}
+
+int wp__get_cvalue(wp__reader *r, wp_value *out) {
+  unsigned char tag;
+  if (r->p >= r->end) return WP_EINVAL;
+  tag = (unsigned char)*r->p;
+  switch (tag) {
+  case WP__T_NIL:
+  case WP__T_FALSE:
+  case WP__T_TRUE:
+    r->p++;
+    out->type = tag == WP__T_NIL ? WP_TNIL : WP_TBOOLEAN;
+    out->u.b = tag == WP__T_TRUE;
+    return 0;
+  case WP__T_INT:
+    r->p++;
+    out->type = WP_TINTEGER;
+    return get_bytes(r, &out->u.i, 8);
+  case WP__T_FLT:
+    r->p++;
+    out->type = WP_TNUMBER;
+    return get_bytes(r, &out->u.n, 8);
+  case WP__T_STR:
+    r->p++;
+    out->type = WP_TSTRING;
+    return get_lstring(r, &out->u.s.ptr, &out->u.s.len);
+  default:
+    out->type = WP_TOTHER;
+    return skip_value(r, 0);
+  }
+}
+
+/* ---- decoding into a state ------------------------------------------- */
+
+typedef struct dec {
+  lua_State *L;
+  wp__reader *r;
+  int refs;   /* stack slot: index -> table or function, or nil */
+  int nextid;
+  int cache;  /* stack index of the compiled-function cache, or 0 */
+} dec;
+
+static _Noreturn void dec_bad(dec *d) {
+  luaL_error(d->L, "malformed value message");
+  abort(); /* not reached */
+}
+
+/* [-1, +1, m] Records the value at the top under the next index. */
+static void dec_register(dec *d) {
+  lua_State *L = d->L;
+  if (lua_isnil(L, d->refs)) {
+    lua_newtable(L);
+    lua_replace(L, d->refs);
+  }
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->refs, d->nextid++);
+}
+
+static void dec_value(dec *d, int depth);
+
+static void dec_function(dec *d, int depth) {
+  lua_State *L = d->L;
+  wp__reader *r = d->r;
+  uint32_t len;
+  uint64_t nups, i;
+  const char *bc;
+  char pure;
+  int f, cached = 0;
+  if (get_bytes(r, &len, 4) || len > (size_t)(r->end - r->p)) dec_bad(d);
+  bc = r->p;
+  r->p += len;
+  if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1) || nups > 255)
+    dec_bad(d);
+  luaL_checkstack(L, 4, "functions nested too deeply");
+  if (pure && d->cache) {
+    lua_pushlstring(L, bc, len);
+    if (lua_rawget(L, d->cache) == LUA_TFUNCTION)
+      cached = 1;
+    else
+      lua_pop(L, 1);
+  }
+  if (!cached) {
+    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK)
+      lua_error(L);
+    if (pure && d->cache) {
+      lua_pushlstring(L, bc, len);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, d->cache);
+    }
+  }
+  f = lua_gettop(L);
+  dec_register(d);
+  for (i = 1; i <= nups; i++) {
+    dec_value(d, depth + 1);
+    if (cached || lua_setupvalue(L, f, (int)i) == NULL) lua_pop(L, 1);
+  }
+}
+
+/* [-0, +1, e] Pushes the value named "lib.fn" (or "fn" in _G). */
+static void dec_cfunction(dec *d, const char *name, size_t len) {
+  lua_State *L = d->L;
+  const char *dot = memchr(name, '.', len);
+  if (dot == NULL) {
+    lua_pushglobaltable(L);
+    lua_pushlstring(L, name, len);
+  } else {
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_pushlstring(L, name, (size_t)(dot - name));
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+    if (!lua_istable(L, -1))
+      luaL_error(L, "cannot resolve C function '%s': library not loaded",
+                 name);
+    lua_pushlstring(L, dot + 1, len - (size_t)(dot - name) - 1);
+  }
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (!lua_iscfunction(L, -1))
+    luaL_error(L, "cannot resolve C function '%s'", name);
+}
+
+/* [-0, +1, e] Pushes package.loaded[name], requiring it when absent. */
+static void dec_module(dec *d, const char *name, size_t len) {
+  lua_State *L = d->L;
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushlstring(L, name, len);
+  if (lua_rawget(L, -2) == LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushlstring(L, name, len);
+    lua_call(L, 1, 1);
+  }
+  lua_remove(L, -2);
+}
+
+static void dec_value(dec *d, int depth) {
+  lua_State *L = d->L;
+  wp__reader *r = d->r;
+  unsigned char tag;
+  const char *s;
+  size_t len;
+  uint64_t id;
+  int64_t i;
+  double n;
+  if (depth > WP_MAX_DEPTH + 1 || get_bytes(r, &tag, 1)) dec_bad(d);
+  switch (tag) {
+  case WP__T_NIL:
+    lua_pushnil(L);
+    break;
+  case WP__T_FALSE:
+  case WP__T_TRUE:
+    lua_pushboolean(L, tag == WP__T_TRUE);
+    break;
+  case WP__T_INT:
+    if (get_bytes(r, &i, 8)) dec_bad(d);
+    lua_pushinteger(L, (lua_Integer)i);
+    break;
+  case WP__T_FLT:
+    if (get_bytes(r, &n, 8)) dec_bad(d);
+    lua_pushnumber(L, (lua_Number)n);
+    break;
+  case WP__T_STR:
+    if (get_lstring(r, &s, &len)) dec_bad(d);
+    lua_pushlstring(L, s, len);
+    break;
+  case WP__T_ENV:
+    lua_pushglobaltable(L);
+    break;
+  case WP__T_REF:
+    if (wp__get_varint(r, &id) || id >= (uint64_t)d->nextid ||
+        !lua_istable(L, d->refs))
+      dec_bad(d);
+    lua_rawgeti(L, d->refs, (lua_Integer)id);
+    break;
+  case WP__T_CFUNC:
+    if (get_lstring(r, &s, &len)) dec_bad(d);
+    dec_cfunction(d, s, len);
+    break;
+  case WP__T_MODULE:
+    if (get_lstring(r, &s, &len)) dec_bad(d);
+    dec_module(d, s, len);
+    break;
+  case WP__T_FUNC:
+    dec_function(d, depth);
+    break;
+  case WP__T_TABLE:
+    luaL_checkstack(L, 4, "tables nested too deeply");
+    lua_newtable(L);
+    dec_register(d);
+    for (;;) {
+      if (r->p >= r->end) dec_bad(d);
+      if ((unsigned char)*r->p == WP__T_END) {
+        r->p++;
+        break;
+      }
+      dec_value(d, depth + 1);
+      dec_value(d, depth + 1);
+      if (lua_isnil(L, -2)) dec_bad(d);
+      lua_rawset(L, -3);
+    }
+    break;
+  default:
+    dec_bad(d);
+  }
+}
+
+void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
+  dec d;
+  int i;
+  luaL_checkstack(L, n + 4, "too many values");
+  d.L = L;
+  d.r = r;
+  d.nextid = 0;
+  d.cache = cache ? lua_absindex(L, cache) : 0;
+  lua_pushnil(L);
+  d.refs = lua_gettop(L);
+  for (i = 0; i < n; i++)
+    dec_value(&d, 0);
+  lua_remove(L, d.refs);
+}

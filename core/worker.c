@@ -1,0 +1,222 @@
+/*
+ * worker.c: one worker's Lua state, from creation to close, and the running
+ * of one task in it.
+ *
+ * A state is created with an allocator that counts its bytes (and can cap
+ * them), opens the standard libraries, inherits package.path/cpath, runs
+ * the pool's open hook and then its init script.  Every entry into Lua goes
+ * through lua_pcall of a C function (the pmain pattern of lua.c), so nothing
+ * a task does can unwind past the worker loop; the stack is checked to be
+ * empty after every task.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lualib.h>
+
+#include "wp_internal.h"
+
+/* Registry keys (their addresses). */
+static const char worker_key = 'w'; /* light userdata: the wp__worker */
+static const char cache_key = 'c';  /* table: bytecode -> function */
+
+static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  wp__worker *w = ud;
+  if (ptr == NULL) osize = 0;
+  if (nsize == 0) {
+    free(ptr);
+    w->mem -= osize;
+    return NULL;
+  }
+  if (w->mem_limit && nsize > osize && w->mem + (nsize - osize) > w->mem_limit)
+    return NULL;
+  ptr = realloc(ptr, nsize);
+  if (ptr != NULL) w->mem = w->mem - osize + nsize;
+  return ptr;
+}
+
+/* [-0, +1, m] Message handler: appends a traceback to string errors. */
+static int msgh(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL) {
+    if (!lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TSTRING) return 1;
+    msg = "(error object is nil)";
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+static void copy_error(lua_State *L, char *errbuf, size_t errlen) {
+  const char *msg = lua_tostring(L, -1);
+  if (errlen == 0) return;
+  snprintf(errbuf, errlen, "%s",
+           msg ? msg : "(error object is not a string)");
+}
+
+/* [-2, +0, e] The protected part of wp__worker_open. */
+static int open_pmain(lua_State *L) {
+  wp__worker *w = lua_touserdata(L, 1);
+  const wp__pool_init *in = wp__pool_init_of(w->pool);
+  lua_settop(L, 0);
+  luaL_openlibs(L);
+  lua_pushlightuserdata(L, w);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &worker_key);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &cache_key);
+  lua_getglobal(L, "package");
+  if (in->path) {
+    lua_pushstring(L, in->path);
+    lua_setfield(L, -2, "path");
+  }
+  if (in->cpath) {
+    lua_pushstring(L, in->cpath);
+    lua_setfield(L, -2, "cpath");
+  }
+  lua_pop(L, 1);
+  if (in->open_state) in->open_state(L, in->open_ud);
+  lua_settop(L, 0);
+  if (in->init) {
+    lua_pushcfunction(L, msgh);
+    if (luaL_loadbufferx(L, in->init, in->init_len, in->init_name, "t") ||
+        lua_pcall(L, 0, 0, 1))
+      lua_error(L);
+  }
+  return 0;
+}
+
+int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
+  lua_State *L = lua_newstate(worker_alloc, w);
+  int st;
+  if (L == NULL) {
+    if (errlen) snprintf(errbuf, errlen, "not enough memory");
+    return WP_ENOMEM;
+  }
+  lua_pushcfunction(L, open_pmain);
+  lua_pushlightuserdata(L, w);
+  st = lua_pcall(L, 1, 0, 0);
+  if (st != LUA_OK) {
+    copy_error(L, errbuf, errlen);
+    lua_close(L);
+    return st == LUA_ERRMEM ? WP_ENOMEM : WP_EINIT;
+  }
+  w->L = L;
+  return 0;
+}
+
+void wp__worker_close(wp__worker *w) {
+  if (w->L) lua_close(w->L);
+  w->L = NULL;
+}
+
+/* What a task ended with, filled by task_pmain. */
+typedef struct task_run {
+  wp__worker *w;
+  wp_future *f;
+  wp_status status;
+} task_run;
+
+/* [-1, +0, e] Decodes and calls the task of run->f, then encodes its
+ * results (or its error value) into run->w->out. */
+static int task_pmain(lua_State *L) {
+  task_run *run = lua_touserdata(L, 1);
+  wp_future *f = run->f;
+  wp__buf *out = &run->w->out;
+  wp__reader r;
+  uint64_t n;
+  int base, st;
+  lua_settop(L, 0);
+  lua_pushcfunction(L, msgh);                      /* 1 */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &cache_key);   /* 2 */
+  base = lua_gettop(L);
+  r.p = f->msg;
+  r.end = f->msg + f->msg_len;
+  if (r.p == r.end) return luaL_error(L, "empty task message");
+  if (*r.p++ == WP__TASK_NAMED) {
+    const char *name = r.p;
+    if (wp__get_varint(&r, &n) || n > (uint64_t)(r.end - r.p))
+      return luaL_error(L, "malformed task message");
+    name = r.p;
+    r.p += n;
+    lua_pushglobaltable(L);
+    lua_pushlstring(L, name, (size_t)n);
+    if (lua_rawget(L, -2) != LUA_TFUNCTION) {
+      lua_pushlstring(L, name, (size_t)n);
+      return luaL_error(L,
+                        "no handler '%s' in pool '%s' (the init script "
+                        "must define a global function of that name)",
+                        lua_tostring(L, -1), wp_pool_name(run->w->pool));
+    }
+    lua_remove(L, -2);
+  }
+  if (wp__get_varint(&r, &n) || n > INT32_MAX)
+    return luaL_error(L, "malformed task message");
+  wp__decode(L, &r, (int)n, 2);
+  st = lua_pcall(L, lua_gettop(L) - base - 1, LUA_MULTRET, 1);
+  if (st == LUA_ERRMEM) return lua_error(L); /* replace the state */
+  out->len = 0;
+  if (st != LUA_OK) {
+    run->status = WP_ERROR;
+    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TTABLE &&
+        lua_type(L, -1) != LUA_TNUMBER && lua_type(L, -1) != LUA_TBOOLEAN &&
+        lua_type(L, -1) != LUA_TNIL)
+      luaL_tolstring(L, -1, NULL);
+    wp__encode(L, out, -1, 1, NULL, 0);
+  } else {
+    run->status = WP_OK;
+    wp__encode(L, out, base + 1, lua_gettop(L) - base, NULL, 0);
+  }
+  return 0;
+}
+
+void wp__worker_run(wp__worker *w, wp_future *f) {
+  lua_State *L = w->L;
+  task_run run;
+  char *result = NULL;
+  size_t len = 0;
+  int st;
+  run.w = w;
+  run.f = f;
+  run.status = WP_ERROR;
+  lua_pushcfunction(L, task_pmain);
+  lua_pushlightuserdata(L, &run);
+  st = lua_pcall(L, 1, 0, 0);
+  if (st == LUA_OK) {
+    result = malloc(w->out.len ? w->out.len : 1);
+    if (result != NULL) {
+      memcpy(result, w->out.data, w->out.len);
+      len = w->out.len;
+    } else {
+      st = LUA_ERRMEM;
+    }
+  }
+  if (st != LUA_OK) {
+    const char *msg = st == LUA_ERRMEM ? "not enough memory"
+                                       : lua_tostring(L, -1);
+    wp__future_fail(f, WP_ERROR, msg ? msg : "task failed");
+    if (st == LUA_ERRMEM) {
+      wp__worker_close(w); /* replaced before the next task */
+      return;
+    }
+  } else {
+    wp__future_complete(f, run.status, result, len);
+  }
+  lua_settop(L, 0);
+  if (w->out.cap > (1u << 20)) wp__buf_free(&w->out); /* don't hoard */
+}
+
+wp_pool *wp_state_pool(lua_State *L) {
+  wp__worker *w;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &worker_key);
+  w = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return w ? w->pool : NULL;
+}
+
+int wp_state_worker_id(lua_State *L) {
+  wp__worker *w;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &worker_key);
+  w = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return w ? w->id : 0;
+}

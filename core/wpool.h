@@ -1,0 +1,341 @@
+/*
+ * wpool.h: the public C API of the wpool engine.
+ *
+ * A pool runs tasks on up to max_workers OS threads.  Every worker thread
+ * owns one Lua 5.4 state for its whole life; tasks are Lua functions (sent as
+ * bytecode with copied upvalues) or the names of global functions that the
+ * pool's init script defines.  Values cross between states only as copies
+ * owned by C: they are encoded in the sender's thread and decoded in the
+ * receiver's.
+ *
+ * Semantics follow gammazero/workerpool: workers are started lazily, reused,
+ * and reaped one at a time once idle; tasks start in FIFO order; stop()
+ * discards what is queued, stop_wait() drains it.
+ *
+ * Conventions:
+ *   - Every function returning int returns 0 on success or a negative WP_E*
+ *     code; wp_strerror() and wp_err_name() describe it.
+ *   - Functions are thread-safe unless their comment says otherwise.
+ *   - Functions that take a lua_State note their Lua stack effect the way
+ *     the Lua manual does: [-pop, +push, x] where x is '-' (never raises),
+ *     'm' (raises on memory errors only) or 'e' (may raise anything).
+ *   - wp_ names are public; wp__ names (in wp_internal.h) are internal.
+ */
+#ifndef WPOOL_H
+#define WPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define WP_API __attribute__((visibility("default")))
+#else
+#define WP_API
+#endif
+
+#define WP_VERSION "0.1.0"
+
+/* Errors, generated from one list: name, message. */
+#define WP_ERRNO_MAP(XX)                                                       \
+  XX(STOPPED, -1, "stopped")                                                   \
+  XX(NOMEM, -2, "not enough memory")                                           \
+  XX(INVAL, -3, "invalid argument")                                            \
+  XX(EXISTS, -4, "exists")                                                     \
+  XX(TIMEDOUT, -5, "timeout")                                                  \
+  XX(NOTFOUND, -6, "not found")                                                \
+  XX(INIT, -7, "worker init failed")                                           \
+  XX(TYPE, -8, "value cannot cross states")                                    \
+  XX(TOOBIG, -9, "value too large")                                            \
+  XX(DEADLOCK, -10, "would deadlock")                                          \
+  XX(NOTNUM, -11, "not a number")                                              \
+  XX(SYS, -12, "system error")
+
+typedef enum {
+#define WP__ERR(name, code, msg) WP_E##name = (code),
+  WP_ERRNO_MAP(WP__ERR)
+#undef WP__ERR
+} wp_errno;
+
+/* Message and name of an error code; never NULL, never fails. */
+WP_API const char *wp_strerror(int err);
+WP_API const char *wp_err_name(int err);
+
+/* Limits on values that cross states (see docs/values.md). */
+#define WP_MAX_DEPTH 100            /* nesting of tables and functions */
+#define WP_MAX_MSG (256u << 20)     /* encoded bytes of one message */
+
+/* ------------------------------------------------------------------ */
+/* Pools                                                               */
+/* ------------------------------------------------------------------ */
+
+typedef struct wp_pool wp_pool;
+typedef struct wp_future wp_future;
+
+/* Called in every new worker state after the standard libraries are opened
+ * and before the init script runs.  Runs in the worker thread inside a
+ * protected call, so it may raise. */
+typedef void (*wp_open_fn)(lua_State *L, void *ud);
+
+typedef struct wp_options {
+  const char *name;      /* unique per process; NULL generates "pool-N" */
+  int max_workers;       /* >= 1 */
+  int min_workers;       /* kept warm, never reaped; 0..max_workers */
+  double idle_timeout;   /* seconds before an idle worker is reaped; <0 off */
+  const char *init;      /* Lua source run in every new worker, or NULL */
+  size_t init_len;       /* bytes of init */
+  const char *init_name; /* chunk name for init ("=init" when NULL) */
+  const char *package_path;  /* copied into workers' package.path, or NULL */
+  const char *package_cpath; /* copied into workers' package.cpath, or NULL */
+  wp_open_fn open_state;     /* optional, see above */
+  void *open_ud;
+} wp_options;
+
+/* Fills opts with defaults: max_workers 1, idle_timeout 2 s. */
+WP_API void wp_options_init(wp_options *opts);
+
+/* Creates a pool and registers its name.  The first worker state is created
+ * and its init script run in the calling thread, so a broken init is reported
+ * here: on WP_EINIT the message and traceback are written to errbuf (when
+ * errlen > 0), truncated to errlen - 1 bytes.  Other failures: WP_EINVAL
+ * (bad options), WP_EEXISTS (name taken), WP_ENOMEM, WP_ESYS; errbuf then
+ * says which option is wrong.  The caller owns one reference to *out. */
+WP_API int wp_pool_new(const wp_options *opts, wp_pool **out, char *errbuf,
+                       size_t errlen);
+
+/* Reference counting of handles.  The last release of a pool that is not
+ * stopped performs stop_wait first (so it must not come from a worker of the
+ * pool itself).  Futures keep the pool's memory, not its workers, alive.
+ * Never fails. */
+WP_API void wp_pool_retain(wp_pool *p);
+WP_API void wp_pool_release(wp_pool *p);
+
+/* Finds a live (not stopped) pool by name and returns a new reference, or
+ * NULL. */
+WP_API wp_pool *wp_pool_find(const char *name);
+
+WP_API const char *wp_pool_name(const wp_pool *p);
+
+/* Discards queued tasks (their futures resolve as WP_DISCARDED), lets running
+ * tasks finish, joins every worker thread and closes its state.  Returns the
+ * number discarded by this call.  Idempotent; several threads may call it at
+ * once, and every caller returns only once the pool is fully stopped.
+ * Returns WP_EDEADLOCK when called from a worker of p itself. */
+WP_API int wp_pool_stop(wp_pool *p);
+
+/* Like wp_pool_stop, but every queued task runs first.  Returns 0. */
+WP_API int wp_pool_stop_wait(wp_pool *p);
+
+/* Waits until every task submitted before the call has completed and all
+ * workers are idle; later submissions are queued but do not start until
+ * wp_pool_resume.  Returns at once on a stopped pool; WP_EDEADLOCK from a
+ * worker of p.  Pausing a paused pool waits for the same condition. */
+WP_API int wp_pool_pause(wp_pool *p);
+WP_API void wp_pool_resume(wp_pool *p);
+
+typedef struct wp_pool_counts {
+  int stopped; /* 1 once stop or stop_wait has begun */
+  int paused;
+  size_t waiting; /* queued, not started */
+  int running;    /* tasks executing now */
+  int workers;    /* live worker states */
+  int max_workers;
+} wp_pool_counts;
+
+WP_API void wp_pool_get_counts(wp_pool *p, wp_pool_counts *out);
+
+/* ------------------------------------------------------------------ */
+/* Values for C hosts                                                  */
+/* ------------------------------------------------------------------ */
+
+typedef enum {
+  WP_TNIL,
+  WP_TBOOLEAN,
+  WP_TINTEGER,
+  WP_TNUMBER,
+  WP_TSTRING,
+  WP_TOTHER /* a table or function: only Lua can read it */
+} wp_type;
+
+typedef struct wp_value {
+  wp_type type;
+  union {
+    int b;
+    int64_t i;
+    double n;
+    struct {
+      const char *ptr; /* borrowed; not NUL-terminated */
+      size_t len;
+    } s;
+  } u;
+} wp_value;
+
+/* ------------------------------------------------------------------ */
+/* Submitting                                                          */
+/* ------------------------------------------------------------------ */
+
+/* Queues a call of the global function `handler` of the worker states with
+ * C values as arguments.  Strings are copied.  On success *out holds a new
+ * future reference owned by the caller (NULL out: the future is dropped).
+ * Fails with WP_ESTOPPED, WP_EINVAL, WP_ENOMEM, WP_ETOOBIG. */
+WP_API int wp_submit_values(wp_pool *p, const char *handler,
+                            const wp_value *args, int nargs, wp_future **out);
+
+/* [-0, +0, e] Queues the task at stack index `task` (a string naming a
+ * handler, or a Lua function) with the `nargs` values that follow it.
+ * Values that cannot cross states raise a Lua error naming the argument
+ * (`what` is the function name used in the message, e.g. "submit"); nothing
+ * is queued then.  Returns 0 and a new future reference in *out (when out is
+ * not NULL), or WP_ESTOPPED without raising. */
+WP_API int wp_submit_lua(wp_pool *p, lua_State *L, int task, int nargs,
+                         const char *what, wp_future **out);
+
+/* ------------------------------------------------------------------ */
+/* Futures                                                             */
+/* ------------------------------------------------------------------ */
+
+typedef enum {
+  WP_PENDING = 0, /* queued or running */
+  WP_OK,          /* returned; results available */
+  WP_ERROR,       /* raised; the error value is the only result */
+  WP_DISCARDED,   /* dropped by stop() before it started */
+  WP_CANCELLED    /* removed by cancel() before it started */
+} wp_status;
+
+WP_API void wp_future_retain(wp_future *f);
+WP_API void wp_future_release(wp_future *f);
+
+/* Current status; never blocks. */
+WP_API wp_status wp_future_status(wp_future *f);
+
+/* Blocks until the task ends or `timeout` seconds pass (negative: forever).
+ * Returns 0 or WP_ETIMEDOUT. */
+WP_API int wp_future_wait(wp_future *f, double timeout);
+
+/* Removes a task that has not started: returns 1 (it will never run and
+ * resolves as WP_CANCELLED), or 0 when it already started or ended. */
+WP_API int wp_future_cancel(wp_future *f);
+
+/* Calls cb(f, ud) once the future has ended: at once in the calling thread
+ * when it already has, else later in whichever thread ends it (a worker, or
+ * a thread calling stop or cancel).  One callback per future; returns
+ * WP_EEXISTS for a second.  cb must not block. */
+typedef void (*wp_done_fn)(wp_future *f, void *ud);
+WP_API int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud);
+
+/* Results of an ended future as C values: writes up to max of them to out
+ * and returns how many the task produced (WP_ERROR: one, the error value),
+ * or WP_EINVAL while pending.  Strings borrow from the future and stay valid
+ * while the caller holds its reference. */
+WP_API int wp_future_values(wp_future *f, wp_value *out, int max);
+
+/* [-0, +n, m] Pushes the results of an ended future (n values; for WP_ERROR
+ * the error value; nothing for discarded or cancelled) and returns n, or
+ * WP_EINVAL while pending. */
+WP_API int wp_future_push(wp_future *f, lua_State *L);
+
+/* ------------------------------------------------------------------ */
+/* Worker states                                                       */
+/* ------------------------------------------------------------------ */
+
+/* In a worker state: its pool (borrowed) and its id (1, 2, ... per pool).
+ * In any other state: NULL and 0.  [-0, +0, -] */
+WP_API wp_pool *wp_state_pool(lua_State *L);
+WP_API int wp_state_worker_id(lua_State *L);
+
+/* Makes a C function of a library travel between states by name, as the
+ * standard libraries' functions do ("lib.fn", resolved in the receiving
+ * state through package.loaded).  Call before submitting tasks that
+ * capture it; re-registering the same pair is a no-op.  WP_ENOMEM. */
+WP_API int wp_register_cfunction(const char *qualname, lua_CFunction fn);
+
+/* Monotonic clock in seconds. */
+WP_API double wp_now(void);
+
+/* ------------------------------------------------------------------ */
+/* Shared dictionaries                                                 */
+/* ------------------------------------------------------------------ */
+
+/* A process-wide dictionary keyed by strings holding nil, booleans, numbers
+ * and strings, with optional expiry.  Every operation takes the dict's lock
+ * briefly and never calls Lua.  Dictionaries live until process exit. */
+typedef struct wp_shdict wp_shdict;
+
+typedef struct wp_shval {
+  wp_type type; /* WP_TNIL (absent), WP_TBOOLEAN, WP_TINTEGER, WP_TNUMBER,
+                   WP_TSTRING */
+  union {
+    int b;
+    int64_t i;
+    double n;
+    struct {
+      char *ptr; /* in results: malloc'd, caller frees; in arguments:
+                    borrowed */
+      size_t len;
+    } s;
+  } u;
+} wp_shval;
+
+#define WP_SHDICT_DEFAULT_CAPACITY (1u << 20)
+
+/* Opens (creating on first use with `capacity` bytes; 0 means the default)
+ * the dictionary `name`.  A later open ignores capacity.  The returned
+ * pointer is valid for the process' life.  WP_ENOMEM, WP_EINVAL, WP_ESYS. */
+WP_API int wp_shdict_open(const char *name, size_t capacity, wp_shdict **out);
+
+/* Reads k into *out (WP_TNIL when absent or expired).  WP_ENOMEM. */
+WP_API int wp_shdict_get(wp_shdict *d, const char *k, size_t klen,
+                         wp_shval *out);
+
+/* Stores v (WP_TNIL deletes) with ttl seconds (<= 0: no expiry).
+ * WP_ENOMEM when it does not fit; nothing stored is lost then. */
+WP_API int wp_shdict_set(wp_shdict *d, const char *k, size_t klen,
+                         const wp_shval *v, double ttl);
+
+/* Like set, only when k is absent: WP_EEXISTS otherwise. */
+WP_API int wp_shdict_add(wp_shdict *d, const char *k, size_t klen,
+                         const wp_shval *v, double ttl);
+
+/* Atomically adds step to the number at k and stores the sum in *out.
+ * When k is absent: with init (non-NULL) stores init + step with ttl, else
+ * WP_ENOTFOUND.  A non-number value gives WP_ENOTNUM.  Integers stay
+ * integers unless step or the value is a float. */
+WP_API int wp_shdict_incr(wp_shdict *d, const char *k, size_t klen,
+                          const wp_shval *step, const wp_shval *init,
+                          double ttl, wp_shval *out);
+
+/* Stores nv only if the current value equals old (WP_TNIL: absent); returns
+ * 1 when stored, 0 when not, or WP_ENOMEM.  Keeps the key's expiry. */
+WP_API int wp_shdict_cas(wp_shdict *d, const char *k, size_t klen,
+                         const wp_shval *old, const wp_shval *nv);
+
+WP_API int wp_shdict_delete(wp_shdict *d, const char *k, size_t klen);
+
+/* Remaining seconds to live in *out (0: no expiry); WP_ENOTFOUND. */
+WP_API int wp_shdict_ttl(wp_shdict *d, const char *k, size_t klen,
+                         double *out);
+
+/* Calls fn for up to max live keys (0: all) and returns how many. The dict
+ * is locked meanwhile: fn must not call back into the dict. */
+typedef void (*wp_shdict_key_fn)(const char *k, size_t klen, void *ud);
+WP_API int wp_shdict_keys(wp_shdict *d, size_t max, wp_shdict_key_fn fn,
+                          void *ud);
+
+/* Removes every key. */
+WP_API void wp_shdict_flush(wp_shdict *d);
+
+/* Bytes in use and capacity. */
+WP_API void wp_shdict_usage(wp_shdict *d, size_t *used, size_t *capacity);
+
+/* Frees a string held by a wp_shval result.  Never fails. */
+WP_API void wp_shval_free(wp_shval *v);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* WPOOL_H */

@@ -1,0 +1,76 @@
+-- harness.lua: the tiny test framework of the Lua suite.
+--
+-- A test file registers cases with T.test(name, fn) and ends with T.run(),
+-- which runs them in order, prints one line per failure and a closing
+-- "N passed, N failed" line, and exits non-zero when anything failed.
+
+local T = {}
+local cases = {}
+
+function T.test(name, fn)
+  cases[#cases + 1] = { name = name, fn = fn }
+end
+
+local function fmt(v)
+  if type(v) == "string" then return string.format("%q", v) end
+  if math.type(v) == "float" then return string.format("%.17g (float)", v) end
+  return tostring(v)
+end
+
+function T.eq(got, want, what)
+  if got ~= want or math.type(got) ~= math.type(want) then
+    error(string.format("%s: expected %s, got %s", what or "value",
+      fmt(want), fmt(got)), 2)
+  end
+end
+
+function T.ok(v, what)
+  if not v then error((what or "assertion") .. " failed", 2) end
+  return v
+end
+
+-- Runs fn, which must raise an error whose message contains `pattern`
+-- (a plain substring); returns the message.
+function T.raises(fn, pattern, what)
+  local ok, err = pcall(fn)
+  if ok then error((what or "call") .. " did not raise", 2) end
+  err = tostring(err)
+  if pattern and not err:find(pattern, 1, true) then
+    error(string.format("%s raised %q, expected it to contain %q",
+      what or "call", err, pattern), 2)
+  end
+  return err
+end
+
+-- Polls cond() until it is true or `seconds` pass; returns its last value.
+function T.eventually(cond, seconds, what)
+  local wp = require "workerpool"
+  local deadline = wp.now() + (seconds or 10)
+  repeat
+    local v = cond()
+    if v then return v end
+    wp.sleep(0.005)
+  until wp.now() > deadline
+  error((what or "condition") .. " not reached in time", 2)
+end
+
+function T.run()
+  local passed, failed = 0, 0
+  local only = os.getenv("WP_TEST_ONLY")
+  for _, c in ipairs(cases) do
+    if not only or c.name:find(only, 1, true) then
+      local ok, err = xpcall(c.fn, debug.traceback)
+      if ok then
+        passed = passed + 1
+      else
+        failed = failed + 1
+        io.stderr:write(string.format("FAIL %s: %s\n", c.name, err))
+      end
+    end
+  end
+  collectgarbage()
+  print(string.format("%d passed, %d failed", passed, failed))
+  os.exit(failed == 0 and 0 or 1, true)
+end
+
+return T
