@@ -51,8 +51,8 @@ static wpl_future *checkfuture(lua_State *L) {
 /* ---- workerpool.new -------------------------------------------------- */
 
 static const char *const pool_options[] = {
-    "name", "max_workers", "min_workers", "idle_timeout", "init", "init_file",
-    NULL};
+    "name", "max_workers", "min_workers", "idle_timeout",
+    "init", "init_file",   NULL};
 
 /* [-0, +0, e] Raises on a key of opts that is not an option. */
 static void check_option_names(lua_State *L) {
@@ -83,8 +83,7 @@ static lua_Integer int_option(lua_State *L, const char *k, lua_Integer lo,
     v = lua_tointegerx(L, -1, &ok);
     if (t != LUA_TNUMBER || !ok || v < lo)
       luaL_error(L, "workerpool.new: %s", msg);
-    if (v > hi)
-      luaL_error(L, "workerpool.new: %s (at most %d)", msg, (int)hi);
+    if (v > hi) luaL_error(L, "workerpool.new: %s (at most %d)", msg, (int)hi);
   }
   lua_pop(L, 1);
   return v;
@@ -153,18 +152,18 @@ static int wpl_new(lua_State *L) {
   wp_options_init(&o);
   o.max_workers = (int)int_option(L, "max_workers", 1, WPL_MAX_WORKERS, 1, 0,
                                   "max_workers must be a positive integer");
-  o.min_workers = (int)int_option(
-      L, "min_workers", 0, o.max_workers, 0, 0,
-      "min_workers must be an integer from 0 to max_workers");
+  o.min_workers =
+      (int)int_option(L, "min_workers", 0, o.max_workers, 0, 0,
+                      "min_workers must be an integer from 0 to max_workers");
   if (lua_getfield(L, 1, "idle_timeout") != LUA_TNIL) {
     if (lua_type(L, -1) != LUA_TNUMBER || isnan(lua_tonumber(L, -1)))
       luaL_error(L, "workerpool.new: idle_timeout must be a number of "
                     "seconds (negative disables reaping)");
     o.idle_timeout = (double)lua_tonumber(L, -1);
   }
-  o.name = str_option(L, 1, "name");           /* 3 */
-  o.init = str_option(L, 1, "init");           /* 4 */
-  init_file = str_option(L, 1, "init_file");   /* 5 */
+  o.name = str_option(L, 1, "name");         /* 3 */
+  o.init = str_option(L, 1, "init");         /* 4 */
+  init_file = str_option(L, 1, "init_file"); /* 5 */
   if (o.init && init_file)
     luaL_error(L, "workerpool.new: init and init_file are mutually "
                   "exclusive");
@@ -338,11 +337,21 @@ static int pool_count(lua_State *L, int which) {
 
 /* pool:stopped(), :waiting(), :running(), :workers(), :size()
  * [-0, +1, e] */
-static int pool_stopped(lua_State *L) { return pool_count(L, 0); }
-static int pool_waiting(lua_State *L) { return pool_count(L, 1); }
-static int pool_running(lua_State *L) { return pool_count(L, 2); }
-static int pool_workers(lua_State *L) { return pool_count(L, 3); }
-static int pool_size(lua_State *L) { return pool_count(L, 4); }
+static int pool_stopped(lua_State *L) {
+  return pool_count(L, 0);
+}
+static int pool_waiting(lua_State *L) {
+  return pool_count(L, 1);
+}
+static int pool_running(lua_State *L) {
+  return pool_count(L, 2);
+}
+static int pool_workers(lua_State *L) {
+  return pool_count(L, 3);
+}
+static int pool_size(lua_State *L) {
+  return pool_count(L, 4);
+}
 
 /* pool:name() -> string   [-0, +1, e] */
 static int pool_name(lua_State *L) {
@@ -484,24 +493,28 @@ static int wpl_now(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg module_funcs[] = {
-    {"new", wpl_new},
-    {"get", wpl_get},
-    {"shared", wpl_shared_open},
-    {"worker_id", wpl_worker_id},
-    {"pool_name", wpl_pool_name},
-    {"sleep", wpl_sleep},
-    {"now", wpl_now},
-    {NULL, NULL}};
+static const luaL_Reg module_funcs[] = {{"new", wpl_new},
+                                        {"get", wpl_get},
+                                        {"shared", wpl_shared_open},
+                                        {"worker_id", wpl_worker_id},
+                                        {"pool_name", wpl_pool_name},
+                                        {"sleep", wpl_sleep},
+                                        {"now", wpl_now},
+                                        {NULL, NULL}};
 
-static const luaL_Reg pool_methods[] = {
-    {"submit", pool_submit},   {"submit_wait", pool_submit_wait},
-    {"pause", pool_pause},     {"resume", pool_resume},
-    {"stop", pool_stop},       {"stop_wait", pool_stop_wait},
-    {"stopped", pool_stopped}, {"waiting", pool_waiting},
-    {"running", pool_running}, {"workers", pool_workers},
-    {"size", pool_size},       {"name", pool_name},
-    {NULL, NULL}};
+static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
+                                        {"submit_wait", pool_submit_wait},
+                                        {"pause", pool_pause},
+                                        {"resume", pool_resume},
+                                        {"stop", pool_stop},
+                                        {"stop_wait", pool_stop_wait},
+                                        {"stopped", pool_stopped},
+                                        {"waiting", pool_waiting},
+                                        {"running", pool_running},
+                                        {"workers", pool_workers},
+                                        {"size", pool_size},
+                                        {"name", pool_name},
+                                        {NULL, NULL}};
 
 static const luaL_Reg future_methods[] = {{"wait", future_wait},
                                           {"done", future_done},

@@ -77,8 +77,7 @@ int wp__put_cvalue(wp__buf *b, const wp_value *v) {
     return put_flt(b, v->u.n);
   case WP_TSTRING:
     if (v->u.s.ptr == NULL && v->u.s.len) return WP_EINVAL;
-    return put_lstring(b, WP__T_STR, v->u.s.ptr ? v->u.s.ptr : "",
-                       v->u.s.len);
+    return put_lstring(b, WP__T_STR, v->u.s.ptr ? v->u.s.ptr : "", v->u.s.len);
   default:
     return WP_EINVAL;
   }
@@ -102,8 +101,8 @@ static _Noreturn void enc_error(enc *e, int depth, const char *msg) {
   if (e->argpos > 0)
     luaL_error(e->L, "bad argument #%d to '%s' (%s%s)", e->argpos + e->cur,
                e->what, msg, where);
-  luaL_error(e->L, "task result #%d cannot be returned: %s%s", e->cur + 1,
-             msg, where);
+  luaL_error(e->L, "task result #%d cannot be returned: %s%s", e->cur + 1, msg,
+             where);
   abort(); /* not reached: luaL_error does not return */
 }
 
@@ -218,8 +217,9 @@ static void enc_function(enc *e, int idx, int depth) {
   if (lua_iscfunction(L, idx)) {
     const char *name = wp__cfunction_name(lua_tocfunction(L, idx));
     if (name == NULL)
-      enc_error(e, depth, "cannot send a C function that is not part of "
-                          "a registered library");
+      enc_error(e, depth,
+                "cannot send a C function that is not part of "
+                "a registered library");
     enc_check(e, put_lstring(b, WP__T_CFUNC, name, strlen(name)));
     return;
   }
@@ -262,8 +262,8 @@ static void enc_value(enc *e, int idx, int depth) {
     enc_check(e, put_tag(e->b, WP__T_NIL));
     break;
   case LUA_TBOOLEAN:
-    enc_check(e, put_tag(e->b, lua_toboolean(L, idx) ? WP__T_TRUE
-                                                      : WP__T_FALSE));
+    enc_check(e,
+              put_tag(e->b, lua_toboolean(L, idx) ? WP__T_TRUE : WP__T_FALSE));
     break;
   case LUA_TNUMBER:
     if (lua_isinteger(L, idx))
@@ -341,8 +341,7 @@ static int get_bytes(wp__reader *r, void *out, size_t n) {
 /* Reads a varint length and returns a pointer to that many bytes. */
 static int get_lstring(wp__reader *r, const char **s, size_t *len) {
   uint64_t n;
-  if (wp__get_varint(r, &n) || n > (uint64_t)(r->end - r->p))
-    return WP_EINVAL;
+  if (wp__get_varint(r, &n) || n > (uint64_t)(r->end - r->p)) return WP_EINVAL;
   *s = r->p;
   *len = (size_t)n;
   r->p += n;
@@ -438,9 +437,9 @@ int wp__get_cvalue(wp__reader *r, wp_value *out) {
 typedef struct dec {
   lua_State *L;
   wp__reader *r;
-  int refs;   /* stack slot: index -> table or function, or nil */
+  int refs; /* stack slot: index -> table or function, or nil */
   int nextid;
-  int cache;  /* stack index of the compiled-function cache, or 0 */
+  int cache; /* stack index of the compiled-function cache, or 0 */
 } dec;
 
 static _Noreturn void dec_bad(dec *d) {
@@ -483,8 +482,7 @@ static void dec_function(dec *d, int depth) {
       lua_pop(L, 1);
   }
   if (!cached) {
-    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK)
-      lua_error(L);
+    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK) lua_error(L);
     if (pure && d->cache) {
       lua_pushlstring(L, bc, len);
       lua_pushvalue(L, -2);
@@ -512,8 +510,7 @@ static void dec_cfunction(dec *d, const char *name, size_t len) {
     lua_rawget(L, -2);
     lua_remove(L, -2);
     if (!lua_istable(L, -1))
-      luaL_error(L, "cannot resolve C function '%s': library not loaded",
-                 name);
+      luaL_error(L, "cannot resolve C function '%s': library not loaded", name);
     lua_pushlstring(L, dot + 1, len - (size_t)(dot - name) - 1);
   }
   lua_rawget(L, -2);

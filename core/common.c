@@ -42,7 +42,9 @@ const char *wp_err_name(int err) {
   }
 }
 
-double wp_now(void) { return (double)uv_hrtime() / 1e9; }
+double wp_now(void) {
+  return (double)uv_hrtime() / 1e9;
+}
 
 int wp__buf_reserve(wp__buf *b, size_t n) {
   size_t cap;
@@ -144,9 +146,9 @@ static void cf_add_lib(lua_State *L, const char *prefix) {
 }
 
 static void cf_init(void) {
-  static const char *const libs[] = {"coroutine", "debug",  "io",
-                                     "math",      "os",     "package",
-                                     "string",    "table",  "utf8"};
+  static const char *const libs[] = {"coroutine", "debug", "io",
+                                     "math",      "os",    "package",
+                                     "string",    "table", "utf8"};
   lua_State *L;
   size_t i;
   if (uv_mutex_init(&cfreg.mu) != 0) abort(); /* cannot fail on Linux */

@@ -91,8 +91,7 @@ int wp_future_wait(wp_future *f, double timeout) {
   }
   uv_mutex_lock(&f->mu);
   f->nwaiters++;
-  while (atomic_load_explicit(&f->status, memory_order_relaxed) ==
-         WP_PENDING) {
+  while (atomic_load_explicit(&f->status, memory_order_relaxed) == WP_PENDING) {
     if (timeout < 0) {
       uv_cond_wait(&f->cv, &f->mu);
     } else {

@@ -20,35 +20,35 @@
 enum { RUNNING, DRAINING, STOPPING, STOPPED };
 
 struct wp_pool {
-  atomic_int refs;        /* handles; the last one stops the pool */
-  atomic_int mrefs;       /* memory: all handles count one, futures one each */
-  atomic_int stopped;     /* 1 once stopping began; readable without mu */
-  char *name;             /* owned, unique while registered */
-  wp_pool *reg_next;      /* registry list, under reg.mu */
-  int registered;         /* under reg.mu */
-  wp__pool_init in;       /* what new worker states are made from */
+  atomic_int refs;    /* handles; the last one stops the pool */
+  atomic_int mrefs;   /* memory: all handles count one, futures one each */
+  atomic_int stopped; /* 1 once stopping began; readable without mu */
+  char *name;         /* owned, unique while registered */
+  wp_pool *reg_next;  /* registry list, under reg.mu */
+  int registered;     /* under reg.mu */
+  wp__pool_init in;   /* what new worker states are made from */
   uv_mutex_t mu;
-  uv_cond_t work_cv;      /* idle workers wait for tasks here */
-  uv_cond_t state_cv;     /* pause, stop and join waiters */
+  uv_cond_t work_cv;        /* idle workers wait for tasks here */
+  uv_cond_t state_cv;       /* pause, stop and join waiters */
   wp_future *qhead, *qtail; /* FIFO of queued futures */
   size_t nqueued;
   int max_workers, min_workers;
-  int64_t idle_ns;        /* reaping period; < 0: never reap */
-  uint64_t last_active;   /* when a task was last submitted, taken or done */
-  uint64_t last_reap;     /* when a worker was last reaped */
-  int nworkers;           /* worker threads that have not exited */
-  int nidle;              /* workers waiting on work_cv */
-  int nrunning;           /* tasks executing */
-  int nclosed;            /* exited workers still in the list, to join */
-  int next_id;            /* id of the next worker */
-  wp__worker *workers;    /* every started, not yet joined worker */
-  wp__worker *spare;      /* the state wp_pool_new made, not yet started */
+  int64_t idle_ns;      /* reaping period; < 0: never reap */
+  uint64_t last_active; /* when a task was last submitted, taken or done */
+  uint64_t last_reap;   /* when a worker was last reaped */
+  int nworkers;         /* worker threads that have not exited */
+  int nidle;            /* workers waiting on work_cv */
+  int nrunning;         /* tasks executing */
+  int nclosed;          /* exited workers still in the list, to join */
+  int next_id;          /* id of the next worker */
+  wp__worker *workers;  /* every started, not yet joined worker */
+  wp__worker *spare;    /* the state wp_pool_new made, not yet started */
   int state;
-  int joiner;             /* a stopping thread is joining the workers */
+  int joiner; /* a stopping thread is joining the workers */
   int paused;
-  uint64_t pause_seq;     /* while paused, tasks after this wait */
-  uint64_t next_seq;      /* sequence number of the last submission */
-  int nwaiters;           /* threads waiting on state_cv */
+  uint64_t pause_seq; /* while paused, tasks after this wait */
+  uint64_t next_seq;  /* sequence number of the last submission */
+  int nwaiters;       /* threads waiting on state_cv */
 };
 
 /* The worker the calling thread runs, if any. */
@@ -137,7 +137,9 @@ wp_pool *wp_pool_find(const char *name) {
 
 /* ---- memory ---------------------------------------------------------- */
 
-void wp__pool_mretain(wp_pool *p) { atomic_fetch_add(&p->mrefs, 1); }
+void wp__pool_mretain(wp_pool *p) {
+  atomic_fetch_add(&p->mrefs, 1);
+}
 
 static void pool_free(wp_pool *p) {
   uv_cond_destroy(&p->state_cv);
@@ -155,7 +157,9 @@ void wp__pool_mrelease(wp_pool *p) {
   if (atomic_fetch_sub(&p->mrefs, 1) == 1) pool_free(p);
 }
 
-void wp_pool_retain(wp_pool *p) { atomic_fetch_add(&p->refs, 1); }
+void wp_pool_retain(wp_pool *p) {
+  atomic_fetch_add(&p->refs, 1);
+}
 
 void wp_pool_release(wp_pool *p) {
   if (p == NULL || atomic_fetch_sub(&p->refs, 1) != 1) return;
@@ -168,9 +172,13 @@ void wp_pool_release(wp_pool *p) {
   wp__pool_mrelease(p);
 }
 
-const wp__pool_init *wp__pool_init_of(wp_pool *p) { return &p->in; }
+const wp__pool_init *wp__pool_init_of(wp_pool *p) {
+  return &p->in;
+}
 
-const char *wp_pool_name(const wp_pool *p) { return p->name; }
+const char *wp_pool_name(const wp_pool *p) {
+  return p->name;
+}
 
 /* ---- workers --------------------------------------------------------- */
 
@@ -362,9 +370,9 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   atomic_init(&p->mrefs, 1);
   p->max_workers = o->max_workers;
   p->min_workers = o->min_workers;
-  p->idle_ns = o->idle_timeout < 0       ? -1
-               : o->idle_timeout > 1e9   ? (int64_t)1e18
-                                         : (int64_t)(o->idle_timeout * 1e9);
+  p->idle_ns = o->idle_timeout < 0     ? -1
+               : o->idle_timeout > 1e9 ? (int64_t)1e18
+                                       : (int64_t)(o->idle_timeout * 1e9);
   p->last_active = uv_hrtime();
   if (o->init) {
     if ((p->in.init = malloc(o->init_len ? o->init_len : 1)) == NULL)
@@ -707,7 +715,9 @@ static int stop_common(wp_pool *p, int drain) {
   return ndiscarded;
 }
 
-int wp_pool_stop(wp_pool *p) { return stop_common(p, 0); }
+int wp_pool_stop(wp_pool *p) {
+  return stop_common(p, 0);
+}
 
 int wp_pool_stop_wait(wp_pool *p) {
   int r = stop_common(p, 1);

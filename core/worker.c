@@ -50,8 +50,7 @@ static int msgh(lua_State *L) {
 static void copy_error(lua_State *L, char *errbuf, size_t errlen) {
   const char *msg = lua_tostring(L, -1);
   if (errlen == 0) return;
-  snprintf(errbuf, errlen, "%s",
-           msg ? msg : "(error object is not a string)");
+  snprintf(errbuf, errlen, "%s", msg ? msg : "(error object is not a string)");
 }
 
 /* [-2, +0, e] The protected part of wp__worker_open. */
@@ -126,8 +125,8 @@ static int task_pmain(lua_State *L) {
   uint64_t n;
   int base, st;
   lua_settop(L, 0);
-  lua_pushcfunction(L, msgh);                      /* 1 */
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &cache_key);   /* 2 */
+  lua_pushcfunction(L, msgh);                    /* 1 */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &cache_key); /* 2 */
   base = lua_gettop(L);
   r.p = f->msg;
   r.end = f->msg + f->msg_len;
@@ -191,8 +190,8 @@ void wp__worker_run(wp__worker *w, wp_future *f) {
     }
   }
   if (st != LUA_OK) {
-    const char *msg = st == LUA_ERRMEM ? "not enough memory"
-                                       : lua_tostring(L, -1);
+    const char *msg =
+        st == LUA_ERRMEM ? "not enough memory" : lua_tostring(L, -1);
     wp__future_fail(f, WP_ERROR, msg ? msg : "task failed");
     if (st == LUA_ERRMEM) {
       wp__worker_close(w); /* replaced before the next task */

@@ -39,16 +39,16 @@ enum {
   WP__T_NIL,
   WP__T_FALSE,
   WP__T_TRUE,
-  WP__T_INT,    /* 8 bytes, little endian */
-  WP__T_FLT,    /* 8 bytes IEEE-754 */
-  WP__T_STR,    /* varint length, bytes */
-  WP__T_TABLE,  /* key/value pairs, then WP__T_END */
+  WP__T_INT,   /* 8 bytes, little endian */
+  WP__T_FLT,   /* 8 bytes IEEE-754 */
+  WP__T_STR,   /* varint length, bytes */
+  WP__T_TABLE, /* key/value pairs, then WP__T_END */
   WP__T_END,
-  WP__T_REF,    /* varint index of an earlier table or function */
-  WP__T_FUNC,   /* varint length, bytecode, varint nups, upvalues */
-  WP__T_CFUNC,  /* varint length, "lib.name" */
-  WP__T_ENV,    /* the receiving state's global table */
-  WP__T_MODULE  /* varint length, name in package.loaded */
+  WP__T_REF,   /* varint index of an earlier table or function */
+  WP__T_FUNC,  /* varint length, bytecode, varint nups, upvalues */
+  WP__T_CFUNC, /* varint length, "lib.name" */
+  WP__T_ENV,   /* the receiving state's global table */
+  WP__T_MODULE /* varint length, name in package.loaded */
 };
 
 /* Task messages start with one of these kinds. */
@@ -88,19 +88,19 @@ WP_HIDDEN const char *wp__cfunction_name(lua_CFunction fn);
 
 struct wp_future {
   atomic_int refs;
-  atomic_int status;        /* wp_status */
-  wp_future *next, *prev;   /* queue links, under pool->mu */
-  wp_pool *pool;            /* memory reference, for cancel */
-  uint64_t seq;             /* submission order, under pool->mu */
-  int queued;               /* 1 while in the queue, under pool->mu */
-  uv_mutex_t mu;            /* guards waiters, done_cb, result */
-  uv_cond_t cv;             /* signalled on completion */
-  int nwaiters;             /* threads in wp_future_wait */
-  wp_done_fn done_cb;       /* completion callback, or NULL */
+  atomic_int status;      /* wp_status */
+  wp_future *next, *prev; /* queue links, under pool->mu */
+  wp_pool *pool;          /* memory reference, for cancel */
+  uint64_t seq;           /* submission order, under pool->mu */
+  int queued;             /* 1 while in the queue, under pool->mu */
+  uv_mutex_t mu;          /* guards waiters, done_cb, result */
+  uv_cond_t cv;           /* signalled on completion */
+  int nwaiters;           /* threads in wp_future_wait */
+  wp_done_fn done_cb;     /* completion callback, or NULL */
   void *done_ud;
-  char *result;             /* varint count + values, malloc'd */
+  char *result; /* varint count + values, malloc'd */
   size_t result_len;
-  char *msg;                /* the task message, malloc'd */
+  char *msg; /* the task message, malloc'd */
   size_t msg_len;
 };
 
@@ -111,29 +111,28 @@ WP_HIDDEN wp_future *wp__future_new(wp_pool *p, char *msg, size_t len);
 /* Ends a pending future with status and result (ownership of result is
  * taken; NULL for none), wakes waiters and runs its callback.  Called
  * without any lock held. */
-WP_HIDDEN void wp__future_complete(wp_future *f, wp_status status,
-                                   char *result, size_t len);
+WP_HIDDEN void wp__future_complete(wp_future *f, wp_status status, char *result,
+                                   size_t len);
 
 /* Ends f with one string as its error value.  Never fails (falls back to a
  * result-less error when out of memory). */
-WP_HIDDEN void wp__future_fail(wp_future *f, wp_status status,
-                               const char *msg);
+WP_HIDDEN void wp__future_fail(wp_future *f, wp_status status, const char *msg);
 
 /* ---- pools and workers (pool.c, worker.c) ---------------------------- */
 
 typedef struct wp__worker wp__worker;
 
 struct wp__worker {
-  wp__worker *next;  /* in pool->workers, under pool->mu */
+  wp__worker *next; /* in pool->workers, under pool->mu */
   wp_pool *pool;
   uv_thread_t tid;
-  lua_State *L;      /* owned; NULL until created */
-  int id;            /* 1, 2, ... per pool */
-  int started;       /* the thread was created */
-  int closed;        /* the thread is about to return, under pool->mu */
-  size_t mem;        /* bytes allocated by L */
-  size_t mem_limit;  /* 0: none */
-  wp__buf out;       /* encoding buffer for results */
+  lua_State *L;     /* owned; NULL until created */
+  int id;           /* 1, 2, ... per pool */
+  int started;      /* the thread was created */
+  int closed;       /* the thread is about to return, under pool->mu */
+  size_t mem;       /* bytes allocated by L */
+  size_t mem_limit; /* 0: none */
+  wp__buf out;      /* encoding buffer for results */
 };
 
 /* Creates w->L, runs the pool's open hook and init script.  On failure
@@ -149,7 +148,7 @@ WP_HIDDEN void wp__worker_close(wp__worker *w);
 
 /* What worker.c needs from a pool. */
 typedef struct wp__pool_init {
-  char *init;      /* owned copy, or NULL */
+  char *init; /* owned copy, or NULL */
   size_t init_len;
   char *init_name; /* owned copy */
   char *path;      /* owned copies, or NULL */

@@ -67,8 +67,8 @@ WP_API const char *wp_strerror(int err);
 WP_API const char *wp_err_name(int err);
 
 /* Limits on values that cross states (see docs/values.md). */
-#define WP_MAX_DEPTH 100            /* nesting of tables and functions */
-#define WP_MAX_MSG (256u << 20)     /* encoded bytes of one message */
+#define WP_MAX_DEPTH 100        /* nesting of tables and functions */
+#define WP_MAX_MSG (256u << 20) /* encoded bytes of one message */
 
 /* ------------------------------------------------------------------ */
 /* Pools                                                               */
@@ -317,8 +317,7 @@ WP_API int wp_shdict_cas(wp_shdict *d, const char *k, size_t klen,
 WP_API int wp_shdict_delete(wp_shdict *d, const char *k, size_t klen);
 
 /* Remaining seconds to live in *out (0: no expiry); WP_ENOTFOUND. */
-WP_API int wp_shdict_ttl(wp_shdict *d, const char *k, size_t klen,
-                         double *out);
+WP_API int wp_shdict_ttl(wp_shdict *d, const char *k, size_t klen, double *out);
 
 /* Calls fn for up to max live keys (0: all) and returns how many. The dict
  * is locked meanwhile: fn must not call back into the dict. */
