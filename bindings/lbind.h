@@ -28,4 +28,54 @@ WPL_HIDDEN int wpl_shared_open(lua_State *L);
  * the conventional runtime-failure return of every module function. */
 WPL_HIDDEN int wpl_pusherr(lua_State *L, int err);
 
+/* ---- logs (log.c) ---------------------------------------------------- */
+
+#include <jansson.h>
+
+enum { WPL_DEBUG, WPL_INFO, WPL_WARN, WPL_ERROR };
+
+/* Writes one JSON line: ts, level, event, then the fields (stolen; may be
+ * NULL).  Any thread; never fails. */
+WPL_HIDDEN void wpl_log(int level, const char *event, json_t *fields);
+WPL_HIDDEN int wpl_log_enabled(int level);
+/* Level by name ("debug", "info", "warn", "error"), or -1. */
+WPL_HIDDEN int wpl_log_level_parse(const char *name);
+WPL_HIDDEN void wpl_log_set_level(int level);
+/* Appends to path from now on (NULL: back to stderr); 0 or an errno. */
+WPL_HIDDEN int wpl_log_set_file(const char *path);
+WPL_HIDDEN int wpl_lua_log(lua_State *L);
+WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
+
+/* ---- the host event loop (host.c) ------------------------------------ */
+
+/* In a coroutine run by a host loop these park the coroutine and return 1:
+ * the caller must then `return lua_yieldk(L, 0, ctx, k)`, and k finds the
+ * outcome on top of the stack when it is resumed (see each function).
+ * Elsewhere they return 0 and the caller blocks its thread instead. */
+
+/* Resumed with true when f ended, false on timeout.  timeout < 0: none. */
+WPL_HIDDEN int wpl_host_park_future(lua_State *L, wp_future *f,
+                                    double timeout);
+/* Resumed with nothing once the time has passed. */
+WPL_HIDDEN int wpl_host_park_sleep(lua_State *L, double seconds);
+/* Runs op(ud) on a helper thread; resumed with its integer result. */
+typedef int (*wpl_blocking_fn)(void *ud);
+WPL_HIDDEN int wpl_host_park_call(lua_State *L, wpl_blocking_fn op,
+                                  void *ud);
+
+/* Takes over the reference to a collected owner's pool: the pool drains
+ * without blocking the loop and is joined when the host closes.  Returns
+ * 0 outside a host (the caller then stops the pool itself). */
+WPL_HIDDEN int wpl_host_adopt(lua_State *L, wp_pool *p);
+
+/* Module functions that need a host loop (they raise without one). */
+WPL_HIDDEN int wpl_spawn(lua_State *L);
+WPL_HIDDEN int wpl_after(lua_State *L);
+WPL_HIDDEN int wpl_every(lua_State *L);
+WPL_HIDDEN int wpl_on_shutdown(lua_State *L);
+/* f:on_done(cb) for the future userdata at 1 holding f.  [-0, +0, e] */
+WPL_HIDDEN int wpl_host_on_done(lua_State *L, wp_future *f);
+/* [-0, +0, m] Registers the metatables host.c uses. */
+WPL_HIDDEN void wpl_host_init(lua_State *L);
+
 #endif

@@ -3,10 +3,13 @@
  * functions every state gets (worker_id, pool_name, sleep, now, get).
  *
  * A pool handle is a userdata holding a reference to a core pool.  The
- * handle made by workerpool.new owns the pool: collecting or closing it
- * drains and stops the pool.  Handles from workerpool.get only borrow it.
+ * handle made by workerpool.new owns the pool: collecting it drains and
+ * stops the pool.  Handles from workerpool.get borrow it: collecting one
+ * changes nothing.  Closing any handle (a <close> variable) is an explicit
+ * stop_wait.
  * Misuse raises; runtime failures return nil, message, name.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -15,6 +18,7 @@
 #include <time.h>
 
 #include "lbind.h"
+#include "wpool_host.h"
 
 #define WPL_MAX_WORKERS 10000
 
@@ -26,8 +30,6 @@ typedef struct wpl_pool {
 typedef struct wpl_future {
   wp_future *f; /* a reference, or NULL before submit succeeded */
 } wpl_future;
-
-int luaopen_workerpool(lua_State *L);
 
 int wpl_pusherr(lua_State *L, int err) {
   lua_pushnil(L);
@@ -254,6 +256,14 @@ static int finish_wait(lua_State *L, wp_future *f, const char *pool) {
   }
 }
 
+/* Continues submit_wait in a host coroutine once the task ended. */
+static int submit_wait_k(lua_State *L, int status, lua_KContext ctx) {
+  wpl_future *fu = lua_touserdata(L, 1);
+  (void)status;
+  lua_settop(L, 1);
+  return finish_wait(L, fu->f, (const char *)ctx);
+}
+
 /* pool:submit_wait(task, ...) -> results... | nil, "stopped"
  * [-0, +n, e] Raises the task's error, with its worker-side traceback. */
 static int pool_submit_wait(lua_State *L) {
@@ -269,9 +279,12 @@ static int pool_submit_wait(lua_State *L) {
                       wp_pool_name(u->p));
   n = submit(L, "submit_wait", &fu);
   if (n != 1) return n;
-  wp_future_wait(fu->f, -1);
   lua_replace(L, 1); /* keep the future anchored while results decode */
   lua_settop(L, 1);
+  if (wp_future_status(fu->f) == WP_PENDING &&
+      wpl_host_park_future(L, fu->f, -1))
+    return lua_yieldk(L, 0, (lua_KContext)pname, submit_wait_k);
+  wp_future_wait(fu->f, -1);
   return finish_wait(L, fu->f, pname);
 }
 
@@ -281,12 +294,57 @@ static void check_deadlock(lua_State *L, wpl_pool *u, int r, const char *m) {
                wp_pool_name(u->p));
 }
 
-/* pool:pause()   [-0, +0, e] */
-static int pool_pause(lua_State *L) {
-  wpl_pool *u = checkpool(L);
-  check_deadlock(L, u, wp_pool_pause(u->p), "pause");
-  return 0;
+/* A blocking pool call, run on a helper thread under a host loop. */
+typedef struct pool_op {
+  wp_pool *p;     /* borrowed from the handle at stack index 1 */
+  int which;      /* OP_* */
+  double timeout; /* for OP_STOP_WAIT; < 0: none */
+} pool_op;
+
+enum { OP_PAUSE, OP_STOP, OP_STOP_WAIT };
+
+static const char *const op_names[] = {"pause", "stop", "stop_wait"};
+
+static int run_pool_op(void *ud) {
+  pool_op *o = ud;
+  switch (o->which) {
+  case OP_PAUSE:
+    return wp_pool_pause(o->p);
+  case OP_STOP:
+    return wp_pool_stop(o->p);
+  default:
+    return wp_pool_stop_wait_for(o->p, o->timeout);
+  }
 }
+
+/* [-0, +1|0, e] Pushes the op's result (pause: nothing). */
+static int pool_op_done(lua_State *L, pool_op *o, int r) {
+  check_deadlock(L, luaL_checkudata(L, 1, WPL_POOL_MT), r,
+                 op_names[o->which]);
+  if (o->which == OP_PAUSE) return 0;
+  lua_pushinteger(L, r);
+  return 1;
+}
+
+static int pool_op_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  return pool_op_done(L, (pool_op *)ctx, (int)lua_tointeger(L, -1));
+}
+
+/* [-0, +1|0, e] Runs a pool op: parked in a host coroutine, else here. */
+static int pool_op_call(lua_State *L, int which, double timeout) {
+  wpl_pool *u = checkpool(L);
+  pool_op *o = lua_newuserdatauv(L, sizeof *o, 0); /* anchored on stack */
+  o->p = u->p;
+  o->which = which;
+  o->timeout = timeout;
+  if (wpl_host_park_call(L, run_pool_op, o))
+    return lua_yieldk(L, 0, (lua_KContext)o, pool_op_k);
+  return pool_op_done(L, o, run_pool_op(o));
+}
+
+/* pool:pause()   [-0, +0, e] */
+static int pool_pause(lua_State *L) { return pool_op_call(L, OP_PAUSE, -1); }
 
 /* pool:resume()   [-0, +0, e] */
 static int pool_resume(lua_State *L) {
@@ -295,21 +353,18 @@ static int pool_resume(lua_State *L) {
 }
 
 /* pool:stop() -> discarded   [-0, +1, e] */
-static int pool_stop(lua_State *L) {
-  wpl_pool *u = checkpool(L);
-  int r = wp_pool_stop(u->p);
-  check_deadlock(L, u, r, "stop");
-  lua_pushinteger(L, r);
-  return 1;
-}
+static int pool_stop(lua_State *L) { return pool_op_call(L, OP_STOP, -1); }
 
-/* pool:stop_wait() -> 0   [-0, +1, e] */
+/* pool:stop_wait([deadline_s]) -> discarded   [-0, +1, e] Drains; past
+ * the deadline what is still queued is discarded. */
 static int pool_stop_wait(lua_State *L) {
-  wpl_pool *u = checkpool(L);
-  int r = wp_pool_stop_wait(u->p);
-  check_deadlock(L, u, r, "stop_wait");
-  lua_pushinteger(L, r);
-  return 1;
+  double t = -1;
+  if (!lua_isnoneornil(L, 2)) {
+    t = (double)luaL_checknumber(L, 2);
+    luaL_argcheck(L, t >= 0, 2, "deadline must be a non-negative number");
+  }
+  lua_settop(L, 1);
+  return pool_op_call(L, OP_STOP_WAIT, t);
 }
 
 /* [-0, +1, e] */
@@ -366,14 +421,15 @@ static int pool_close(lua_State *L) {
   return 0;
 }
 
-/* __gc: an owner handle drains and stops its pool.   [-0, +0, -] */
+/* __gc: an owner handle drains and stops its pool; under a host loop the
+ * host finishes that in the background.   [-0, +0, -] */
 static int pool_gc(lua_State *L) {
   wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
-  if (u->p) {
-    if (u->owner) wp_pool_stop_wait(u->p);
-    wp_pool_release(u->p);
-    u->p = NULL;
-  }
+  wp_pool *p = u->p;
+  u->p = NULL;
+  if (p == NULL || (u->owner && wpl_host_adopt(L, p))) return 0;
+  if (u->owner) wp_pool_stop_wait(p);
+  wp_pool_release(p);
   return 0;
 }
 
@@ -389,6 +445,24 @@ static int pool_tostring(lua_State *L) {
 
 /* ---- futures --------------------------------------------------------- */
 
+static int future_outcome(lua_State *L, wpl_future *u);
+
+static int push_timeout(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
+/* Continues f:wait in a host coroutine: resumed with true when the task
+ * ended, false on timeout. */
+static int future_wait_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  if (!lua_toboolean(L, -1)) return push_timeout(L);
+  lua_settop(L, 1);
+  return future_outcome(L, lua_touserdata(L, 1));
+}
+
 /* f:wait([timeout]) -> true, results... | false, err | nil, "timeout"
  * [-0, +n, e] */
 static int future_wait(lua_State *L) {
@@ -398,12 +472,16 @@ static int future_wait(lua_State *L) {
     t = (double)luaL_checknumber(L, 2);
     luaL_argcheck(L, t >= 0, 2, "timeout must be a non-negative number");
   }
-  if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
-  }
   lua_settop(L, 1);
+  if (wp_future_status(u->f) == WP_PENDING &&
+      wpl_host_park_future(L, u->f, t))
+    return lua_yieldk(L, 0, 0, future_wait_k);
+  if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) return push_timeout(L);
+  return future_outcome(L, u);
+}
+
+/* [-0, +n, e] true, results... | false, err for an ended future. */
+static int future_outcome(lua_State *L, wpl_future *u) {
   switch (wp_future_status(u->f)) {
   case WP_OK:
     lua_pushboolean(L, 1);
@@ -433,6 +511,12 @@ static int future_done(lua_State *L) {
 static int future_cancel(lua_State *L) {
   lua_pushboolean(L, wp_future_cancel(checkfuture(L)->f));
   return 1;
+}
+
+/* f:on_done(cb): cb(ok, ...) runs in a new host coroutine once the task
+ * ended.   [-0, +0, e] Needs a host loop. */
+static int future_on_done(lua_State *L) {
+  return wpl_host_on_done(L, checkfuture(L)->f);
 }
 
 /* f:status() -> "pending" | "ok" | "error" | "discarded" | "cancelled"
@@ -474,11 +558,20 @@ static int wpl_pool_name(lua_State *L) {
   return 1;
 }
 
-/* workerpool.sleep(seconds)   [-0, +0, e] Blocks the calling thread. */
+static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)L;
+  (void)status;
+  (void)ctx;
+  return 0;
+}
+
+/* workerpool.sleep(seconds)   [-0, +0, e] Suspends the calling host
+ * coroutine; elsewhere blocks the calling thread. */
 static int wpl_sleep(lua_State *L) {
   double s = (double)luaL_checknumber(L, 1);
   struct timespec ts;
   luaL_argcheck(L, s >= 0, 1, "seconds must be a non-negative number");
+  if (wpl_host_park_sleep(L, s)) return lua_yieldk(L, 0, 0, sleep_k);
   if (s > 1e9) s = 1e9;
   ts.tv_sec = (time_t)s;
   ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
@@ -493,14 +586,21 @@ static int wpl_now(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg module_funcs[] = {{"new", wpl_new},
-                                        {"get", wpl_get},
-                                        {"shared", wpl_shared_open},
-                                        {"worker_id", wpl_worker_id},
-                                        {"pool_name", wpl_pool_name},
-                                        {"sleep", wpl_sleep},
-                                        {"now", wpl_now},
-                                        {NULL, NULL}};
+static const luaL_Reg module_funcs[] = {
+    {"new", wpl_new},
+    {"get", wpl_get},
+    {"shared", wpl_shared_open},
+    {"worker_id", wpl_worker_id},
+    {"pool_name", wpl_pool_name},
+    {"sleep", wpl_sleep},
+    {"now", wpl_now},
+    {"spawn", wpl_spawn},
+    {"after", wpl_after},
+    {"every", wpl_every},
+    {"on_shutdown", wpl_on_shutdown},
+    {"log", wpl_lua_log},
+    {"set_log_level", wpl_lua_set_log_level},
+    {NULL, NULL}};
 
 static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
                                         {"submit_wait", pool_submit_wait},
@@ -520,6 +620,7 @@ static const luaL_Reg future_methods[] = {{"wait", future_wait},
                                           {"done", future_done},
                                           {"cancel", future_cancel},
                                           {"status", future_status},
+                                          {"on_done", future_on_done},
                                           {NULL, NULL}};
 
 /* [-0, +0, m] Creates metatable `name` with methods in __index. */
@@ -538,10 +639,21 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
   lua_pop(L, 1);
 }
 
+/* Keeps this module mapped for the life of the process: its pools,
+ * dictionaries and registries are process-wide and outlive the state that
+ * loaded it. */
+static void pin_module(void) {
+  Dl_info info;
+  if (dladdr((void *)pin_module, &info) && info.dli_fname)
+    dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
 /* require "workerpool"   [-0, +1, e] */
 WP_API int luaopen_workerpool(lua_State *L) {
+  static uv_once_t pinned = UV_ONCE_INIT;
   const luaL_Reg *f;
   char name[64];
+  uv_once(&pinned, pin_module);
   for (f = module_funcs; f->name; f++) {
     snprintf(name, sizeof name, "workerpool.%s", f->name);
     wp_register_cfunction(name, f->func);
@@ -553,6 +665,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   lua_pop(L, 1);
   new_class(L, WPL_FUTURE_MT, future_methods, future_gc, NULL);
   wpl_shared_init(L);
+  wpl_host_init(L);
   luaL_newlib(L, module_funcs);
   lua_pushliteral(L, WP_VERSION);
   lua_setfield(L, -2, "_VERSION");

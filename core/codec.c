@@ -115,26 +115,26 @@ static void enc_check(enc *e, int r) {
 
 static void enc_value(enc *e, int idx, int depth);
 
-/* [-0, +0, m] Looks idx up in the seen table: its index, or -1 after
- * recording it under a new index. */
+/* [-0, +0, m] Index of idx in the seen table, or -1. */
 static int enc_seen(enc *e, int idx) {
   lua_State *L = e->L;
-  lua_Integer id;
+  lua_Integer id = -1;
   if (lua_isnil(L, e->seen)) {
     lua_newtable(L);
     lua_replace(L, e->seen);
   }
   lua_pushvalue(L, idx);
-  if (lua_rawget(L, e->seen) == LUA_TNUMBER) {
-    id = lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    return (int)id;
-  }
+  if (lua_rawget(L, e->seen) == LUA_TNUMBER) id = lua_tointeger(L, -1);
   lua_pop(L, 1);
+  return (int)id;
+}
+
+/* [-0, +0, m] Gives idx the next index, as the decoder will. */
+static void enc_record(enc *e, int idx) {
+  lua_State *L = e->L;
   lua_pushvalue(L, idx);
   lua_pushinteger(L, e->nextid++);
   lua_rawset(L, e->seen);
-  return -1;
 }
 
 /* [-0, +0, m] Name under which table idx sits in package.loaded, or NULL. */
@@ -178,6 +178,7 @@ static void enc_table(enc *e, int idx, int depth) {
     return;
   }
   if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "tables nested too deeply");
+  enc_record(e, idx);
   luaL_checkstack(L, 4, "tables nested too deeply");
   enc_check(e, put_tag(e->b, WP__T_TABLE));
   lua_pushnil(L);
@@ -229,6 +230,7 @@ static void enc_function(enc *e, int idx, int depth) {
     return;
   }
   if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "functions nested too deeply");
+  enc_record(e, idx);
   enc_check(e, put_tag(b, WP__T_FUNC));
   lenpos = b->len;
   enc_check(e, put_bytes(b, "\0\0\0\0", 4));
@@ -438,6 +440,7 @@ typedef struct dec {
   lua_State *L;
   wp__reader *r;
   int refs; /* stack slot: index -> table or function, or nil */
+  
   int nextid;
   int cache; /* stack index of the compiled-function cache, or 0 */
 } dec;
@@ -460,6 +463,35 @@ static void dec_register(dec *d) {
 
 static void dec_value(dec *d, int depth);
 
+/* Entries kept in a worker's compiled-function cache before it starts
+ * over, so generated code cannot grow it without bound. */
+#define CACHE_MAX 512
+
+/* [-0, +0, m] Stores the function at the top under its bytecode.  The
+ * cache's [0] field counts entries. */
+static void cache_store(dec *d, const char *bc, size_t len) {
+  lua_State *L = d->L;
+  lua_Integer n;
+  lua_rawgeti(L, d->cache, 0);
+  n = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  if (n >= CACHE_MAX) { /* start over: clear every entry */
+    lua_pushnil(L);
+    while (lua_next(L, d->cache)) {
+      lua_pop(L, 1);
+      lua_pushvalue(L, -1);
+      lua_pushnil(L);
+      lua_rawset(L, d->cache);
+    }
+    n = 0;
+  }
+  lua_pushinteger(L, n + 1);
+  lua_rawseti(L, d->cache, 0);
+  lua_pushlstring(L, bc, len);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, d->cache);
+}
+
 static void dec_function(dec *d, int depth) {
   lua_State *L = d->L;
   wp__reader *r = d->r;
@@ -474,6 +506,8 @@ static void dec_function(dec *d, int depth) {
   if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1) || nups > 255)
     dec_bad(d);
   luaL_checkstack(L, 4, "functions nested too deeply");
+  /* Only a function whose upvalues are all _ENV can be one object for every
+   * call: any other needs a closure, and upvalue cells, of its own. */
   if (pure && d->cache) {
     lua_pushlstring(L, bc, len);
     if (lua_rawget(L, d->cache) == LUA_TFUNCTION)
@@ -482,12 +516,9 @@ static void dec_function(dec *d, int depth) {
       lua_pop(L, 1);
   }
   if (!cached) {
-    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK) lua_error(L);
-    if (pure && d->cache) {
-      lua_pushlstring(L, bc, len);
-      lua_pushvalue(L, -2);
-      lua_rawset(L, d->cache);
-    }
+    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK)
+      lua_error(L);
+    if (pure && d->cache) cache_store(d, bc, len);
   }
   f = lua_gettop(L);
   dec_register(d);
@@ -495,28 +526,6 @@ static void dec_function(dec *d, int depth) {
     dec_value(d, depth + 1);
     if (cached || lua_setupvalue(L, f, (int)i) == NULL) lua_pop(L, 1);
   }
-}
-
-/* [-0, +1, e] Pushes the value named "lib.fn" (or "fn" in _G). */
-static void dec_cfunction(dec *d, const char *name, size_t len) {
-  lua_State *L = d->L;
-  const char *dot = memchr(name, '.', len);
-  if (dot == NULL) {
-    lua_pushglobaltable(L);
-    lua_pushlstring(L, name, len);
-  } else {
-    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-    lua_pushlstring(L, name, (size_t)(dot - name));
-    lua_rawget(L, -2);
-    lua_remove(L, -2);
-    if (!lua_istable(L, -1))
-      luaL_error(L, "cannot resolve C function '%s': library not loaded", name);
-    lua_pushlstring(L, dot + 1, len - (size_t)(dot - name) - 1);
-  }
-  lua_rawget(L, -2);
-  lua_remove(L, -2);
-  if (!lua_iscfunction(L, -1))
-    luaL_error(L, "cannot resolve C function '%s'", name);
 }
 
 /* [-0, +1, e] Pushes package.loaded[name], requiring it when absent. */
@@ -533,6 +542,30 @@ static void dec_module(dec *d, const char *name, size_t len) {
   lua_remove(L, -2);
 }
 
+/* [-0, +1, e] Pushes the C function named "lib.fn" (or "fn" in _G),
+ * requiring lib when it is not loaded yet. */
+static void dec_cfunction(dec *d, const char *name, size_t len) {
+  lua_State *L = d->L;
+  const char *dot = memchr(name, '.', len);
+  if (dot == NULL) {
+    lua_pushglobaltable(L);
+    lua_pushlstring(L, name, len);
+  } else {
+    dec_module(d, name, (size_t)(dot - name));
+    if (!lua_istable(L, -1)) {
+      lua_pushlstring(L, name, len);
+      luaL_error(L, "cannot resolve C function '%s': library not loaded",
+                 lua_tostring(L, -1));
+    }
+    lua_pushlstring(L, dot + 1, len - (size_t)(dot - name) - 1);
+  }
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (!lua_iscfunction(L, -1)) {
+    lua_pushlstring(L, name, len);
+    luaL_error(L, "cannot resolve C function '%s'", lua_tostring(L, -1));
+  }
+}
 static void dec_value(dec *d, int depth) {
   lua_State *L = d->L;
   wp__reader *r = d->r;
@@ -607,6 +640,8 @@ static void dec_value(dec *d, int depth) {
 void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   dec d;
   int i;
+  if (n < 0 || (size_t)n > (size_t)(r->end - r->p)) /* >= 1 byte each */
+    luaL_error(L, "malformed value message");
   luaL_checkstack(L, n + 4, "too many values");
   d.L = L;
   d.r = r;

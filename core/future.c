@@ -119,10 +119,11 @@ int wp_future_cancel(wp_future *f) {
 int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud) {
   int done;
   uv_mutex_lock(&f->mu);
-  if (f->done_cb) {
+  if (f->done_set) {
     uv_mutex_unlock(&f->mu);
     return WP_EEXISTS;
   }
+  f->done_set = 1;
   done = atomic_load_explicit(&f->status, memory_order_relaxed) != WP_PENDING;
   if (!done) {
     f->done_cb = cb;

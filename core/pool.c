@@ -230,8 +230,10 @@ static void worker_main(void *arg) {
   wp_pool *p = w->pool;
   char err[2048];
   wp_future *f;
-  int failed = 0;
+  int failed = 0, openerr = 0;
   current_worker = w;
+  /* A worker is warm from its start (min_workers rely on it). */
+  if (w->L == NULL) openerr = wp__worker_open(w, err, sizeof err);
   uv_mutex_lock(&p->mu);
   for (;;) {
     if ((f = take_locked(p)) == NULL) {
@@ -242,7 +244,7 @@ static void worker_main(void *arg) {
     p->nrunning++;
     p->last_active = uv_hrtime();
     uv_mutex_unlock(&p->mu);
-    if (w->L == NULL && wp__worker_open(w, err, sizeof err) != 0) {
+    if (openerr || (w->L == NULL && wp__worker_open(w, err, sizeof err))) {
       char msg[2100];
       snprintf(msg, sizeof msg, "worker init failed: %s", err);
       wp__future_fail(f, WP_ERROR, msg);
@@ -640,11 +642,11 @@ void wp_pool_resume(wp_pool *p) {
   uv_mutex_unlock(&p->mu);
 }
 
-static int stop_common(wp_pool *p, int drain) {
+/* The non-blocking half of stopping: moves the state forward, discards the
+ * queue when not draining, wakes everyone.  Returns the number discarded. */
+static int begin_stop(wp_pool *p, int drain) {
   wp_future *discard = NULL, *f;
-  wp__worker *w, *spare;
   int ndiscarded = 0, unregister = 0;
-  if (from_own_worker(p)) return WP_EDEADLOCK;
   uv_mutex_lock(&p->mu);
   if (p->state == RUNNING) {
     p->state = drain ? DRAINING : STOPPING;
@@ -674,7 +676,13 @@ static int stop_common(wp_pool *p, int drain) {
     wp__future_fail(f, WP_DISCARDED, "discarded");
     wp_future_release(f);
   }
+  return ndiscarded;
+}
 
+/* The blocking half: joins every worker, or waits for the thread that
+ * does. */
+static void finish_stop(wp_pool *p) {
+  wp__worker *w, *spare;
   uv_mutex_lock(&p->mu);
   if (p->joiner) {
     p->nwaiters++;
@@ -682,7 +690,7 @@ static int stop_common(wp_pool *p, int drain) {
       uv_cond_wait(&p->state_cv, &p->mu);
     p->nwaiters--;
     uv_mutex_unlock(&p->mu);
-    return ndiscarded;
+    return;
   }
   p->joiner = 1;
   for (;;) {
@@ -712,16 +720,63 @@ static int stop_common(wp_pool *p, int drain) {
   p->state = STOPPED;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   uv_mutex_unlock(&p->mu);
-  return ndiscarded;
 }
 
 int wp_pool_stop(wp_pool *p) {
-  return stop_common(p, 0);
+  int n;
+  if (from_own_worker(p)) return WP_EDEADLOCK;
+  n = begin_stop(p, 0);
+  finish_stop(p);
+  return n;
 }
 
-int wp_pool_stop_wait(wp_pool *p) {
-  int r = stop_common(p, 1);
-  return r < 0 ? r : 0;
+int wp_pool_stop_wait(wp_pool *p) { return wp_pool_stop_wait_for(p, -1); }
+
+int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
+  uint64_t deadline, now;
+  int n = 0, late = 0;
+  if (from_own_worker(p)) return WP_EDEADLOCK;
+  begin_stop(p, 1);
+  if (timeout >= 0) {
+    if (timeout > 1e9) timeout = 1e9;
+    deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
+    uv_mutex_lock(&p->mu);
+    p->nwaiters++;
+    while (p->state == DRAINING && (p->nqueued > 0 || p->nrunning > 0)) {
+      now = uv_hrtime();
+      if (now >= deadline) {
+        late = 1;
+        break;
+      }
+      uv_cond_timedwait(&p->state_cv, &p->mu, deadline - now);
+    }
+    p->nwaiters--;
+    uv_mutex_unlock(&p->mu);
+    if (late) n = begin_stop(p, 0);
+  }
+  finish_stop(p);
+  return n;
+}
+
+int wp_pool_shutdown(wp_pool *p, int drain) { return begin_stop(p, drain); }
+
+int wp_pool_list(wp_pool **out, int max) {
+  wp_pool *p;
+  int n = 0, refs;
+  uv_once(&reg.once, reg_init);
+  uv_mutex_lock(&reg.mu);
+  for (p = reg.head; p; p = p->reg_next) {
+    refs = atomic_load(&p->refs);
+    if (n >= max) {
+      n += refs > 0;
+      continue;
+    }
+    while (refs > 0 && !atomic_compare_exchange_weak(&p->refs, &refs, refs + 1))
+      ;
+    if (refs > 0) out[n++] = p;
+  }
+  uv_mutex_unlock(&reg.mu);
+  return n;
 }
 
 void wp_pool_get_counts(wp_pool *p, wp_pool_counts *c) {

@@ -38,11 +38,11 @@ static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 
 /* [-0, +1, m] Message handler: appends a traceback to string errors. */
 static int msgh(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) {
-    if (!lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TSTRING) return 1;
-    msg = "(error object is nil)";
-  }
+  const char *msg = "(error object is nil)";
+  if (lua_type(L, 1) == LUA_TSTRING)
+    msg = lua_tostring(L, 1);
+  else if (!lua_isnil(L, 1))
+    return 1; /* tables, numbers...: kept as they are */
   luaL_traceback(L, L, msg, 1);
   return 1;
 }

@@ -50,7 +50,6 @@ extern "C" {
   XX(TIMEDOUT, -5, "timeout")                                                  \
   XX(NOTFOUND, -6, "not found")                                                \
   XX(INIT, -7, "worker init failed")                                           \
-  XX(TYPE, -8, "value cannot cross states")                                    \
   XX(TOOBIG, -9, "value too large")                                            \
   XX(DEADLOCK, -10, "would deadlock")                                          \
   XX(NOTNUM, -11, "not a number")                                              \
@@ -103,7 +102,7 @@ WP_API void wp_options_init(wp_options *opts);
  * and its init script run in the calling thread, so a broken init is reported
  * here: on WP_EINIT the message and traceback are written to errbuf (when
  * errlen > 0), truncated to errlen - 1 bytes.  Other failures: WP_EINVAL
- * (bad options), WP_EEXISTS (name taken), WP_ENOMEM, WP_ESYS; errbuf then
+ * (bad options), WP_EEXISTS (name taken), WP_ENOMEM; errbuf then
  * says which option is wrong.  The caller owns one reference to *out. */
 WP_API int wp_pool_new(const wp_options *opts, wp_pool **out, char *errbuf,
                        size_t errlen);
@@ -130,6 +129,20 @@ WP_API int wp_pool_stop(wp_pool *p);
 
 /* Like wp_pool_stop, but every queued task runs first.  Returns 0. */
 WP_API int wp_pool_stop_wait(wp_pool *p);
+
+/* Drains like wp_pool_stop_wait for at most `timeout` seconds (negative:
+ * no limit), then stops hard: what is still queued is discarded, running
+ * tasks are waited for.  Returns the number discarded, or WP_EDEADLOCK. */
+WP_API int wp_pool_stop_wait_for(wp_pool *p, double timeout);
+
+/* Begins a stop without waiting for anything: drain (1) lets the queue run,
+ * 0 discards it.  Returns the number discarded.  Any thread, a worker of p
+ * included; finish with wp_pool_stop or wp_pool_stop_wait, which join. */
+WP_API int wp_pool_shutdown(wp_pool *p, int drain);
+
+/* Writes up to max new references to the live (not stopping) pools into
+ * out and returns how many live pools there are. */
+WP_API int wp_pool_list(wp_pool **out, int max);
 
 /* Waits until every task submitted before the call has completed and all
  * workers are idle; later submissions are queued but do not start until
@@ -182,7 +195,8 @@ typedef struct wp_value {
 /* Queues a call of the global function `handler` of the worker states with
  * C values as arguments.  Strings are copied.  On success *out holds a new
  * future reference owned by the caller (NULL out: the future is dropped).
- * Fails with WP_ESTOPPED, WP_EINVAL, WP_ENOMEM, WP_ETOOBIG. */
+ * Fails with WP_ESTOPPED, WP_EINVAL, WP_ENOMEM, WP_ETOOBIG, or WP_ESYS when
+ * no worker thread could be started. */
 WP_API int wp_submit_values(wp_pool *p, const char *handler,
                             const wp_value *args, int nargs, wp_future **out);
 
@@ -191,7 +205,7 @@ WP_API int wp_submit_values(wp_pool *p, const char *handler,
  * Values that cannot cross states raise a Lua error naming the argument
  * (`what` is the function name used in the message, e.g. "submit"); nothing
  * is queued then.  Returns 0 and a new future reference in *out (when out is
- * not NULL), or WP_ESTOPPED without raising. */
+ * not NULL), or without raising WP_ESTOPPED, WP_ENOMEM or WP_ESYS. */
 WP_API int wp_submit_lua(wp_pool *p, lua_State *L, int task, int nargs,
                          const char *what, wp_future **out);
 
@@ -229,14 +243,15 @@ typedef void (*wp_done_fn)(wp_future *f, void *ud);
 WP_API int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud);
 
 /* Results of an ended future as C values: writes up to max of them to out
- * and returns how many the task produced (WP_ERROR: one, the error value),
- * or WP_EINVAL while pending.  Strings borrow from the future and stay valid
+ * and returns how many the task produced (WP_ERROR: one, the error value;
+ * discarded or cancelled: one, that word), or WP_EINVAL while pending.  Strings borrow from the future and stay valid
  * while the caller holds its reference. */
 WP_API int wp_future_values(wp_future *f, wp_value *out, int max);
 
-/* [-0, +n, m] Pushes the results of an ended future (n values; for WP_ERROR
- * the error value; nothing for discarded or cancelled) and returns n, or
- * WP_EINVAL while pending. */
+/* [-0, +n, e] Pushes the results of an ended future (n values; for WP_ERROR
+ * the error value; for discarded and cancelled the string "discarded" or
+ * "cancelled") and returns n, or WP_EINVAL while pending.  Raises when a
+ * value cannot be rebuilt here (a module this state cannot require). */
 WP_API int wp_future_push(wp_future *f, lua_State *L);
 
 /* ------------------------------------------------------------------ */

@@ -191,6 +191,7 @@ T.test("ttl and expiry", function()
   T.eq(v, nil)
   T.eq(msg, "not found")
   v, msg = d:incr("short", 1)
+  T.eq(v, nil)
   T.eq(msg, "not found")
   T.eq(d:add("short", "y"), true, "add succeeds on an expired key")
 
