@@ -98,23 +98,23 @@ struct wpool_host {
   lua_State *L;
   mailbox *mb;
   uv_async_t async;
-  uv_idle_t idle;        /* runs coroutines that yielded plainly */
-  int nwatched;          /* futures with host waiters */
-  offload *offloads;     /* blocking calls in progress */
-  wtimer *timers;        /* active every/after timers */
-  wpl_co *parked_now;    /* set by park(), checked by co_resume */
+  uv_idle_t idle;     /* runs coroutines that yielded plainly */
+  int nwatched;       /* futures with host waiters */
+  offload *offloads;  /* blocking calls in progress */
+  wtimer *timers;     /* active every/after timers */
+  wpl_co *parked_now; /* set by park(), checked by co_resume */
   int exit_code;
   int closed;
   /* shutdown */
   uv_signal_t sigint, sigterm;
-  int signals;           /* the signal handles were started */
+  int signals; /* the signal handles were started */
   uv_timer_t drain_timer;
-  int draining;          /* 0 none, 1 draining, 2 done */
+  int draining; /* 0 none, 1 draining, 2 done */
   double drain_timeout, drain_start, last_progress;
-  wp_pool **pools;       /* references taken when draining began */
+  wp_pool **pools; /* references taken when draining began */
   int npools;
   int dropped, abandoned;
-  int nclosing; /* handles still closing after wpool_host_close */
+  int nclosing;      /* handles still closing after wpool_host_close */
   wp_pool **adopted; /* collected pools draining in the background */
   int nadopted;
 };
@@ -192,8 +192,7 @@ static void update_async_ref(wpool_host *h) {
 static wpl_co *co_current(lua_State *L) {
   wpool_host *h = host_of(L);
   wpl_co *c;
-  if (h == NULL || h->closed || L == h->L || !lua_isyieldable(L))
-    return NULL;
+  if (h == NULL || h->closed || L == h->L || !lua_isyieldable(L)) return NULL;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &cos_key);
   lua_pushthread(L);
   lua_rawget(L, -2);
@@ -258,7 +257,9 @@ static void host_call(wpool_host *h, lua_CFunction fn, void *ud) {
   lua_settop(L, top);
 }
 
-static void ptimer_close_cb(uv_handle_t *t) { free(t); }
+static void ptimer_close_cb(uv_handle_t *t) {
+  free(t);
+}
 
 static void unpark_timer(wpl_co *c) {
   if (c->timer) {
@@ -657,8 +658,7 @@ static int run_ready_pmain(lua_State *L) {
     lua_rawgeti(L, -1, i);
     c = lua_touserdata(L, -1);
     lua_pop(L, 1);
-    if (c->state == CO_RUNNING && c->parked == PARK_NONE)
-      co_resume(h, c, 0, L);
+    if (c->state == CO_RUNNING && c->parked == PARK_NONE) co_resume(h, c, 0, L);
   }
   return 0;
 }
@@ -751,10 +751,14 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
 }
 
 /* workerpool.after(seconds, fn) -> timer   [-0, +1, e] */
-int wpl_after(lua_State *L) { return new_timer(L, "after", 0); }
+int wpl_after(lua_State *L) {
+  return new_timer(L, "after", 0);
+}
 
 /* workerpool.every(seconds, fn) -> timer   [-0, +1, e] */
-int wpl_every(lua_State *L) { return new_timer(L, "every", 1); }
+int wpl_every(lua_State *L) {
+  return new_timer(L, "every", 1);
+}
 
 /* timer:cancel() -> boolean (it was active)   [-0, +1, e] */
 static int timer_cancel(lua_State *L) {
@@ -892,8 +896,8 @@ void wpool_host_shutdown(wpool_host *h, const char *why) {
   drain_counts(h, &queued, &running);
   wpl_log(WPL_INFO, "shutdown.draining",
           json_pack("{s:s, s:i, s:I, s:i, s:f}", "reason", why, "pools",
-                    h->npools, "queued", (json_int_t)queued, "running",
-                    running, "deadline_s", h->drain_timeout));
+                    h->npools, "queued", (json_int_t)queued, "running", running,
+                    "deadline_s", h->drain_timeout));
   for (i = 0; i < h->npools; i++)
     wp_pool_shutdown(h->pools[i], 1);
   h->drain_start = h->last_progress = wp_now();
@@ -936,9 +940,13 @@ int wpl_host_adopt(lua_State *L, wp_pool *p) {
   return 1;
 }
 
-int wpool_host_exit_code(const wpool_host *h) { return h->exit_code; }
+int wpool_host_exit_code(const wpool_host *h) {
+  return h->exit_code;
+}
 
-int wpool_host_abandoned(const wpool_host *h) { return h->abandoned; }
+int wpool_host_abandoned(const wpool_host *h) {
+  return h->abandoned;
+}
 
 /* ---- life cycle ------------------------------------------------------ */
 

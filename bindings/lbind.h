@@ -54,14 +54,12 @@ WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
  * Elsewhere they return 0 and the caller blocks its thread instead. */
 
 /* Resumed with true when f ended, false on timeout.  timeout < 0: none. */
-WPL_HIDDEN int wpl_host_park_future(lua_State *L, wp_future *f,
-                                    double timeout);
+WPL_HIDDEN int wpl_host_park_future(lua_State *L, wp_future *f, double timeout);
 /* Resumed with nothing once the time has passed. */
 WPL_HIDDEN int wpl_host_park_sleep(lua_State *L, double seconds);
 /* Runs op(ud) on a helper thread; resumed with its integer result. */
 typedef int (*wpl_blocking_fn)(void *ud);
-WPL_HIDDEN int wpl_host_park_call(lua_State *L, wpl_blocking_fn op,
-                                  void *ud);
+WPL_HIDDEN int wpl_host_park_call(lua_State *L, wpl_blocking_fn op, void *ud);
 
 /* Takes over the reference to a collected owner's pool: the pool drains
  * without blocking the loop and is joined when the host closes.  Returns

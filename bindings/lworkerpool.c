@@ -319,8 +319,7 @@ static int run_pool_op(void *ud) {
 
 /* [-0, +1|0, e] Pushes the op's result (pause: nothing). */
 static int pool_op_done(lua_State *L, pool_op *o, int r) {
-  check_deadlock(L, luaL_checkudata(L, 1, WPL_POOL_MT), r,
-                 op_names[o->which]);
+  check_deadlock(L, luaL_checkudata(L, 1, WPL_POOL_MT), r, op_names[o->which]);
   if (o->which == OP_PAUSE) return 0;
   lua_pushinteger(L, r);
   return 1;
@@ -344,7 +343,9 @@ static int pool_op_call(lua_State *L, int which, double timeout) {
 }
 
 /* pool:pause()   [-0, +0, e] */
-static int pool_pause(lua_State *L) { return pool_op_call(L, OP_PAUSE, -1); }
+static int pool_pause(lua_State *L) {
+  return pool_op_call(L, OP_PAUSE, -1);
+}
 
 /* pool:resume()   [-0, +0, e] */
 static int pool_resume(lua_State *L) {
@@ -353,7 +354,9 @@ static int pool_resume(lua_State *L) {
 }
 
 /* pool:stop() -> discarded   [-0, +1, e] */
-static int pool_stop(lua_State *L) { return pool_op_call(L, OP_STOP, -1); }
+static int pool_stop(lua_State *L) {
+  return pool_op_call(L, OP_STOP, -1);
+}
 
 /* pool:stop_wait([deadline_s]) -> discarded   [-0, +1, e] Drains; past
  * the deadline what is still queued is discarded. */
@@ -473,8 +476,7 @@ static int future_wait(lua_State *L) {
     luaL_argcheck(L, t >= 0, 2, "timeout must be a non-negative number");
   }
   lua_settop(L, 1);
-  if (wp_future_status(u->f) == WP_PENDING &&
-      wpl_host_park_future(L, u->f, t))
+  if (wp_future_status(u->f) == WP_PENDING && wpl_host_park_future(L, u->f, t))
     return lua_yieldk(L, 0, 0, future_wait_k);
   if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) return push_timeout(L);
   return future_outcome(L, u);
@@ -616,12 +618,10 @@ static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
                                         {"name", pool_name},
                                         {NULL, NULL}};
 
-static const luaL_Reg future_methods[] = {{"wait", future_wait},
-                                          {"done", future_done},
-                                          {"cancel", future_cancel},
-                                          {"status", future_status},
-                                          {"on_done", future_on_done},
-                                          {NULL, NULL}};
+static const luaL_Reg future_methods[] = {
+    {"wait", future_wait},       {"done", future_done},
+    {"cancel", future_cancel},   {"status", future_status},
+    {"on_done", future_on_done}, {NULL, NULL}};
 
 /* [-0, +0, m] Creates metatable `name` with methods in __index. */
 static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,

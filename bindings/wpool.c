@@ -70,8 +70,7 @@ static int run(int argc, char **argv, const run_opts *o) {
   int i, nargs, code;
   FILE *fp = fopen(o->script, "r");
   if (fp == NULL) {
-    fprintf(stderr, "wpool: cannot open %s: %s\n", o->script,
-            strerror(errno));
+    fprintf(stderr, "wpool: cannot open %s: %s\n", o->script, strerror(errno));
     return 1;
   }
   fclose(fp);

@@ -440,7 +440,7 @@ typedef struct dec {
   lua_State *L;
   wp__reader *r;
   int refs; /* stack slot: index -> table or function, or nil */
-  
+
   int nextid;
   int cache; /* stack index of the compiled-function cache, or 0 */
 } dec;
@@ -516,8 +516,7 @@ static void dec_function(dec *d, int depth) {
       lua_pop(L, 1);
   }
   if (!cached) {
-    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK)
-      lua_error(L);
+    if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK) lua_error(L);
     if (pure && d->cache) cache_store(d, bc, len);
   }
   f = lua_gettop(L);

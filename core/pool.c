@@ -730,7 +730,9 @@ int wp_pool_stop(wp_pool *p) {
   return n;
 }
 
-int wp_pool_stop_wait(wp_pool *p) { return wp_pool_stop_wait_for(p, -1); }
+int wp_pool_stop_wait(wp_pool *p) {
+  return wp_pool_stop_wait_for(p, -1);
+}
 
 int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
   uint64_t deadline, now;
@@ -758,7 +760,9 @@ int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
   return n;
 }
 
-int wp_pool_shutdown(wp_pool *p, int drain) { return begin_stop(p, drain); }
+int wp_pool_shutdown(wp_pool *p, int drain) {
+  return begin_stop(p, drain);
+}
 
 int wp_pool_list(wp_pool **out, int max) {
   wp_pool *p;

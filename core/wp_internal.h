@@ -39,13 +39,13 @@ enum {
   WP__T_NIL,
   WP__T_FALSE,
   WP__T_TRUE,
-  WP__T_INT,    /* 8 bytes, native order: messages stay in-process */
+  WP__T_INT,   /* 8 bytes, native order: messages stay in-process */
   WP__T_FLT,   /* 8 bytes IEEE-754 */
   WP__T_STR,   /* varint length, bytes */
   WP__T_TABLE, /* key/value pairs, then WP__T_END */
   WP__T_END,
   WP__T_REF,   /* varint index of an earlier table or function */
-  WP__T_FUNC,   /* u32 length, bytecode, varint nups, pure byte, upvalues */
+  WP__T_FUNC,  /* u32 length, bytecode, varint nups, pure byte, upvalues */
   WP__T_CFUNC, /* varint length, "lib.name" */
   WP__T_ENV,   /* the receiving state's global table */
   WP__T_MODULE /* varint length, name in package.loaded */
@@ -96,8 +96,8 @@ struct wp_future {
   uv_mutex_t mu;          /* guards waiters, done_cb, result */
   uv_cond_t cv;           /* signalled on completion */
   int nwaiters;           /* threads in wp_future_wait */
-  int done_set;             /* wp_future_on_done was called */
-  wp_done_fn done_cb;       /* completion callback, or NULL */
+  int done_set;           /* wp_future_on_done was called */
+  wp_done_fn done_cb;     /* completion callback, or NULL */
   void *done_ud;
   char *result; /* varint count + values, malloc'd */
   size_t result_len;

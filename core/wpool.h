@@ -244,8 +244,9 @@ WP_API int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud);
 
 /* Results of an ended future as C values: writes up to max of them to out
  * and returns how many the task produced (WP_ERROR: one, the error value;
- * discarded or cancelled: one, that word), or WP_EINVAL while pending.  Strings borrow from the future and stay valid
- * while the caller holds its reference. */
+ * discarded or cancelled: one, that word), or WP_EINVAL while pending.  Strings
+ * borrow from the future and stay valid while the caller holds its reference.
+ */
 WP_API int wp_future_values(wp_future *f, wp_value *out, int max);
 
 /* [-0, +n, e] Pushes the results of an ended future (n values; for WP_ERROR

@@ -22,12 +22,6 @@
 
 #include "wpool.h"
 
-#ifdef WPT_CRITERION_H
-/* The in-process stand-in of TSan builds has no suites: every test runs in
- * one process, one after another, so names stay distinct per test. */
-#define TestSuite(...) struct wpt_unused_suite
-#endif
-
 /* ------------------------------------------------------------------ */
 /* The worker side: C functions the open hook installs                 */
 /* ------------------------------------------------------------------ */
@@ -219,8 +213,7 @@ static const char INIT[] =
     "function count() counter = counter + 1; return counter end\n"
     "function ppath() return package.path, package.cpath end\n";
 
-static wp_pool *make_pool_ex(const char *name, int max_workers,
-                             hook_opts *ho) {
+static wp_pool *make_pool_ex(const char *name, int max_workers, hook_opts *ho) {
   wp_options o;
   wp_pool *p = NULL;
   char err[1024];
@@ -675,7 +668,8 @@ Test(capi, every_scalar_round_trips) {
 
   /* 200 arguments. */
   wp_value many[200];
-  for (i = 0; i < 200; i++) many[i] = i % 2 ? vint(i) : vnil();
+  for (i = 0; i < 200; i++)
+    many[i] = i % 2 ? vint(i) : vnil();
   f = submit(p, "count_args", many, 200);
   v[0] = result1(f);
   cr_assert(v[0].type == WP_TINTEGER && v[0].u.i == 200);
@@ -999,7 +993,8 @@ Test(capi, counts_while_busy) {
   wp_pool_counts c;
   int i;
   wait_started("counts.k");
-  for (i = 0; i < 3; i++) q[i] = submit_str(p, "bump", "counts.ran");
+  for (i = 0; i < 3; i++)
+    q[i] = submit_str(p, "bump", "counts.ran");
   wp_pool_get_counts(p, &c);
   cr_assert_eq(c.stopped, 0);
   cr_assert_eq(c.paused, 0);
@@ -1008,7 +1003,8 @@ Test(capi, counts_while_busy) {
   cr_assert_eq(c.workers, 1);
   cr_assert_eq(c.max_workers, 1);
   shset("counts.k");
-  for (i = 0; i < 3; i++) wait_ok(q[i]);
+  for (i = 0; i < 3; i++)
+    wait_ok(q[i]);
   wait_ok(b);
   cr_assert_eq(shget("counts.ran"), 3);
   cr_assert_eq(wp_pool_stop(p), 0);
@@ -1017,7 +1013,8 @@ Test(capi, counts_while_busy) {
   cr_assert_eq(c.workers, 0);
   cr_assert_eq(c.running, 0);
   cr_assert_eq(c.waiting, 0);
-  for (i = 0; i < 3; i++) wp_future_release(q[i]);
+  for (i = 0; i < 3; i++)
+    wp_future_release(q[i]);
   wp_future_release(b);
   wp_pool_release(p);
 }
@@ -1031,7 +1028,8 @@ Test(capi, stop_discards_queued) {
   atomic_int mine = 0;
   int i;
   wait_started("stop.k");
-  for (i = 0; i < 4; i++) q[i] = submit_str(p, "bump", "stop.ran");
+  for (i = 0; i < 4; i++)
+    q[i] = submit_str(p, "bump", "stop.ran");
   cr_assert_eq(wp_future_on_done(q[0], on_done_cb, &mine), 0);
   /* The setter releases the blocker only once stop has discarded. */
   ds.key = "stop.k";
@@ -1061,7 +1059,8 @@ Test(capi, stop_discards_queued) {
   /* Idempotent. */
   cr_assert_eq(wp_pool_stop(p), 0);
   cr_assert_eq(wp_pool_stop_wait(p), 0);
-  for (i = 0; i < 4; i++) wp_future_release(q[i]);
+  for (i = 0; i < 4; i++)
+    wp_future_release(q[i]);
   wp_future_release(b);
   wp_pool_release(p);
 }
@@ -1073,7 +1072,8 @@ Test(capi, stop_wait_drains) {
   uv_thread_t stopper;
   int i;
   wait_started("sw.k");
-  for (i = 0; i < 5; i++) q[i] = submit_str(p, "bump", "sw.ran");
+  for (i = 0; i < 5; i++)
+    q[i] = submit_str(p, "bump", "sw.ran");
   cr_assert_eq(uv_thread_create(&stopper, stop_main, &sc), 0);
   /* Once stopping has begun, new submissions are refused. */
   wp_pool_counts c;
@@ -1088,9 +1088,11 @@ Test(capi, stop_wait_drains) {
   shset("sw.k");
   cr_assert_eq(uv_thread_join(&stopper), 0);
   cr_assert_eq(sc.result, 0);
-  for (i = 0; i < 5; i++) wait_ok(q[i]);
+  for (i = 0; i < 5; i++)
+    wait_ok(q[i]);
   cr_assert_eq(shget("sw.ran"), 5);
-  for (i = 0; i < 5; i++) wp_future_release(q[i]);
+  for (i = 0; i < 5; i++)
+    wp_future_release(q[i]);
   wp_future_release(b);
   wp_pool_release(p);
 }
@@ -1103,7 +1105,8 @@ Test(capi, release_of_last_reference_drains) {
   wp_pool_counts c;
   int i;
   wait_started("rel.k");
-  for (i = 0; i < 20; i++) q[i] = submit_str(p, "bump", "rel.ran");
+  for (i = 0; i < 20; i++)
+    q[i] = submit_str(p, "bump", "rel.ran");
   wp_pool_get_counts(p, &c);
   cr_assert_eq(c.waiting, 20);
   cr_assert_eq(uv_thread_create(&setter, delayed_set_main, &ds), 0);
@@ -1161,8 +1164,8 @@ Test(capi, worker_states_know_their_pool) {
     wait_ok(f);
     cr_assert_eq(wp_future_values(f, v, 2), 2);
     /* The state made by wp_pool_new is worker 1, during init too. */
-    cr_assert(v[0].type == WP_TINTEGER && v[0].u.i == 1, "%s: id %lld",
-              fns[i], (long long)v[0].u.i);
+    cr_assert(v[0].type == WP_TINTEGER && v[0].u.i == 1, "%s: id %lld", fns[i],
+              (long long)v[0].u.i);
     cr_assert_eq(v[1].type, WP_TSTRING, "%s", fns[i]);
     cr_assert_eq(v[1].u.s.len, strlen("capi-whoami"));
     cr_assert_eq(memcmp(v[1].u.s.ptr, "capi-whoami", v[1].u.s.len), 0);

@@ -32,7 +32,7 @@ _Noreturn void wpt_fail(const char *file, int line, const char *what) {
 }
 
 int main(int argc, char **argv) {
-  int i, passed = 0, failed = 0;
+  static int i, passed, failed; /* static: survive longjmp */
   (void)argc;
   (void)argv;
   for (i = 0; i < ncases; i++) {
