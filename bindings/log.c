@@ -143,7 +143,7 @@ static json_t *to_json(lua_State *L, int idx, int depth) {
         json_t *v;
         lua_pushvalue(L, -2);
         k = luaL_tolstring(L, -1, NULL);
-        v = to_json(L, lua_gettop(L) - 1, depth + 1);
+        v = to_json(L, lua_gettop(L) - 2, depth + 1); /* the value */
         if (v == NULL || json_object_set_new(obj, k, v)) {
           json_decref(obj);
           obj = NULL;

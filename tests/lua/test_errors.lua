@@ -3,6 +3,9 @@
 -- values), missing handlers, memory errors, failing init scripts, the
 -- submit_wait deadlock guard, and the module's own argument checks.
 
+-- Tasks deliberately set globals in the worker states:
+-- luacheck: globals KEPT NOT_A_FUNCTION
+
 local T = require "harness"
 local wp = require "workerpool"
 
@@ -257,7 +260,7 @@ end)
 
 T.test("submit_wait to another pool from a task is allowed", function()
   local a <close> = new_pool { name = "errors-a" }
-  local b <close> = new_pool { name = "errors-b" }
+  local b <close> = new_pool { name = "errors-b" } -- luacheck: ignore 211
   T.eq(a:submit_wait(function()
     return require("workerpool").get("errors-b"):submit_wait(function()
       return "from b"
@@ -309,7 +312,7 @@ T.test("argument checks", function()
   T.raises(function() wp.new { max_workers = 1, init = "", init_file = "x" } end,
     "mutually exclusive")
   T.raises(function()
-    local p <close> = wp.new { name = "errors-dup", max_workers = 1 }
+    local p <close> = wp.new { name = "errors-dup", max_workers = 1 } -- luacheck: ignore 211
     wp.new { name = "errors-dup", max_workers = 1 }
   end, "already exists")
   -- Nothing above broke the pool.

@@ -6,6 +6,11 @@
 -- functions and their upvalues, globals, modules, refused types and where
 -- they are reported, the nesting limit, and the worker's function cache.
 
+-- Tasks deliberately read and write globals of the worker states (and the
+-- host sets some to show they do not travel):
+-- luacheck: globals HOST_GLOBAL INIT_GLOBAL TASK_GLOBAL MARK
+-- luacheck: globals LAST_PURE LAST_IMPURE KEEP
+
 local T = require "harness"
 local wp = require "workerpool"
 
@@ -356,7 +361,7 @@ end)
 T.test("shared tables after a module argument keep their identity", function()
   local t1, t2 = { name = "t1" }, { name = "t2" }
   local ok, c, d = pcall(pool.submit_wait, pool,
-    function(_, x, y, z) return x.name, z.name, rawequal(x, z) end,
+    function(_, x, _y, z) return x.name, z.name, rawequal(x, z) end,
     string, t1, t2, t1)
   T.ok(ok, "submit_wait raised: " .. tostring(c))
   T.eq(c, "t1")
@@ -647,9 +652,9 @@ T.test("a cached closure is one object across tasks", function()
   local one <close> = wp.new { max_workers = 1 }
   local pure = function()
     local me = debug.getinfo(1, "f").func
-    local same = rawequal(LAST_PURE, me)
+    local seen = rawequal(LAST_PURE, me)
     LAST_PURE = me
-    return same
+    return seen
   end
   T.eq(one:submit_wait(pure), false)
   T.eq(one:submit_wait(pure), true, "the same closure the second time")
@@ -659,18 +664,18 @@ T.test("a cached closure is one object across tasks", function()
   local k = 1
   local impure = function()
     local me = debug.getinfo(1, "f").func
-    local same = rawequal(LAST_IMPURE, me)
+    local seen = rawequal(LAST_IMPURE, me)
     LAST_IMPURE = me
     KEEP = KEEP or function() return k end
-    return same, k, KEEP()
+    return seen, k, KEEP()
   end
-  local same, got, kept = one:submit_wait(impure)
-  T.eq(same, false)
+  local cached, got, kept = one:submit_wait(impure)
+  T.eq(cached, false)
   T.eq(got, 1)
   T.eq(kept, 1)
   k = 2
-  same, got, kept = one:submit_wait(impure)
-  T.eq(same, false, "not cached")
+  cached, got, kept = one:submit_wait(impure)
+  T.eq(cached, false, "not cached")
   T.eq(got, 2)
   T.eq(kept, 1, "the kept closure has its own cell")
   -- Closures made in a loop share code, yet stay distinct objects.
