@@ -577,7 +577,8 @@ static int wpl_sleep(lua_State *L) {
   if (s > 1e9) s = 1e9;
   ts.tv_sec = (time_t)s;
   ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
-  while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+  /* A worker's sleep ends early when its task is interrupted. */
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR && !wp_interrupted())
     ;
   return 0;
 }

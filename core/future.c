@@ -45,6 +45,8 @@ void wp_future_release(wp_future *f) {
   uv_mutex_destroy(&f->mu);
   free(f->msg);
   free(f->result);
+  free(f->name);
+  free(f->tenant);
   wp__pool_mrelease(f->pool);
   free(f);
 }
@@ -53,11 +55,16 @@ wp_status wp_future_status(wp_future *f) {
   return (wp_status)atomic_load_explicit(&f->status, memory_order_acquire);
 }
 
-void wp__future_complete(wp_future *f, wp_status status, char *result,
-                         size_t len) {
+int wp__future_complete(wp_future *f, wp_status status, char *result,
+                        size_t len) {
   wp_done_fn cb;
   void *ud;
   uv_mutex_lock(&f->mu);
+  if (atomic_load_explicit(&f->status, memory_order_relaxed) != WP_PENDING) {
+    uv_mutex_unlock(&f->mu); /* ended already (stuck, then returned) */
+    free(result);
+    return 0;
+  }
   f->result = result;
   f->result_len = len;
   free(f->msg); /* the task will not run again */
@@ -69,16 +76,17 @@ void wp__future_complete(wp_future *f, wp_status status, char *result,
   ud = f->done_ud;
   uv_mutex_unlock(&f->mu);
   if (cb) cb(f, ud);
+  return 1;
 }
 
-void wp__future_fail(wp_future *f, wp_status status, const char *msg) {
+int wp__future_fail(wp_future *f, wp_status status, const char *msg) {
   wp__buf b = {0};
   wp_value v;
   v.type = WP_TSTRING;
   v.u.s.ptr = msg;
   v.u.s.len = strlen(msg);
   if (wp__put_varint(&b, 1) || wp__put_cvalue(&b, &v)) wp__buf_free(&b);
-  wp__future_complete(f, status, b.data, b.len);
+  return wp__future_complete(f, status, b.data, b.len);
 }
 
 int wp_future_wait(wp_future *f, double timeout) {
@@ -110,10 +118,17 @@ int wp_future_wait(wp_future *f, double timeout) {
 
 int wp_future_cancel(wp_future *f) {
   if (wp_future_status(f) != WP_PENDING) return 0;
-  if (!wp__pool_unqueue(f->pool, f)) return 0;
-  wp__future_fail(f, WP_CANCELLED, "cancelled");
-  wp_future_release(f); /* the queue's reference */
-  return 1;
+  switch (wp__pool_cancel(f->pool, f)) {
+  case 1: /* it never started */
+    if (wp__future_fail(f, WP_CANCELLED, "cancelled"))
+      wp__pool_count_end(f->pool, WP_CANCELLED, -1);
+    wp_future_release(f); /* the queue's reference */
+    return 1;
+  case 2: /* its worker interrupts it */
+    return 1;
+  default:
+    return 0;
+  }
 }
 
 int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud) {

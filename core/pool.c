@@ -1,61 +1,32 @@
 /*
- * pool.c: the pool itself: its FIFO queue, its worker threads and their
- * life cycle (lazy start, reuse, one-at-a-time reaping), pause and resume,
- * stop and stop_wait, and the process-wide registry of pools by name.
+ * pool.c: the pool itself: its FIFO queue (optionally bounded), its worker
+ * threads and their life cycle (lazy start, reuse, one-at-a-time reaping,
+ * resizing, stuck workers left behind), pause and resume, stop and
+ * stop_wait, and the process-wide registry of pools by name.
  *
  * One mutex (pool->mu) guards the queue and every counter.  Workers wait on
  * work_cv for tasks; threads in pause, stop and join wait on state_cv.  A
  * worker takes a task under the lock and runs it with the lock released.
  * A pool moves RUNNING -> DRAINING (stop_wait) -> STOPPING (stop) ->
- * STOPPED and never back; exactly one stopping thread (the joiner) joins the
- * worker threads while any other waits for STOPPED.
+ * STOPPED and never back; exactly one stopping thread (the joiner) joins
+ * the worker threads while any other waits for STOPPED.  Submission
+ * (encoding values) lives in submit.c, deadlines in watchdog.c, metrics and
+ * events in stats.c.
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
+
 #include "wp_internal.h"
 
-enum { RUNNING, DRAINING, STOPPING, STOPPED };
-
-struct wp_pool {
-  atomic_int refs;    /* handles; the last one stops the pool */
-  atomic_int mrefs;   /* memory: all handles count one, futures one each */
-  atomic_int stopped; /* 1 once stopping began; readable without mu */
-  char *name;         /* owned, unique while registered */
-  wp_pool *reg_next;  /* registry list, under reg.mu */
-  int registered;     /* under reg.mu */
-  wp__pool_init in;   /* what new worker states are made from */
-  uv_mutex_t mu;
-  uv_cond_t work_cv;        /* idle workers wait for tasks here */
-  uv_cond_t state_cv;       /* pause, stop and join waiters */
-  wp_future *qhead, *qtail; /* FIFO of queued futures */
-  size_t nqueued;
-  int max_workers, min_workers;
-  int64_t idle_ns;      /* reaping period; < 0: never reap */
-  uint64_t last_active; /* when a task was last submitted, taken or done */
-  uint64_t last_reap;   /* when a worker was last reaped */
-  int nworkers;         /* worker threads that have not exited */
-  int nidle;            /* workers waiting on work_cv */
-  int nrunning;         /* tasks executing */
-  int nclosed;          /* exited workers still in the list, to join */
-  int next_id;          /* id of the next worker */
-  wp__worker *workers;  /* every started, not yet joined worker */
-  wp__worker *spare;    /* the state wp_pool_new made, not yet started */
-  int state;
-  int joiner; /* a stopping thread is joining the workers */
-  int paused;
-  uint64_t pause_seq; /* while paused, tasks after this wait */
-  uint64_t next_seq;  /* sequence number of the last submission */
-  int nwaiters;       /* threads waiting on state_cv */
-};
-
-/* The worker the calling thread runs, if any. */
-static _Thread_local wp__worker *current_worker;
+static void pool_free(wp_pool *p);
 
 static int from_own_worker(wp_pool *p) {
-  return current_worker != NULL && current_worker->pool == p;
+  wp__worker *w = wp__current_worker();
+  return w != NULL && w->pool == p;
 }
 
 /* ---- registry -------------------------------------------------------- */
@@ -141,18 +112,6 @@ void wp__pool_mretain(wp_pool *p) {
   atomic_fetch_add(&p->mrefs, 1);
 }
 
-static void pool_free(wp_pool *p) {
-  uv_cond_destroy(&p->state_cv);
-  uv_cond_destroy(&p->work_cv);
-  uv_mutex_destroy(&p->mu);
-  free(p->in.init);
-  free(p->in.init_name);
-  free(p->in.path);
-  free(p->in.cpath);
-  free(p->name);
-  free(p);
-}
-
 void wp__pool_mrelease(wp_pool *p) {
   if (atomic_fetch_sub(&p->mrefs, 1) == 1) pool_free(p);
 }
@@ -182,9 +141,10 @@ const char *wp_pool_name(const wp_pool *p) {
 
 /* ---- workers --------------------------------------------------------- */
 
-/* Takes the next runnable task.  Needs mu. */
-static wp_future *take_locked(wp_pool *p) {
+/* Takes the next runnable task for w and marks it running.  Needs mu. */
+static wp_future *take_locked(wp_pool *p, wp__worker *w) {
   wp_future *f = p->qhead;
+  uint64_t now;
   if (f == NULL || (p->paused && f->seq > p->pause_seq)) return NULL;
   p->qhead = f->next;
   if (p->qhead)
@@ -194,6 +154,23 @@ static wp_future *take_locked(wp_pool *p) {
   f->next = f->prev = NULL;
   f->queued = 0;
   p->nqueued--;
+  p->queued_bytes -= f->queued_bytes;
+  f->queued_bytes = 0;
+  if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
+  now = uv_hrtime();
+  wp__hist_add(&p->c.dwell, now - f->t_submit);
+  f->worker = w;
+  w->cur = f;
+  w->started = now;
+  w->slow_reported = 0;
+  if (f->timeout_ns > 0)
+    w->deadline = now + (uint64_t)f->timeout_ns;
+  else if (f->timeout_ns == 0 && p->task_timeout_ns > 0)
+    w->deadline = now + (uint64_t)p->task_timeout_ns;
+  else
+    w->deadline = 0;
+  atomic_store(&w->run_seq, ++p->task_counter);
+  if (w->deadline || p->slow_ns) wp__watchdog_poke(p);
   return f;
 }
 
@@ -201,7 +178,7 @@ static wp_future *take_locked(wp_pool *p) {
  * Needs mu. */
 static int wait_locked(wp_pool *p) {
   uint64_t now, base, deadline;
-  if (p->idle_ns < 0 || p->state != RUNNING) {
+  if (p->idle_ns < 0 || p->state != WP__RUNNING) {
     p->nidle++;
     uv_cond_wait(&p->work_cv, &p->mu);
     p->nidle--;
@@ -225,53 +202,82 @@ static int wait_locked(wp_pool *p) {
 
 static int spawn_locked(wp_pool *p);
 
+/* Runs f in w (lock released), then records how it ended.  Returns 1 when
+ * the worker must exit afterwards. */
+static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
+                      char *err, size_t errlen) {
+  int failed = 0, stuck;
+  wp_status st;
+  uint64_t started = w->started;
+  p->nrunning++;
+  p->last_active = started;
+  uv_mutex_unlock(&p->mu);
+  if (*openerr || (w->L == NULL && wp__worker_open(w, err, errlen))) {
+    char msg[2100];
+    snprintf(msg, sizeof msg, "worker init failed: %s", err);
+    st = wp__future_fail(f, WP_ERROR, msg) ? WP_ERROR : WP_PENDING;
+    *openerr = 0;
+    failed = 1;
+  } else {
+    st = wp__worker_run(w, f);
+  }
+  if (st != WP_PENDING)
+    wp__pool_count_end(p, st, (double)(uv_hrtime() - started) / 1e9);
+  wp_future_release(f);
+  uv_mutex_lock(&p->mu);
+  stuck = w->stuck;
+  w->cur = NULL;
+  w->deadline = 0;
+  atomic_store(&w->run_seq, 0);
+  if (stuck) {
+    p->nstuck--;
+  } else {
+    p->nrunning--;
+  }
+  p->last_active = uv_hrtime();
+  if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+  return failed || stuck || p->nworkers > p->max_workers;
+}
+
 static void worker_main(void *arg) {
   wp__worker *w = arg;
   wp_pool *p = w->pool;
   char err[2048];
   wp_future *f;
-  int failed = 0, openerr = 0;
-  current_worker = w;
+  int leave = 0, openerr = 0, detached, failed = 0;
+  wp__worker_bind(w);
   /* A worker is warm from its start (min_workers rely on it). */
   if (w->L == NULL) openerr = wp__worker_open(w, err, sizeof err);
   uv_mutex_lock(&p->mu);
-  for (;;) {
-    if ((f = take_locked(p)) == NULL) {
-      if (p->state >= STOPPING || (p->state == DRAINING && !p->qhead)) break;
-      if (wait_locked(p)) break;
+  while (!leave) {
+    if ((f = take_locked(p, w)) == NULL) {
+      if (p->state >= WP__STOPPING || (p->state == WP__DRAINING && !p->qhead) ||
+          p->nworkers > p->max_workers || wait_locked(p))
+        break;
       continue;
     }
-    p->nrunning++;
-    p->last_active = uv_hrtime();
-    uv_mutex_unlock(&p->mu);
-    if (openerr || (w->L == NULL && wp__worker_open(w, err, sizeof err))) {
-      char msg[2100];
-      snprintf(msg, sizeof msg, "worker init failed: %s", err);
-      wp__future_fail(f, WP_ERROR, msg);
-      failed = 1;
-    } else {
-      wp__worker_run(w, f);
-    }
-    wp_future_release(f);
-    uv_mutex_lock(&p->mu);
-    p->nrunning--;
-    p->last_active = uv_hrtime();
-    if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
-    if (failed) break;
+    failed = openerr || w->L == NULL;
+    leave = run_locked(p, w, f, &openerr, err, sizeof err);
+    failed = failed && leave && !w->stuck;
   }
-  p->nworkers--;
-  /* A worker that could not start leaves its queue to a fresh attempt. */
-  if (failed && p->state < STOPPING && !p->paused &&
-      p->nqueued > (size_t)p->nidle && p->nworkers < p->max_workers)
-    spawn_locked(p);
+  if (!w->stuck) p->nworkers--; /* a stuck one was discounted already */
+  /* A worker that could not start, or one that left after a shrink, leaves
+   * the queue to others. */
+  if (p->state < WP__STOPPING && !p->paused && (failed || p->qhead))
+    wp__grow_locked(p);
   uv_mutex_unlock(&p->mu);
   wp__worker_close(w);
   wp__buf_free(&w->out);
   uv_mutex_lock(&p->mu);
   w->closed = 1;
-  p->nclosed++;
+  detached = w->detached;
+  if (!detached) p->nclosed++;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   uv_mutex_unlock(&p->mu);
+  if (detached) { /* nobody joins a stuck worker left behind by stop */
+    free(w);
+    wp__pool_mrelease(p);
+  }
 }
 
 /* Starts one worker thread.  Needs mu.  WP_ENOMEM, WP_ESYS. */
@@ -283,6 +289,7 @@ static int spawn_locked(wp_pool *p) {
     if ((w = calloc(1, sizeof *w)) == NULL) return WP_ENOMEM;
     w->pool = p;
     w->id = ++p->next_id;
+    w->mem_limit = p->in.memory_limit;
   }
   if (uv_thread_create(&w->tid, worker_main, w) != 0) {
     if (w->L)
@@ -291,16 +298,14 @@ static int spawn_locked(wp_pool *p) {
       free(w);
     return WP_ESYS;
   }
-  w->started = 1;
+  w->started_thread = 1;
   w->next = p->workers;
   p->workers = w;
   p->nworkers++;
   return 0;
 }
 
-/* Starts workers for queued runnable tasks that no idle worker will take.
- * Needs mu. */
-static void grow_locked(wp_pool *p) {
+void wp__grow_locked(wp_pool *p) {
   while (p->nqueued > (size_t)p->nidle && p->nworkers < p->max_workers &&
          spawn_locked(p) == 0)
     ;
@@ -338,6 +343,9 @@ void wp_options_init(wp_options *o) {
   memset(o, 0, sizeof *o);
   o->max_workers = 1;
   o->idle_timeout = 2.0;
+  o->submit_timeout = -1;
+  o->stuck_grace = 5.0;
+  o->drop_log_interval = 60.0;
 }
 
 static char *dup_or_null(const char *s, int *failed) {
@@ -352,30 +360,95 @@ static int bad_option(char *errbuf, size_t errlen, const char *msg) {
   return WP_EINVAL;
 }
 
+/* Seconds to nanoseconds, for a duration already checked to be finite. */
+static int64_t to_ns(double s) {
+  if (s <= 0) return 0;
+  if (s > 1e9) s = 1e9;
+  return (int64_t)(s * 1e9);
+}
+
+static const char *check_options(const wp_options *o) {
+  if (o->max_workers < 1) return "max_workers must be a positive integer";
+  if (o->min_workers < 0 || o->min_workers > o->max_workers)
+    return "min_workers must be an integer from 0 to max_workers";
+  if (isnan(o->idle_timeout)) return "idle_timeout must be a number";
+  if (o->name && o->name[0] == '\0') return "name must not be empty";
+  if (!(o->task_timeout >= 0) || isinf(o->task_timeout))
+    return "task_timeout must be a non-negative number of seconds";
+  if (!(o->stuck_grace >= 0) || isinf(o->stuck_grace))
+    return "stuck_grace must be a non-negative number of seconds";
+  if (!(o->slow_task >= 0) || isinf(o->slow_task))
+    return "slow_task must be a non-negative number of seconds";
+  if (isnan(o->submit_timeout))
+    return "submit_timeout must be a number of seconds";
+  if (!(o->drop_log_interval > 0))
+    return "drop_log_interval must be a positive number of seconds";
+  if (o->max_tasks_per_worker < 0)
+    return "max_tasks_per_worker must be a non-negative integer";
+  return NULL;
+}
+
+/* Initialises the pool's locks; all or nothing.  WP_ENOMEM. */
+static int init_sync(wp_pool *p) {
+  if (uv_mutex_init(&p->mu)) return WP_ENOMEM;
+  if (uv_cond_init(&p->work_cv)) goto e1;
+  if (uv_cond_init(&p->state_cv)) goto e2;
+  if (uv_cond_init(&p->space_cv)) goto e3;
+  if (uv_cond_init(&p->dog_cv)) goto e4;
+  return 0;
+e4:
+  uv_cond_destroy(&p->space_cv);
+e3:
+  uv_cond_destroy(&p->state_cv);
+e2:
+  uv_cond_destroy(&p->work_cv);
+e1:
+  uv_mutex_destroy(&p->mu);
+  return WP_ENOMEM;
+}
+
+static void free_fields(wp_pool *p) {
+  free(p->in.init);
+  free(p->in.init_name);
+  free(p->in.path);
+  free(p->in.cpath);
+  free(p->name);
+  free(p);
+}
+
+static void pool_free(wp_pool *p) {
+  uv_cond_destroy(&p->dog_cv);
+  uv_cond_destroy(&p->space_cv);
+  uv_cond_destroy(&p->state_cv);
+  uv_cond_destroy(&p->work_cv);
+  uv_mutex_destroy(&p->mu);
+  free_fields(p);
+}
+
 int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
                 size_t errlen) {
   wp_pool *p;
+  wp_event ev;
+  const char *bad;
   int r, failed = 0;
   *out = NULL;
   if (errlen) errbuf[0] = '\0';
-  if (o->max_workers < 1)
-    return bad_option(errbuf, errlen, "max_workers must be a positive integer");
-  if (o->min_workers < 0 || o->min_workers > o->max_workers)
-    return bad_option(errbuf, errlen,
-                      "min_workers must be an integer from 0 to max_workers");
-  if (isnan(o->idle_timeout))
-    return bad_option(errbuf, errlen, "idle_timeout must be a number");
-  if (o->name && o->name[0] == '\0')
-    return bad_option(errbuf, errlen, "name must not be empty");
+  if ((bad = check_options(o)) != NULL) return bad_option(errbuf, errlen, bad);
   if ((p = calloc(1, sizeof *p)) == NULL) return WP_ENOMEM;
   atomic_init(&p->refs, 1);
   atomic_init(&p->mrefs, 1);
   p->max_workers = o->max_workers;
   p->min_workers = o->min_workers;
-  p->idle_ns = o->idle_timeout < 0     ? -1
-               : o->idle_timeout > 1e9 ? (int64_t)1e18
-                                       : (int64_t)(o->idle_timeout * 1e9);
+  p->idle_ns = o->idle_timeout < 0 ? -1 : to_ns(o->idle_timeout);
   p->last_active = uv_hrtime();
+  p->queue_cap = o->queue_cap;
+  p->block_when_full = o->block_when_full;
+  p->submit_timeout_ns = o->submit_timeout < 0 ? -1 : to_ns(o->submit_timeout);
+  p->task_timeout_ns = to_ns(o->task_timeout);
+  p->stuck_grace_ns = to_ns(o->stuck_grace);
+  p->slow_ns = to_ns(o->slow_task);
+  p->drop_interval_ns = (uint64_t)to_ns(o->drop_log_interval);
+  p->next_drop_log = p->last_active + p->drop_interval_ns;
   if (o->init) {
     if ((p->in.init = malloc(o->init_len ? o->init_len : 1)) == NULL)
       failed = 1;
@@ -388,16 +461,11 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   p->in.cpath = dup_or_null(o->package_cpath, &failed);
   p->in.open_state = o->open_state;
   p->in.open_ud = o->open_ud;
-  if (failed) goto nomem;
-  if (uv_mutex_init(&p->mu)) goto nomem;
-  if (uv_cond_init(&p->work_cv)) {
-    uv_mutex_destroy(&p->mu);
-    goto nomem;
-  }
-  if (uv_cond_init(&p->state_cv)) {
-    uv_cond_destroy(&p->work_cv);
-    uv_mutex_destroy(&p->mu);
-    goto nomem;
+  p->in.memory_limit = o->memory_limit;
+  p->in.max_tasks = o->max_tasks_per_worker;
+  if (failed || init_sync(p)) {
+    free_fields(p);
+    return WP_ENOMEM;
   }
   if ((r = reg_add(p, o->name)) != 0) {
     if (r == WP_EEXISTS && errlen)
@@ -412,42 +480,63 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   }
   p->spare->pool = p;
   p->spare->id = ++p->next_id;
+  p->spare->mem_limit = o->memory_limit;
   if ((r = wp__worker_open(p->spare, errbuf, errlen)) != 0) goto err;
+  if ((r = wp__watchdog_start(p)) != 0) {
+    wp__worker_close(p->spare);
+    goto err;
+  }
   uv_mutex_lock(&p->mu);
   while (p->nworkers < p->min_workers && spawn_locked(p) == 0)
     ;
   uv_mutex_unlock(&p->mu);
+  memset(&ev, 0, sizeof ev);
+  ev.type = WP_EV_POOL_CREATED;
+  ev.pool = p->name;
+  ev.n = p->max_workers;
+  wp__emit(&ev);
   *out = p;
   return 0;
-nomem:
-  pool_free(p);
-  return WP_ENOMEM;
 err:
   reg_remove(p);
   free(p->spare);
-  uv_cond_destroy(&p->state_cv);
-  uv_cond_destroy(&p->work_cv);
-  uv_mutex_destroy(&p->mu);
-  p->spare = NULL;
-  free(p->in.init);
-  free(p->in.init_name);
-  free(p->in.path);
-  free(p->in.cpath);
-  free(p->name);
-  free(p);
+  pool_free(p);
   return r;
 }
 
-/* ---- submitting ------------------------------------------------------ */
+/* ---- queueing -------------------------------------------------------- */
 
-/* Queues f (taking the queue's reference).  WP_ESTOPPED, WP_ESYS. */
-static int enqueue(wp_pool *p, wp_future *f) {
+/* Waits for room in a full queue.  Needs mu; returns 0 or WP_EFULL. */
+static int wait_room_locked(wp_pool *p) {
+  uint64_t deadline = 0, now;
+  if (!p->block_when_full) return WP_EFULL;
+  if (p->submit_timeout_ns >= 0)
+    deadline = uv_hrtime() + (uint64_t)p->submit_timeout_ns;
+  p->nspace_waiters++;
+  while (p->state == WP__RUNNING && p->nqueued >= p->queue_cap) {
+    if (p->submit_timeout_ns < 0) {
+      uv_cond_wait(&p->space_cv, &p->mu);
+      continue;
+    }
+    now = uv_hrtime();
+    if (now >= deadline) break;
+    uv_cond_timedwait(&p->space_cv, &p->mu, deadline - now);
+  }
+  p->nspace_waiters--;
+  return p->nqueued >= p->queue_cap && p->state == WP__RUNNING ? WP_EFULL : 0;
+}
+
+int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   wp__worker *closed = NULL;
   int r = 0;
   uv_mutex_lock(&p->mu);
-  if (p->state != RUNNING) {
+  if (p->state == WP__RUNNING && p->queue_cap && p->nqueued >= p->queue_cap)
+    r = nowait ? WP_EFULL : wait_room_locked(p);
+  if (!r && p->state != WP__RUNNING) r = WP_ESTOPPED;
+  if (r) {
     uv_mutex_unlock(&p->mu);
-    return WP_ESTOPPED;
+    wp__count_drop(p, r == WP_EFULL ? WP__DROP_FULL : WP__DROP_STOPPED, 1);
+    return r;
   }
   f->seq = ++p->next_seq;
   f->prev = p->qtail;
@@ -458,8 +547,10 @@ static int enqueue(wp_pool *p, wp_future *f) {
     p->qhead = f;
   p->qtail = f;
   f->queued = 1;
+  f->queued_bytes = f->msg_len;
   p->nqueued++;
-  p->last_active = uv_hrtime();
+  p->queued_bytes += f->msg_len;
+  p->last_active = f->t_submit = uv_hrtime();
   if (!p->paused) {
     if (p->nqueued > (size_t)p->nidle && p->nworkers < p->max_workers)
       r = spawn_locked(p);
@@ -474,156 +565,56 @@ static int enqueue(wp_pool *p, wp_future *f) {
         p->qhead = NULL;
       f->queued = 0;
       p->nqueued--;
+      p->queued_bytes -= f->msg_len;
     }
   }
   if (p->nclosed) closed = take_closed_locked(p);
   uv_mutex_unlock(&p->mu);
   join_all(closed);
+  if (!r) atomic_fetch_add_explicit(&p->c.submitted, 1, memory_order_relaxed);
   return r;
 }
 
-/* Builds a future from an encoded message (taking it) and queues it. */
-static int submit_msg(wp_pool *p, wp__buf *b, wp_future **out) {
-  wp_future *f;
-  int r;
-  if (out) *out = NULL;
-  if ((f = wp__future_new(p, b->data, b->len)) == NULL) return WP_ENOMEM;
-  b->data = NULL;
-  if ((r = enqueue(p, f)) != 0) {
-    wp_future_release(f);
-    wp_future_release(f);
-    return r;
-  }
-  if (out)
-    *out = f;
-  else
-    wp_future_release(f);
-  return 0;
-}
-
-int wp_submit_values(wp_pool *p, const char *handler, const wp_value *args,
-                     int nargs, wp_future **out) {
-  wp__buf b = {0};
-  char kind = WP__TASK_NAMED;
-  int i, r;
-  if (out) *out = NULL;
-  if (handler == NULL || nargs < 0 || (nargs > 0 && args == NULL))
-    return WP_EINVAL;
-  if (atomic_load(&p->stopped)) return WP_ESTOPPED;
-  r = wp__buf_reserve(&b, 1);
-  if (!r) b.data[b.len++] = kind;
-  if (!r) r = wp__put_varint(&b, strlen(handler));
-  if (!r) r = wp__buf_reserve(&b, strlen(handler));
-  if (!r) {
-    memcpy(b.data + b.len, handler, strlen(handler));
-    b.len += strlen(handler);
-    r = wp__put_varint(&b, (uint64_t)nargs);
-  }
-  for (i = 0; !r && i < nargs; i++)
-    r = wp__put_cvalue(&b, &args[i]);
-  if (!r) r = submit_msg(p, &b, out);
-  wp__buf_free(&b);
-  return r;
-}
-
-typedef struct encode_call {
-  wp__buf *b;
-  const char *what;
-  int nargs;
-} encode_call;
-
-/* [-(n+1), +0, e] Encodes a task message from its arguments: the call
- * description, then the task and its arguments. */
-static int encode_pmain(lua_State *L) {
-  encode_call *c = lua_touserdata(L, 1);
-  wp__buf *b = c->b;
-  int r;
-  if (lua_type(L, 2) == LUA_TSTRING) {
-    size_t len;
-    const char *name = lua_tolstring(L, 2, &len);
-    if ((r = wp__buf_reserve(b, 1)) == 0) {
-      b->data[b->len++] = WP__TASK_NAMED;
-      r = wp__put_varint(b, len);
-    }
-    if (!r && (r = wp__buf_reserve(b, len)) == 0) {
-      memcpy(b->data + b->len, name, len);
-      b->len += len;
-    }
-    if (r) return luaL_error(L, "%s", wp_strerror(r));
-    wp__encode(L, b, 3, c->nargs, c->what, 2);
-  } else {
-    if ((r = wp__buf_reserve(b, 1)) != 0)
-      return luaL_error(L, "%s", wp_strerror(r));
-    b->data[b->len++] = WP__TASK_FUNC;
-    wp__encode(L, b, 2, c->nargs + 1, c->what, 1);
-  }
-  return 0;
-}
-
-int wp_submit_lua(wp_pool *p, lua_State *L, int task, int nargs,
-                  const char *what, wp_future **out) {
-  wp__buf b = {0};
-  encode_call c;
-  int i, t, r;
-  if (out) *out = NULL;
-  task = lua_absindex(L, task);
-  t = lua_type(L, task);
-  if (t != LUA_TSTRING && (t != LUA_TFUNCTION || lua_iscfunction(L, task)))
-    luaL_error(L,
-               "bad argument #1 to '%s' (handler name or Lua function "
-               "expected, got %s)",
-               what, lua_typename(L, t));
-  if (atomic_load(&p->stopped)) return WP_ESTOPPED;
-  c.b = &b;
-  c.what = what;
-  c.nargs = nargs;
-  luaL_checkstack(L, nargs + 3, "too many arguments");
-  lua_pushcfunction(L, encode_pmain);
-  lua_pushlightuserdata(L, &c);
-  for (i = 0; i <= nargs; i++)
-    lua_pushvalue(L, task + i);
-  if (lua_pcall(L, nargs + 2, 0, 0) != LUA_OK) {
-    wp__buf_free(&b);
-    lua_error(L);
-  }
-  r = submit_msg(p, &b, out);
-  wp__buf_free(&b);
-  return r;
-}
-
-int wp__pool_unqueue(wp_pool *p, wp_future *f) {
+int wp__pool_cancel(wp_pool *p, wp_future *f) {
+  int r = 0;
   uv_mutex_lock(&p->mu);
-  if (!f->queued) {
-    uv_mutex_unlock(&p->mu);
-    return 0;
+  if (f->queued) {
+    if (f->prev)
+      f->prev->next = f->next;
+    else
+      p->qhead = f->next;
+    if (f->next)
+      f->next->prev = f->prev;
+    else
+      p->qtail = f->prev;
+    f->next = f->prev = NULL;
+    f->queued = 0;
+    p->nqueued--;
+    p->queued_bytes -= f->queued_bytes;
+    f->queued_bytes = 0;
+    if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+    if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
+    r = 1;
+  } else if (f->worker && f->worker->cur == f && !f->worker->stuck) {
+    wp__worker_interrupt(f->worker, atomic_load(&f->worker->run_seq),
+                         WP_CANCELLED);
+    r = 2;
   }
-  if (f->prev)
-    f->prev->next = f->next;
-  else
-    p->qhead = f->next;
-  if (f->next)
-    f->next->prev = f->prev;
-  else
-    p->qtail = f->prev;
-  f->next = f->prev = NULL;
-  f->queued = 0;
-  p->nqueued--;
-  if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   uv_mutex_unlock(&p->mu);
-  return 1;
+  return r;
 }
 
-/* ---- pause, stop ----------------------------------------------------- */
+/* ---- pause, resize, stop --------------------------------------------- */
 
 int wp_pool_pause(wp_pool *p) {
   if (from_own_worker(p)) return WP_EDEADLOCK;
   uv_mutex_lock(&p->mu);
-  if (p->state == RUNNING && !p->paused) {
+  if (p->state == WP__RUNNING && !p->paused) {
     p->paused = 1;
     p->pause_seq = p->next_seq;
   }
   p->nwaiters++;
-  while (p->state == RUNNING && p->paused &&
+  while (p->state == WP__RUNNING && p->paused &&
          ((p->qhead && p->qhead->seq <= p->pause_seq) || p->nrunning > 0))
     uv_cond_wait(&p->state_cv, &p->mu);
   p->nwaiters--;
@@ -635,67 +626,118 @@ void wp_pool_resume(wp_pool *p) {
   uv_mutex_lock(&p->mu);
   if (p->paused) {
     p->paused = 0;
-    if (p->state == RUNNING) grow_locked(p);
+    if (p->state == WP__RUNNING) wp__grow_locked(p);
     uv_cond_broadcast(&p->work_cv);
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   }
   uv_mutex_unlock(&p->mu);
 }
 
+int wp_pool_resize(wp_pool *p, int n) {
+  wp_event ev;
+  int old;
+  uv_mutex_lock(&p->mu);
+  if (p->state != WP__RUNNING) {
+    uv_mutex_unlock(&p->mu);
+    return WP_ESTOPPED;
+  }
+  if (n < 1 || n < p->min_workers) {
+    uv_mutex_unlock(&p->mu);
+    return WP_EINVAL;
+  }
+  old = p->max_workers;
+  p->max_workers = n;
+  if (!p->paused) wp__grow_locked(p);
+  uv_cond_broadcast(&p->work_cv); /* idle extras notice and leave */
+  uv_mutex_unlock(&p->mu);
+  memset(&ev, 0, sizeof ev);
+  ev.type = WP_EV_POOL_RESIZED;
+  ev.pool = p->name;
+  ev.n = n;
+  ev.n2 = old;
+  wp__emit(&ev);
+  return 0;
+}
+
 /* The non-blocking half of stopping: moves the state forward, discards the
  * queue when not draining, wakes everyone.  Returns the number discarded. */
 static int begin_stop(wp_pool *p, int drain) {
   wp_future *discard = NULL, *f;
-  int ndiscarded = 0, unregister = 0;
+  wp_event ev;
+  int ndiscarded = 0, unregister = 0, draining = 0;
+  memset(&ev, 0, sizeof ev);
   uv_mutex_lock(&p->mu);
-  if (p->state == RUNNING) {
-    p->state = drain ? DRAINING : STOPPING;
+  if (p->state == WP__RUNNING) {
+    p->state = drain ? WP__DRAINING : WP__STOPPING;
     atomic_store(&p->stopped, 1);
     unregister = 1;
-  } else if (!drain && p->state == DRAINING) {
-    p->state = STOPPING;
+    draining = drain;
+    ev.n = (int64_t)p->nqueued;
+    ev.n2 = p->nrunning;
+  } else if (!drain && p->state == WP__DRAINING) {
+    p->state = WP__STOPPING;
   }
   p->paused = 0;
-  if (p->state == STOPPING && p->qhead) {
+  if (p->state == WP__STOPPING && p->qhead) {
     discard = p->qhead;
-    for (f = discard; f; f = f->next)
+    for (f = discard; f; f = f->next) {
       f->queued = 0;
+      f->queued_bytes = 0;
+    }
     ndiscarded = (int)p->nqueued;
     p->qhead = p->qtail = NULL;
     p->nqueued = 0;
+    p->queued_bytes = 0;
   }
-  if (p->state == DRAINING) grow_locked(p);
+  if (p->state == WP__DRAINING) wp__grow_locked(p);
   uv_cond_broadcast(&p->work_cv);
+  uv_cond_broadcast(&p->space_cv);
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   uv_mutex_unlock(&p->mu);
 
   if (unregister) reg_remove(p);
+  if (draining) {
+    ev.type = WP_EV_POOL_DRAINING;
+    ev.pool = p->name;
+    wp__emit(&ev);
+  }
   while ((f = discard) != NULL) {
     discard = f->next;
     f->next = f->prev = NULL;
-    wp__future_fail(f, WP_DISCARDED, "discarded");
+    if (wp__future_fail(f, WP_DISCARDED, "discarded"))
+      wp__count_drop(p, WP__DROP_DISCARDED, 1);
     wp_future_release(f);
   }
   return ndiscarded;
 }
 
 /* The blocking half: joins every worker, or waits for the thread that
- * does. */
-static void finish_stop(wp_pool *p) {
+ * does.  A stuck worker is left behind: it frees itself if it ever
+ * returns. */
+static void finish_stop(wp_pool *p, int ndiscarded) {
   wp__worker *w, *spare;
+  wp_event ev;
+  int drained;
   uv_mutex_lock(&p->mu);
   if (p->joiner) {
     p->nwaiters++;
-    while (p->state != STOPPED)
+    while (p->state != WP__STOPPED)
       uv_cond_wait(&p->state_cv, &p->mu);
     p->nwaiters--;
     uv_mutex_unlock(&p->mu);
     return;
   }
   p->joiner = 1;
+  drained = p->state == WP__DRAINING;
   for (;;) {
     if ((w = p->workers) != NULL) {
       p->workers = w->next;
+      if (w->stuck && !w->closed) {
+        w->detached = 1;
+        wp__pool_mretain(p); /* released by the worker itself */
+        pthread_detach(w->tid);
+        continue;
+      }
       uv_mutex_unlock(&p->mu);
       uv_thread_join(&w->tid);
       uv_mutex_lock(&p->mu);
@@ -709,15 +751,26 @@ static void finish_stop(wp_pool *p) {
       break;
     }
   }
+  drained = drained && p->state == WP__DRAINING;
   spare = p->spare;
   p->spare = NULL;
   uv_mutex_unlock(&p->mu);
+  wp__watchdog_stop(p);
   if (spare) {
     wp__worker_close(spare);
     free(spare);
   }
+  memset(&ev, 0, sizeof ev);
+  ev.pool = p->name;
+  if (drained) {
+    ev.type = WP_EV_POOL_DRAINED;
+    wp__emit(&ev);
+  }
+  ev.type = WP_EV_POOL_STOPPED;
+  ev.n = ndiscarded;
+  wp__emit(&ev);
   uv_mutex_lock(&p->mu);
-  p->state = STOPPED;
+  p->state = WP__STOPPED;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   uv_mutex_unlock(&p->mu);
 }
@@ -726,7 +779,7 @@ int wp_pool_stop(wp_pool *p) {
   int n;
   if (from_own_worker(p)) return WP_EDEADLOCK;
   n = begin_stop(p, 0);
-  finish_stop(p);
+  finish_stop(p, n);
   return n;
 }
 
@@ -744,7 +797,7 @@ int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
     deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
     uv_mutex_lock(&p->mu);
     p->nwaiters++;
-    while (p->state == DRAINING && (p->nqueued > 0 || p->nrunning > 0)) {
+    while (p->state == WP__DRAINING && (p->nqueued > 0 || p->nrunning > 0)) {
       now = uv_hrtime();
       if (now >= deadline) {
         late = 1;
@@ -756,7 +809,7 @@ int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
     uv_mutex_unlock(&p->mu);
     if (late) n = begin_stop(p, 0);
   }
-  finish_stop(p);
+  finish_stop(p, n);
   return n;
 }
 
@@ -785,7 +838,7 @@ int wp_pool_list(wp_pool **out, int max) {
 
 void wp_pool_get_counts(wp_pool *p, wp_pool_counts *c) {
   uv_mutex_lock(&p->mu);
-  c->stopped = p->state != RUNNING;
+  c->stopped = p->state != WP__RUNNING;
   c->paused = p->paused;
   c->waiting = p->nqueued;
   c->running = p->nrunning;

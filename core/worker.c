@@ -8,7 +8,18 @@
  * through lua_pcall of a C function (the pmain pattern of lua.c), so nothing
  * a task does can unwind past the worker loop; the stack is checked to be
  * empty after every task.
+ *
+ * Interrupting a running task (deadline, cancel): the watchdog cannot touch
+ * another thread's state, so it sends the worker thread a signal, and the
+ * handler, running on that thread, installs a count hook with lua_sethook,
+ * the one Lua call meant for signal handlers (lua.c does the same on
+ * Ctrl-C).  Tasks that are never interrupted pay for no hook.  The hook
+ * raises "timeout" or "cancelled" every 1000 instructions until the task
+ * has unwound, so pcall cannot swallow it.
  */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,19 +32,78 @@
 static const char worker_key = 'w'; /* light userdata: the wp__worker */
 static const char cache_key = 'c';  /* table: bytecode -> function */
 
+/* The signal that asks a worker thread to interrupt its task. */
+#define WP_INTERRUPT_SIGNAL (SIGRTMIN + 5)
+#define HOOK_COUNT 1000 /* instructions between two checks */
+
+static _Thread_local wp__worker *current;
+
+wp__worker *wp__current_worker(void) {
+  return current;
+}
+
+void wp__worker_bind(wp__worker *w) {
+  current = w;
+}
+
+int wp_interrupted(void) {
+  wp__worker *w = current;
+  uint64_t seq;
+  if (w == NULL) return 0;
+  seq = atomic_load(&w->run_seq);
+  return seq != 0 && atomic_load(&w->kill_seq) == seq;
+}
+
+/* Count hook: raises until the interrupted task has unwound. */
+static void interrupt_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  if (current && current->in_task && wp_interrupted())
+    luaL_error(L, "%s",
+               atomic_load(&current->kill_reason) == WP_TIMEOUT ? "timeout"
+                                                                : "cancelled");
+  lua_sethook(L, NULL, 0, 0); /* left from an earlier task */
+}
+
+static void on_interrupt_signal(int sig) {
+  int saved = errno;
+  (void)sig;
+  if (current && current->in_task && current->L && wp_interrupted())
+    lua_sethook(current->L, interrupt_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  errno = saved;
+}
+
+static void install_handler(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_interrupt_signal;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaction(WP_INTERRUPT_SIGNAL, &sa, NULL);
+}
+
+void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason) {
+  static uv_once_t once = UV_ONCE_INIT;
+  uv_once(&once, install_handler);
+  atomic_store(&w->kill_reason, reason);
+  atomic_store(&w->kill_seq, seq);
+  pthread_kill(w->tid, WP_INTERRUPT_SIGNAL);
+}
+
 static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   wp__worker *w = ud;
   if (ptr == NULL) osize = 0;
   if (nsize == 0) {
     free(ptr);
     w->mem -= osize;
+  } else if (w->mem_limit && nsize > osize &&
+             w->mem + (nsize - osize) > w->mem_limit) {
+    w->limit_hit = 1;
     return NULL;
+  } else if ((ptr = realloc(ptr, nsize)) != NULL) {
+    w->mem = w->mem - osize + nsize;
   }
-  if (w->mem_limit && nsize > osize && w->mem + (nsize - osize) > w->mem_limit)
-    return NULL;
-  ptr = realloc(ptr, nsize);
-  if (ptr != NULL) w->mem = w->mem - osize + nsize;
-  return ptr;
+  atomic_store_explicit(&w->mem_pub, w->mem, memory_order_relaxed);
+  return nsize ? ptr : NULL;
 }
 
 /* [-0, +1, m] Message handler: appends a traceback to string errors. */
@@ -100,6 +170,7 @@ int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
     return st == LUA_ERRMEM ? WP_ENOMEM : WP_EINIT;
   }
   w->L = L;
+  w->tasks_run = 0;
   return 0;
 }
 
@@ -168,40 +239,94 @@ static int task_pmain(lua_State *L) {
   return 0;
 }
 
-void wp__worker_run(wp__worker *w, wp_future *f) {
+/* Sends a task event about f from its worker. */
+static void task_event(wp__worker *w, wp_future *f, wp_event_type type,
+                       const char *msg, double seconds, int64_t n) {
+  wp_event ev;
+  memset(&ev, 0, sizeof ev);
+  ev.type = type;
+  ev.pool = wp_pool_name(w->pool);
+  ev.task = f->name;
+  ev.message = msg;
+  ev.worker = w->id;
+  ev.seconds = seconds;
+  ev.n = n;
+  wp__emit(&ev);
+}
+
+/* Reports the error value of a finished task when it is a string. */
+static void error_event(wp__worker *w, wp_future *f) {
+  wp__reader r;
+  uint64_t n;
+  wp_value v;
+  char msg[4096];
+  r.p = w->out.data;
+  r.end = w->out.data + w->out.len;
+  if (wp__get_varint(&r, &n) || n < 1 || wp__get_cvalue(&r, &v) ||
+      v.type != WP_TSTRING)
+    snprintf(msg, sizeof msg, "(error object is not a string)");
+  else
+    snprintf(msg, sizeof msg, "%.*s",
+             (int)(v.u.s.len < 4000 ? v.u.s.len : 4000), v.u.s.ptr);
+  task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
+}
+
+wp_status wp__worker_run(wp__worker *w, wp_future *f) {
   lua_State *L = w->L;
+  const wp__pool_init *in = wp__pool_init_of(w->pool);
   task_run run;
   char *result = NULL;
   size_t len = 0;
-  int st;
+  int st, done;
+  wp_status status;
   run.w = w;
   run.f = f;
   run.status = WP_ERROR;
+  w->limit_hit = 0;
+  w->in_task = 1;
   lua_pushcfunction(L, task_pmain);
   lua_pushlightuserdata(L, &run);
   st = lua_pcall(L, 1, 0, 0);
-  if (st == LUA_OK) {
-    result = malloc(w->out.len ? w->out.len : 1);
-    if (result != NULL) {
-      memcpy(result, w->out.data, w->out.len);
-      len = w->out.len;
-    } else {
-      st = LUA_ERRMEM;
-    }
-  }
-  if (st != LUA_OK) {
-    const char *msg =
-        st == LUA_ERRMEM ? "not enough memory" : lua_tostring(L, -1);
-    wp__future_fail(f, WP_ERROR, msg ? msg : "task failed");
-    if (st == LUA_ERRMEM) {
-      wp__worker_close(w); /* replaced before the next task */
-      return;
-    }
+  w->in_task = 0;
+  lua_sethook(L, NULL, 0, 0);
+  if (wp_interrupted()) { /* asked to stop: that is how it ended */
+    status = (wp_status)atomic_load(&w->kill_reason);
+    done = wp__future_fail(f, status,
+                           status == WP_TIMEOUT ? "timeout" : "cancelled");
+    if (done && status == WP_TIMEOUT)
+      task_event(w, f, WP_EV_TASK_TIMEOUT, NULL,
+                 (double)(w->deadline - w->started) / 1e9, 0);
+  } else if (st == LUA_OK && (result = malloc(w->out.len + 1)) != NULL) {
+    memcpy(result, w->out.data, w->out.len);
+    len = w->out.len;
+    status = run.status;
+    done = wp__future_complete(f, status, result, len);
+    if (done && status == WP_ERROR) error_event(w, f);
   } else {
-    wp__future_complete(f, run.status, result, len);
+    const char *msg = w->limit_hit          ? "memory limit exceeded"
+                      : st == LUA_OK        ? "not enough memory"
+                      : st == LUA_ERRMEM    ? "not enough memory"
+                      : lua_tostring(L, -1) ? lua_tostring(L, -1)
+                                            : "task failed";
+    status = WP_ERROR;
+    done = wp__future_fail(f, WP_ERROR, msg);
+    if (w->limit_hit) {
+      atomic_fetch_add(&w->pool->c.memory_limit_hits, 1);
+      task_event(w, f, WP_EV_MEMORY_LIMIT, msg, 0, (int64_t)w->mem_limit);
+    } else if (done) {
+      task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
+    }
+    if (st == LUA_OK) st = LUA_ERRMEM; /* the result could not be copied */
   }
-  lua_settop(L, 0);
+  if (st == LUA_ERRMEM || w->limit_hit) {
+    wp__worker_close(w); /* replaced before the next task */
+  } else {
+    lua_settop(L, 0);
+    if (in->max_tasks && ++w->tasks_run >= in->max_tasks)
+      wp__worker_close(w); /* recycled */
+  }
   if (w->out.cap > (1u << 20)) wp__buf_free(&w->out); /* don't hoard */
+  return done ? status : WP_PENDING;
 }
 
 wp_pool *wp_state_pool(lua_State *L) {

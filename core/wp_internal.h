@@ -8,6 +8,7 @@
 #ifndef WPOOL_INTERNAL_H
 #define WPOOL_INTERNAL_H
 
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -84,6 +85,8 @@ WP_HIDDEN int wp__get_cvalue(wp__reader *r, wp_value *out);
 /* Name of a registered C function, or NULL.  Never fails. */
 WP_HIDDEN const char *wp__cfunction_name(lua_CFunction fn);
 
+typedef struct wp__worker wp__worker;
+
 /* ---- futures (future.c) ---------------------------------------------- */
 
 struct wp_future {
@@ -103,6 +106,12 @@ struct wp_future {
   size_t result_len;
   char *msg; /* the task message, malloc'd */
   size_t msg_len;
+  size_t queued_bytes; /* msg_len while queued, for queued_bytes */
+  char *name;          /* task name for logs, malloc'd, or NULL */
+  char *tenant;        /* tenant, malloc'd, or NULL */
+  int64_t timeout_ns;  /* deadline after start; 0: none */
+  uint64_t t_submit;   /* uv_hrtime at submit */
+  wp__worker *worker;  /* running it, under pool->mu */
 };
 
 /* Takes ownership of msg (malloc'd).  The new future has two references:
@@ -110,30 +119,43 @@ struct wp_future {
 WP_HIDDEN wp_future *wp__future_new(wp_pool *p, char *msg, size_t len);
 
 /* Ends a pending future with status and result (ownership of result is
- * taken; NULL for none), wakes waiters and runs its callback.  Called
- * without any lock held. */
-WP_HIDDEN void wp__future_complete(wp_future *f, wp_status status, char *result,
-                                   size_t len);
+ * taken; NULL for none), wakes waiters and runs its callback.  Only the
+ * first completion counts: a later one frees its result and returns 0.
+ * Called without any lock held. */
+WP_HIDDEN int wp__future_complete(wp_future *f, wp_status status, char *result,
+                                  size_t len);
 
 /* Ends f with one string as its error value.  Never fails (falls back to a
  * result-less error when out of memory). */
-WP_HIDDEN void wp__future_fail(wp_future *f, wp_status status, const char *msg);
+WP_HIDDEN int wp__future_fail(wp_future *f, wp_status status, const char *msg);
 
 /* ---- pools and workers (pool.c, worker.c) ---------------------------- */
-
-typedef struct wp__worker wp__worker;
 
 struct wp__worker {
   wp__worker *next; /* in pool->workers, under pool->mu */
   wp_pool *pool;
   uv_thread_t tid;
-  lua_State *L;     /* owned; NULL until created */
-  int id;           /* 1, 2, ... per pool */
-  int started;      /* the thread was created */
-  int closed;       /* the thread is about to return, under pool->mu */
-  size_t mem;       /* bytes allocated by L */
-  size_t mem_limit; /* 0: none */
-  wp__buf out;      /* encoding buffer for results */
+  lua_State *L;          /* owned; NULL until created */
+  int id;                /* 1, 2, ... per pool */
+  int started_thread;    /* the thread was created */
+  int detached;          /* stuck and left behind by stop: frees itself */
+  int closed;            /* the thread is about to return, under pool->mu */
+  size_t mem;            /* bytes allocated by L (worker thread only) */
+  atomic_size_t mem_pub; /* mem, published for metrics */
+  size_t mem_limit;      /* 0: none */
+  int limit_hit;         /* the allocator refused past mem_limit */
+  wp__buf out;           /* encoding buffer for results */
+  /* The running task, under pool->mu unless noted. */
+  wp_future *cur;                /* NULL when idle */
+  uint64_t started;              /* uv_hrtime when cur started */
+  uint64_t deadline;             /* uv_hrtime of cur's deadline, or 0 */
+  int slow_reported;             /* a slow-task event was sent for cur */
+  int stuck;                     /* abandoned: its thread exits after cur */
+  int tasks_run;                 /* since the state was created */
+  atomic_uint_fast64_t run_seq;  /* number of the running task; 0 idle */
+  atomic_uint_fast64_t kill_seq; /* run_seq to interrupt */
+  atomic_int kill_reason;        /* WP_TIMEOUT or WP_CANCELLED */
+  volatile sig_atomic_t in_task; /* inside wp__worker_run (signals) */
 };
 
 /* Creates w->L, runs the pool's open hook and init script.  On failure
@@ -142,8 +164,24 @@ struct wp__worker {
 WP_HIDDEN int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen);
 
 /* Runs one task in w->L and completes f.  Replaces the state after a
- * memory error.  Never raises. */
-WP_HIDDEN void wp__worker_run(wp__worker *w, wp_future *f);
+ * memory error.  Never raises.  Returns the status f ended with. */
+WP_HIDDEN wp_status wp__worker_run(wp__worker *w, wp_future *f);
+
+/* Asks the worker thread of w to interrupt task number seq (a signal makes
+ * the thread install a count hook on its own state).  Needs pool->mu. */
+WP_HIDDEN void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason);
+
+/* The worker the calling thread runs, or NULL. */
+WP_HIDDEN wp__worker *wp__current_worker(void);
+/* Makes w the calling thread's worker. */
+WP_HIDDEN void wp__worker_bind(wp__worker *w);
+
+/* Sends an event to the installed handler, if any. */
+WP_HIDDEN void wp__emit(const wp_event *ev);
+
+/* Records that f ended with status after running `seconds` (or was
+ * dropped unstarted when seconds < 0). */
+WP_HIDDEN void wp__pool_count_end(wp_pool *p, wp_status status, double seconds);
 
 WP_HIDDEN void wp__worker_close(wp__worker *w);
 
@@ -156,15 +194,117 @@ typedef struct wp__pool_init {
   char *cpath;
   wp_open_fn open_state;
   void *open_ud;
+  size_t memory_limit; /* per state; 0: none */
+  int max_tasks;       /* recycle a state after that many; 0: never */
 } wp__pool_init;
 
 WP_HIDDEN const wp__pool_init *wp__pool_init_of(wp_pool *p);
+
+/* ---- metrics (stats.c) ----------------------------------------------- */
+
+typedef struct wp__hist {
+  atomic_uint_fast64_t buckets[WP_HIST_BUCKETS];
+  atomic_uint_fast64_t count;
+  atomic_uint_fast64_t sum_ns;
+} wp__hist;
+
+enum {
+  WP__DROP_FULL,
+  WP__DROP_STOPPED,
+  WP__DROP_DISCARDED,
+  WP__DROP_POLICY,
+  WP__NDROPS
+};
+
+typedef struct wp__counters {
+  atomic_uint_fast64_t submitted;
+  atomic_uint_fast64_t ended[WP_TIMEOUT + 1]; /* by wp_status */
+  atomic_uint_fast64_t dropped[WP__NDROPS];
+  atomic_uint_fast64_t memory_limit_hits;
+  atomic_uint_fast64_t stuck_total;
+  wp__hist duration, dwell;
+} wp__counters;
+
+WP_HIDDEN void wp__hist_add(wp__hist *h, uint64_t ns);
+WP_HIDDEN void wp__count_drop(wp_pool *p, int reason, uint64_t n);
+
+/* ---- the pool (pool.c; watchdog.c and stats.c read it) ---------------- */
+
+enum { WP__RUNNING, WP__DRAINING, WP__STOPPING, WP__STOPPED };
+
+struct wp_pool {
+  atomic_int refs;    /* handles; the last one stops the pool */
+  atomic_int mrefs;   /* memory: all handles count one, futures and
+                         detached stuck workers one each */
+  atomic_int stopped; /* 1 once stopping began; readable without mu */
+  char *name;         /* owned, unique while registered */
+  wp_pool *reg_next;  /* registry list, under the registry lock */
+  int registered;     /* under the registry lock */
+  wp__pool_init in;   /* what new worker states are made from */
+  uv_mutex_t mu;
+  uv_cond_t work_cv;        /* idle workers wait for tasks here */
+  uv_cond_t state_cv;       /* pause, stop and join waiters */
+  uv_cond_t space_cv;       /* submitters waiting for room in the queue */
+  wp_future *qhead, *qtail; /* FIFO of queued futures */
+  size_t nqueued;
+  size_t queued_bytes; /* message bytes of the queued futures */
+  int max_workers, min_workers;
+  int64_t idle_ns;       /* reaping period; < 0: never reap */
+  uint64_t last_active;  /* when a task was last submitted, taken or done */
+  uint64_t last_reap;    /* when a worker was last reaped */
+  int nworkers;          /* worker threads that count toward max_workers */
+  int nidle;             /* workers waiting on work_cv */
+  int nrunning;          /* tasks executing (stuck ones excluded) */
+  int nstuck;            /* workers declared stuck, still running */
+  int nclosed;           /* exited workers still in the list, to join */
+  int nspace_waiters;    /* submitters waiting on space_cv */
+  int next_id;           /* id of the next worker */
+  uint64_t task_counter; /* numbers running tasks for interrupts */
+  wp__worker *workers;   /* every started, not yet joined worker */
+  wp__worker *spare;     /* the state wp_pool_new made, not yet started */
+  int state;             /* WP__RUNNING ... WP__STOPPED */
+  int joiner;            /* a stopping thread is joining the workers */
+  int paused;
+  uint64_t pause_seq; /* while paused, tasks after this wait */
+  uint64_t next_seq;  /* sequence number of the last submission */
+  int nwaiters;       /* threads waiting on state_cv */
+  /* Guards. */
+  size_t queue_cap; /* 0: unbounded */
+  int block_when_full;
+  int64_t submit_timeout_ns; /* < 0: wait without limit */
+  int64_t task_timeout_ns;   /* 0: none */
+  int64_t stuck_grace_ns;
+  int64_t slow_ns; /* 0: no slow-task events */
+  /* The watchdog (watchdog.c). */
+  uv_thread_t dog;
+  uv_cond_t dog_cv;
+  int dog_started, dog_exit;
+  uint64_t drop_interval_ns;
+  uint64_t next_drop_log;
+  uint64_t drops_logged[WP__NDROPS];
+  wp__counters c;
+};
+
+/* Starts the watchdog thread.  Needs nothing locked.  WP_ESYS. */
+WP_HIDDEN int wp__watchdog_start(wp_pool *p);
+/* Stops and joins it.  Needs nothing locked. */
+WP_HIDDEN void wp__watchdog_stop(wp_pool *p);
+/* Wakes it to look at the running tasks again.  Needs mu. */
+WP_HIDDEN void wp__watchdog_poke(wp_pool *p);
+/* Starts workers for queued tasks that no idle worker will take.  Needs
+ * mu. */
+WP_HIDDEN void wp__grow_locked(wp_pool *p);
 
 /* Retains / releases a pool's memory (not its workers). */
 WP_HIDDEN void wp__pool_mretain(wp_pool *p);
 WP_HIDDEN void wp__pool_mrelease(wp_pool *p);
 
-/* Removes a queued future: 1 when removed, 0 when it had started. */
-WP_HIDDEN int wp__pool_unqueue(wp_pool *p, wp_future *f);
+/* Queues f, taking the queue's reference; a full queue makes it wait for
+ * room unless nowait.  WP_ESTOPPED, WP_EFULL, WP_ESYS. */
+WP_HIDDEN int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait);
+
+/* Cancels f: 1 when removed from the queue (the caller completes it),
+ * 2 when its running task was asked to stop, 0 when it already ended. */
+WP_HIDDEN int wp__pool_cancel(wp_pool *p, wp_future *f);
 
 #endif

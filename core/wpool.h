@@ -53,7 +53,8 @@ extern "C" {
   XX(TOOBIG, -9, "value too large")                                            \
   XX(DEADLOCK, -10, "would deadlock")                                          \
   XX(NOTNUM, -11, "not a number")                                              \
-  XX(SYS, -12, "system error")
+  XX(SYS, -12, "system error")                                                 \
+  XX(FULL, -13, "full")
 
 typedef enum {
 #define WP__ERR(name, code, msg) WP_E##name = (code),
@@ -93,6 +94,18 @@ typedef struct wp_options {
   const char *package_cpath; /* copied into workers' package.cpath, or NULL */
   wp_open_fn open_state;     /* optional, see above */
   void *open_ud;
+  /* Guards (docs/guards.md); 0 leaves each off. */
+  size_t queue_cap;         /* most queued tasks; 0: unbounded */
+  int block_when_full;      /* 0: reject with WP_EFULL; 1: wait for room */
+  double submit_timeout;    /* longest wait for room, seconds; <0: none */
+  double task_timeout;      /* default per-task deadline, seconds */
+  double stuck_grace;       /* seconds past a deadline before a worker that
+                               cannot be interrupted is declared stuck
+                               (default 5) */
+  double slow_task;         /* report tasks running longer, seconds */
+  size_t memory_limit;      /* bytes per worker state */
+  int max_tasks_per_worker; /* recycle a state after that many tasks */
+  double drop_log_interval; /* seconds between drop summaries (60) */
 } wp_options;
 
 /* Fills opts with defaults: max_workers 1, idle_timeout 2 s. */
@@ -162,6 +175,98 @@ typedef struct wp_pool_counts {
 
 WP_API void wp_pool_get_counts(wp_pool *p, wp_pool_counts *out);
 
+/* Changes max_workers while running: growth starts workers for queued
+ * tasks at once; on shrinking, running tasks finish and the extra workers
+ * then exit.  WP_EINVAL when n < 1 or n < min_workers, WP_ESTOPPED. */
+WP_API int wp_pool_resize(wp_pool *p, int n);
+
+/* ------------------------------------------------------------------ */
+/* Metrics                                                             */
+/* ------------------------------------------------------------------ */
+
+/* Histogram buckets: upper bounds 2^k ms for k = 0..WP_HIST_BUCKETS-2
+ * (1 ms .. 8.192 s), the last one unbounded.  Counts are per bucket (not
+ * cumulative). */
+#define WP_HIST_BUCKETS 15
+
+typedef struct wp_hist {
+  uint64_t buckets[WP_HIST_BUCKETS];
+  uint64_t count;
+  double sum; /* seconds */
+} wp_hist;
+
+typedef struct wp_pool_stats {
+  uint64_t submitted;
+  uint64_t ok, error, timeout, cancelled; /* completed, by result */
+  uint64_t dropped_full, dropped_stopped, /* refused or dropped */
+      dropped_discarded, dropped_policy;
+  uint64_t memory_limit_hits;               /* states replaced */
+  uint64_t stuck_total;                     /* workers declared stuck */
+  size_t queued, queued_bytes;              /* now */
+  int running, workers, stuck, max_workers; /* now */
+  size_t memory;                            /* bytes in worker states */
+  wp_hist duration;                         /* start to end */
+  wp_hist dwell;                            /* submit to start */
+} wp_pool_stats;
+
+/* A consistent-enough snapshot: counters are read without stopping the
+ * pool.  Never fails. */
+WP_API void wp_pool_get_stats(wp_pool *p, wp_pool_stats *out);
+
+/* Counts a task refused by a policy before it reached the pool. */
+WP_API void wp_pool_count_policy_drop(wp_pool *p);
+
+/* ------------------------------------------------------------------ */
+/* Events                                                              */
+/* ------------------------------------------------------------------ */
+
+typedef enum {
+  WP_EV_POOL_CREATED,  /* n: max_workers */
+  WP_EV_POOL_RESIZED,  /* n: new max_workers, n2: old */
+  WP_EV_POOL_DRAINING, /* n: queued, n2: running */
+  WP_EV_POOL_DRAINED,  /* every queued task ran */
+  WP_EV_POOL_STOPPED,  /* n: discarded by stop */
+  WP_EV_TASK_ERROR,    /* task, message (with traceback) */
+  WP_EV_TASK_SLOW,     /* task, seconds: running time so far */
+  WP_EV_TASK_TIMEOUT,  /* task, seconds: its timeout */
+  WP_EV_WORKER_STUCK,  /* task, worker, seconds: time past its deadline */
+  WP_EV_MEMORY_LIMIT,  /* task, worker, n: the limit in bytes */
+  WP_EV_DROPPED        /* n: tasks dropped in the last `seconds`, reason */
+} wp_event_type;
+
+typedef struct wp_event {
+  wp_event_type type;
+  const char *pool;    /* borrowed for the call */
+  const char *task;    /* task name, or NULL */
+  const char *message; /* error text, or NULL */
+  const char *reason;  /* WP_EV_DROPPED: "full", "stopped", "discarded",
+                          "policy" */
+  int worker;          /* worker id, or 0 */
+  int64_t n, n2;
+  double seconds;
+} wp_event;
+
+/* Installs the process-wide event sink (NULL: none).  fn is called from
+ * any thread, without any pool lock held, and must not block.  Call it
+ * before creating pools. */
+typedef void (*wp_event_fn)(const wp_event *ev);
+WP_API void wp_set_event_handler(wp_event_fn fn);
+
+/* ------------------------------------------------------------------ */
+/* Per-task options                                                    */
+/* ------------------------------------------------------------------ */
+
+typedef struct wp_task_opts {
+  const char *name;   /* for logs and metrics, or NULL (copied) */
+  const char *tenant; /* for policies, or NULL (copied) */
+  double timeout;     /* seconds; 0: the pool's task_timeout; <0: none */
+  int nowait;         /* a full queue returns WP_EFULL at once */
+} wp_task_opts;
+
+/* True in a worker whose running task has been asked to stop (deadline or
+ * cancel): long C calls such as sleeps should return early.  Any thread. */
+WP_API int wp_interrupted(void);
+
 /* ------------------------------------------------------------------ */
 /* Values for C hosts                                                  */
 /* ------------------------------------------------------------------ */
@@ -209,6 +314,13 @@ WP_API int wp_submit_values(wp_pool *p, const char *handler,
 WP_API int wp_submit_lua(wp_pool *p, lua_State *L, int task, int nargs,
                          const char *what, wp_future **out);
 
+/* Like wp_submit_lua with per-task options (opts may be NULL).  With
+ * block_when_full, waits for room up to the pool's submit_timeout; returns
+ * WP_EFULL when the queue stays full. */
+WP_API int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
+                              const char *what, const wp_task_opts *opts,
+                              wp_future **out);
+
 /* ------------------------------------------------------------------ */
 /* Futures                                                             */
 /* ------------------------------------------------------------------ */
@@ -218,7 +330,8 @@ typedef enum {
   WP_OK,          /* returned; results available */
   WP_ERROR,       /* raised; the error value is the only result */
   WP_DISCARDED,   /* dropped by stop() before it started */
-  WP_CANCELLED    /* removed by cancel() before it started */
+  WP_CANCELLED,   /* cancelled: removed from the queue, or interrupted */
+  WP_TIMEOUT      /* interrupted, or abandoned as stuck, at its deadline */
 } wp_status;
 
 WP_API void wp_future_retain(wp_future *f);
@@ -231,8 +344,9 @@ WP_API wp_status wp_future_status(wp_future *f);
  * Returns 0 or WP_ETIMEDOUT. */
 WP_API int wp_future_wait(wp_future *f, double timeout);
 
-/* Removes a task that has not started: returns 1 (it will never run and
- * resolves as WP_CANCELLED), or 0 when it already started or ended. */
+/* Cancels a task: a queued one is removed and never runs; a running one
+ * is interrupted at its next Lua instruction (docs/guards.md).  Returns 1
+ * when the task will resolve as WP_CANCELLED, 0 when it already ended. */
 WP_API int wp_future_cancel(wp_future *f);
 
 /* Calls cb(f, ud) once the future has ended: at once in the calling thread

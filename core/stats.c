@@ -1,0 +1,99 @@
+/*
+ * stats.c: a pool's metrics and the process-wide event sink.
+ *
+ * Counters and histograms are atomics updated with relaxed operations, so
+ * the task path takes no lock for them; wp_pool_get_stats reads them next
+ * to a snapshot of the gauges taken under the pool's lock.  Events go to one
+ * handler installed by the embedder (the Lua bindings turn them into JSON
+ * log lines).
+ */
+#include <string.h>
+
+#include "wp_internal.h"
+
+static _Atomic(wp_event_fn) event_handler;
+
+void wp_set_event_handler(wp_event_fn fn) {
+  atomic_store(&event_handler, fn);
+}
+
+void wp__emit(const wp_event *ev) {
+  wp_event_fn fn = atomic_load(&event_handler);
+  if (fn) fn(ev);
+}
+
+static void add(atomic_uint_fast64_t *a, uint64_t n) {
+  atomic_fetch_add_explicit(a, n, memory_order_relaxed);
+}
+
+static uint64_t get(atomic_uint_fast64_t *a) {
+  return atomic_load_explicit(a, memory_order_relaxed);
+}
+
+void wp__hist_add(wp__hist *h, uint64_t ns) {
+  uint64_t ms = (ns + 999999) / 1000000; /* rounded up */
+  int k = 0;
+  while (k < WP_HIST_BUCKETS - 1 && ms > ((uint64_t)1 << k))
+    k++;
+  add(&h->buckets[k], 1);
+  add(&h->count, 1);
+  add(&h->sum_ns, ns);
+}
+
+static void hist_read(wp__hist *h, wp_hist *out) {
+  int k;
+  for (k = 0; k < WP_HIST_BUCKETS; k++)
+    out->buckets[k] = get(&h->buckets[k]);
+  out->count = get(&h->count);
+  out->sum = (double)get(&h->sum_ns) / 1e9;
+}
+
+void wp__count_drop(wp_pool *p, int reason, uint64_t n) {
+  add(&p->c.dropped[reason], n);
+}
+
+void wp_pool_count_policy_drop(wp_pool *p) {
+  wp__count_drop(p, WP__DROP_POLICY, 1);
+}
+
+void wp__pool_count_end(wp_pool *p, wp_status status, double seconds) {
+  if (status == WP_DISCARDED) {
+    wp__count_drop(p, WP__DROP_DISCARDED, 1);
+    return;
+  }
+  if (status < WP_OK || status > WP_TIMEOUT) return;
+  add(&p->c.ended[status], 1);
+  if (seconds >= 0) wp__hist_add(&p->c.duration, (uint64_t)(seconds * 1e9));
+}
+
+void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
+  wp__worker *w;
+  size_t mem = 0;
+  memset(s, 0, sizeof *s);
+  uv_mutex_lock(&p->mu);
+  s->queued = p->nqueued;
+  s->queued_bytes = p->queued_bytes;
+  s->running = p->nrunning;
+  s->workers = p->nworkers;
+  s->stuck = p->nstuck;
+  s->max_workers = p->max_workers;
+  for (w = p->workers; w; w = w->next)
+    if (!w->closed)
+      mem += atomic_load_explicit(&w->mem_pub, memory_order_relaxed);
+  if (p->spare) mem += atomic_load(&p->spare->mem_pub);
+  uv_mutex_unlock(&p->mu);
+  s->memory = mem;
+  s->submitted = get(&p->c.submitted);
+  s->ok = get(&p->c.ended[WP_OK]);
+  s->error = get(&p->c.ended[WP_ERROR]);
+  s->timeout = get(&p->c.ended[WP_TIMEOUT]);
+  s->cancelled = get(&p->c.ended[WP_CANCELLED]);
+  s->dropped_full = get(&p->c.dropped[WP__DROP_FULL]);
+  s->dropped_stopped = get(&p->c.dropped[WP__DROP_STOPPED]);
+  s->dropped_discarded = get(&p->c.dropped[WP__DROP_DISCARDED]);
+  s->dropped_policy = get(&p->c.dropped[WP__DROP_POLICY]);
+  s->memory_limit_hits = get(&p->c.memory_limit_hits);
+  s->stuck_total = get(&p->c.stuck_total);
+  hist_read(&p->c.duration, &s->duration);
+  hist_read(&p->c.dwell, &s->dwell);
+}

@@ -1,0 +1,153 @@
+/*
+ * submit.c: turning a submission into a queued future: encoding a Lua task
+ * or C values into a message in the submitting thread, then handing it to
+ * the pool's queue.  Encoding runs inside lua_pcall of a C function so the
+ * message buffer, owned here, is freed whether or not a value is refused.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "wp_internal.h"
+
+static char *dup_opt(const char *s, int *failed) {
+  char *d;
+  if (s == NULL) return NULL;
+  if ((d = strdup(s)) == NULL) *failed = 1;
+  return d;
+}
+
+/* Builds a future from an encoded message (taking it) and queues it. */
+static int submit_msg(wp_pool *p, wp__buf *b, const wp_task_opts *o,
+                      wp_future **out) {
+  wp_future *f;
+  int r, failed = 0;
+  if (out) *out = NULL;
+  if ((f = wp__future_new(p, b->data, b->len)) == NULL) {
+    b->data = NULL;
+    return WP_ENOMEM;
+  }
+  b->data = NULL;
+  if (o) {
+    f->name = dup_opt(o->name, &failed);
+    f->tenant = dup_opt(o->tenant, &failed);
+    f->timeout_ns = o->timeout < 0     ? -1
+                    : o->timeout > 1e9 ? (int64_t)1e18
+                                       : (int64_t)(o->timeout * 1e9);
+    if (o->timeout > 0 && f->timeout_ns == 0) f->timeout_ns = 1;
+  }
+  if (failed) {
+    r = WP_ENOMEM;
+  } else {
+    r = wp__pool_enqueue(p, f, o && o->nowait);
+  }
+  if (r) {
+    wp_future_release(f);
+    wp_future_release(f);
+    return r;
+  }
+  if (out)
+    *out = f;
+  else
+    wp_future_release(f);
+  return 0;
+}
+
+static int put_name(wp__buf *b, const char *name, size_t len) {
+  int r = wp__buf_reserve(b, 1);
+  if (!r) {
+    b->data[b->len++] = WP__TASK_NAMED;
+    r = wp__put_varint(b, len);
+  }
+  if (!r && (r = wp__buf_reserve(b, len)) == 0) {
+    memcpy(b->data + b->len, name, len);
+    b->len += len;
+  }
+  return r;
+}
+
+int wp_submit_values(wp_pool *p, const char *handler, const wp_value *args,
+                     int nargs, wp_future **out) {
+  wp__buf b = {0};
+  int i, r;
+  if (out) *out = NULL;
+  if (handler == NULL || nargs < 0 || (nargs > 0 && args == NULL))
+    return WP_EINVAL;
+  if (atomic_load(&p->stopped)) {
+    wp__count_drop(p, WP__DROP_STOPPED, 1);
+    return WP_ESTOPPED;
+  }
+  r = put_name(&b, handler, strlen(handler));
+  if (!r) r = wp__put_varint(&b, (uint64_t)nargs);
+  for (i = 0; !r && i < nargs; i++)
+    r = wp__put_cvalue(&b, &args[i]);
+  if (!r) r = submit_msg(p, &b, NULL, out);
+  wp__buf_free(&b);
+  return r;
+}
+
+typedef struct encode_call {
+  wp__buf *b;
+  const char *what;
+  int nargs;
+} encode_call;
+
+/* [-(n+1), +0, e] Encodes a task message from its arguments: the call
+ * description, then the task and its arguments. */
+static int encode_pmain(lua_State *L) {
+  encode_call *c = lua_touserdata(L, 1);
+  wp__buf *b = c->b;
+  int r;
+  if (lua_type(L, 2) == LUA_TSTRING) {
+    size_t len;
+    const char *name = lua_tolstring(L, 2, &len);
+    if ((r = put_name(b, name, len)) != 0)
+      return luaL_error(L, "%s", wp_strerror(r));
+    wp__encode(L, b, 3, c->nargs, c->what, 2);
+  } else {
+    if ((r = wp__buf_reserve(b, 1)) != 0)
+      return luaL_error(L, "%s", wp_strerror(r));
+    b->data[b->len++] = WP__TASK_FUNC;
+    wp__encode(L, b, 2, c->nargs + 1, c->what, 1);
+  }
+  return 0;
+}
+
+int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
+                       const char *what, const wp_task_opts *opts,
+                       wp_future **out) {
+  wp__buf b = {0};
+  encode_call c;
+  int i, t, r;
+  if (out) *out = NULL;
+  task = lua_absindex(L, task);
+  t = lua_type(L, task);
+  if (t != LUA_TSTRING && (t != LUA_TFUNCTION || lua_iscfunction(L, task)))
+    luaL_error(L,
+               "bad argument #1 to '%s' (handler name or Lua function "
+               "expected, got %s)",
+               what, lua_typename(L, t));
+  if (atomic_load(&p->stopped)) {
+    wp__count_drop(p, WP__DROP_STOPPED, 1);
+    return WP_ESTOPPED;
+  }
+  c.b = &b;
+  c.what = what;
+  c.nargs = nargs;
+  luaL_checkstack(L, nargs + 3, "too many arguments");
+  lua_pushcfunction(L, encode_pmain);
+  lua_pushlightuserdata(L, &c);
+  for (i = 0; i <= nargs; i++)
+    lua_pushvalue(L, task + i);
+  if (lua_pcall(L, nargs + 2, 0, 0) != LUA_OK) {
+    wp__buf_free(&b);
+    lua_error(L);
+  }
+  r = submit_msg(p, &b, opts, out);
+  wp__buf_free(&b);
+  return r;
+}
+
+int wp_submit_lua(wp_pool *p, lua_State *L, int task, int nargs,
+                  const char *what, wp_future **out) {
+  return wp_submit_lua_opts(p, L, task, nargs, what, NULL, out);
+}

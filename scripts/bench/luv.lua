@@ -1,0 +1,134 @@
+-- luv.lua: the peer side of the benchmark: W1-W4 on luv's thread pool
+-- (uv.new_work / work:queue, Debian's lua-luv).  Run by driver.lua, one
+-- workload per process, with UV_THREADPOOL_SIZE=2:
+--   UV_THREADPOOL_SIZE=2 lua5.4 scripts/bench/luv.lua WORKLOAD [sizes...]
+-- WORKLOAD is W1 W2 W3 W4.  luv carries numbers as floats and cannot send
+-- tables, so W4 packs each table into a string (string.pack) and the work
+-- function unpacks it into a table again, as luv users do.  Prints "metric"
+-- and "check" lines (see common.lua); exits 1 on a bad checksum.
+local dir = arg[0]:match("^(.*)/[^/]*$") or "."
+local C = dofile(dir .. "/common.lua")
+local uv = require "luv"
+C.now = function() return uv.hrtime() / 1e9 end
+
+local function inc(x) return x + 1 end
+
+-- Runs 64 tasks of work_fn untimed, so the pool's threads and their states
+-- exist before the clock starts.
+local function warm(work_fn)
+  local left = 64
+  local work = uv.new_work(work_fn, function() left = left - 1 end)
+  for i = 1, 64 do work:queue(i) end
+  uv.run()
+  assert(left == 0)
+end
+
+local W = {}
+
+-- W1: N tiny tasks queued at once, every result collected.
+W.W1 = function()
+  local n = C.args{200000}
+  warm(inc)
+  local sum, got = 0, 0
+  local work = uv.new_work(inc, function(v)
+    sum = sum + v
+    got = got + 1
+  end)
+  local t0 = C.now()
+  for i = 1, n do work:queue(i) end
+  uv.run()
+  local dt = C.now() - t0
+  C.metric("tasks_per_s", n / dt)
+  C.check("count", got, n)
+  C.check("sum", sum, C.w1_expected(n))
+end
+
+-- W2: the same loops as ours.lua, serially here, then on 2 threads.
+W.W2 = function()
+  local ntasks, iters = C.args{400, 500000}
+  local lcg = C.lcg
+  local t0 = C.now()
+  local serial_sum = 0
+  for s = 1, ntasks do serial_sum = serial_sum + lcg(s, iters) end
+  local serial = C.now() - t0
+  warm(inc)
+  local sum = 0
+  local work = uv.new_work(lcg, function(v) sum = sum + v end)
+  t0 = C.now()
+  for s = 1, ntasks do work:queue(s, iters) end
+  uv.run()
+  local parallel = C.now() - t0
+  C.metric("serial_s", serial)
+  C.metric("parallel_s", parallel)
+  C.metric("efficiency", serial / (2 * parallel))
+  C.check("sum", sum, serial_sum)
+  C.metric("checksum", sum)
+end
+
+-- W3: N sequential round trips: each after-callback queues the next task.
+W.W3 = function()
+  local n = C.args{20000}
+  warm(inc)
+  local sum, i = 0, 1
+  local work
+  work = uv.new_work(inc, function(v)
+    sum = sum + v
+    if i < n then
+      i = i + 1
+      work:queue(i)
+    end
+  end)
+  local t0 = C.now()
+  work:queue(1)
+  uv.run()
+  local dt = C.now() - t0
+  C.metric("us_per_rt", dt / n * 1e6)
+  C.check("sum", sum, C.w1_expected(n))
+end
+
+-- W4: each table packed into one string, unpacked in the worker.
+local function pack(t)
+  local parts, n, spack = {}, 0, string.pack
+  for k, v in pairs(t) do
+    n = n + 1
+    parts[n] = spack("s1j", k, v)
+  end
+  return table.concat(parts)
+end
+
+local function unpack_sum(s)
+  local t, pos, len, sunpack = {}, 1, #s, string.unpack
+  while pos <= len do
+    local k, v
+    k, v, pos = sunpack("s1j", s, pos)
+    t[k] = v
+  end
+  local sum = 0
+  for _, v in pairs(t) do sum = sum + v end
+  return sum
+end
+
+W.W4 = function()
+  local n = C.args{20000}
+  warm(inc)
+  local sum, got = 0, 0
+  local work = uv.new_work(unpack_sum, function(v)
+    sum = sum + v
+    got = got + 1
+  end)
+  local t0 = C.now()
+  for t = 1, n do work:queue(pack(C.w4_table(t))) end
+  uv.run()
+  local dt = C.now() - t0
+  C.metric("tasks_per_s", n / dt)
+  C.check("count", got, n)
+  C.check("sum", sum, C.w4_expected(n))
+end
+
+local which = arg[1]
+if not W[which] then
+  io.stderr:write("usage: luv.lua W1|W2|W3|W4 [sizes...]\n")
+  os.exit(2)
+end
+W[which]()
+C.finish()

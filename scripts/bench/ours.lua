@@ -1,0 +1,230 @@
+-- ours.lua: the benchmark workloads W1-W6 on wpool's `workerpool` module.
+-- Run by driver.lua, one workload per process:
+--   LUA_CPATH='build/?.so;;' lua5.4 scripts/bench/ours.lua WORKLOAD [sizes...]
+-- WORKLOAD is W1 W1n W2 W3 W3n W4 W4n W5 W6 ("n": a named handler defined by
+-- init instead of a Lua function shipped with every task).  Prints
+-- "metric" and "check" lines (see common.lua); exits 1 on a bad checksum.
+local dir = arg[0]:match("^(.*)/[^/]*$") or "."
+local C = dofile(dir .. "/common.lua")
+local workerpool = require "workerpool"
+C.now = workerpool.now
+
+local INIT = [[
+local workerpool = require "workerpool"
+function inc(x) return x + 1 end
+function sum_values(t)
+  local s = 0
+  for _, v in pairs(t) do s = s + v end
+  return s
+end
+function add_shared(x)
+  workerpool.shared("bench.w5"):incr("sum", x, 0)
+  return x + 1
+end
+]]
+
+local function inc(x) return x + 1 end
+
+local function sum_values(t)
+  local s = 0
+  for _, v in pairs(t) do s = s + v end
+  return s
+end
+
+local function new_pool(n)
+  return workerpool.new{max_workers = n or 2, init = INIT}
+end
+
+-- Runs a few tasks untimed so both workers and their states exist.
+local function warm(pool, task)
+  local fs = {}
+  for i = 1, 64 do fs[i] = pool:submit(task, i) end
+  for i = 1, 64 do assert(fs[i]:wait()) end
+end
+
+local W = {}
+
+-- W1: N tiny tasks submitted at once, then every result collected.
+local function w1(task)
+  local n = C.args{200000}
+  local pool = new_pool()
+  warm(pool, task)
+  local fs = {}
+  for i = 1, n do fs[i] = false end
+  local t0 = C.now()
+  for i = 1, n do fs[i] = pool:submit(task, i) end
+  local sum = 0
+  for i = 1, n do
+    local ok, v = fs[i]:wait()
+    if ok then sum = sum + v end
+  end
+  local dt = C.now() - t0
+  pool:stop_wait()
+  C.metric("tasks_per_s", n / dt)
+  C.check("sum", sum, C.w1_expected(n))
+end
+W.W1 = function() w1(inc) end
+W.W1n = function() w1("inc") end
+
+-- W2: TASKS pure-Lua loops of ITERS steps, serially here, then on 2
+-- workers; efficiency = serial / (2 x parallel).
+W.W2 = function()
+  local ntasks, iters = C.args{400, 500000}
+  local lcg = C.lcg
+  local t0 = C.now()
+  local serial_sum = 0
+  for s = 1, ntasks do serial_sum = serial_sum + lcg(s, iters) end
+  local serial = C.now() - t0
+  local pool = new_pool()
+  warm(pool, inc)
+  t0 = C.now()
+  local fs = {}
+  for s = 1, ntasks do fs[s] = pool:submit(lcg, s, iters) end
+  local sum = 0
+  for s = 1, ntasks do
+    local ok, v = fs[s]:wait()
+    if ok then sum = sum + v end
+  end
+  local parallel = C.now() - t0
+  pool:stop_wait()
+  C.metric("serial_s", serial)
+  C.metric("parallel_s", parallel)
+  C.metric("efficiency", serial / (2 * parallel))
+  C.check("sum", sum, serial_sum)
+  C.metric("checksum", sum)
+end
+
+-- W3: N sequential submit-and-wait round trips.
+local function w3(task)
+  local n = C.args{20000}
+  local pool = new_pool()
+  warm(pool, task)
+  local sum = 0
+  local t0 = C.now()
+  for i = 1, n do sum = sum + pool:submit_wait(task, i) end
+  local dt = C.now() - t0
+  pool:stop_wait()
+  C.metric("us_per_rt", dt / n * 1e6)
+  C.check("sum", sum, C.w1_expected(n))
+end
+W.W3 = function() w3(inc) end
+W.W3n = function() w3("inc") end
+
+-- W4: N tasks, each given a fresh table of 100 string keys -> integers,
+-- returning the sum of its values.  Building the tables is timed too (luv
+-- builds them and packs them into strings).
+local function w4(task)
+  local n = C.args{20000}
+  local pool = new_pool()
+  warm(pool, task == "sum_values" and "inc" or inc)
+  local fs = {}
+  for i = 1, n do fs[i] = false end
+  local t0 = C.now()
+  for t = 1, n do fs[t] = pool:submit(task, C.w4_table(t)) end
+  local sum = 0
+  for t = 1, n do
+    local ok, v = fs[t]:wait()
+    if ok then sum = sum + v end
+  end
+  local dt = C.now() - t0
+  pool:stop_wait()
+  C.metric("tasks_per_s", n / dt)
+  C.check("sum", sum, C.w4_expected(n))
+end
+W.W4 = function() w4(sum_values) end
+W.W4n = function() w4("sum_values") end
+
+-- W5: the submitting side alone: N submits of a named handler with one
+-- integer into a paused pool, keeping the futures, then N more letting
+-- each future become garbage at once.
+W.W5 = function()
+  local n = C.args{200000}
+  local pool = new_pool()
+  warm(pool, "inc")
+  pool:pause()
+  local fs = {}
+  for i = 1, n do fs[i] = false end
+  collectgarbage()
+  local t0 = C.now()
+  for i = 1, n do fs[i] = pool:submit("inc", i) end
+  local keep = C.now() - t0
+  collectgarbage()
+  t0 = C.now()
+  for i = 1, n do pool:submit("add_shared", i) end
+  local discard = C.now() - t0
+  C.check("queued", pool:waiting(), 2 * n)
+  pool:resume()
+  local sum = 0
+  for i = 1, n do
+    local ok, v = fs[i]:wait()
+    if ok then sum = sum + v end
+  end
+  pool:stop_wait()
+  C.metric("ns_per_submit_keep", keep / n * 1e9)
+  C.metric("ns_per_submit_discard", discard / n * 1e9)
+  C.check("sum_keep", sum, C.w1_expected(n))
+  C.check("sum_discard", workerpool.shared("bench.w5"):get("sum"), n * (n + 1) // 2)
+end
+
+-- W6: RUNS times: create a pool of 2 workers, run one task, stop it
+-- (median); then resident memory per idle worker over a pool of IDLE
+-- workers, before and after each of them ran one task.
+W.W6 = function()
+  local runs, idle = C.args{300, 50}
+  local times, sum = {}, 0
+  local answer = function() return 42 end
+  for r = 1, runs do
+    local t0 = C.now()
+    local pool = workerpool.new{max_workers = 2}
+    sum = sum + pool:submit_wait(answer)
+    pool:stop_wait()
+    times[r] = C.now() - t0
+  end
+  C.check("startup_sum", sum, 42 * runs)
+  C.metric("startup_us", C.median(times) * 1e6)
+
+  collectgarbage()
+  collectgarbage()
+  workerpool.sleep(0.1)
+  local rss0 = C.rss_kib()
+  local pool = workerpool.new{max_workers = idle, min_workers = idle, idle_timeout = -1}
+  -- Workers open their states as they start; wait for every one.
+  local t0 = C.now()
+  while pool:workers() < idle and C.now() - t0 < 10 do workerpool.sleep(0.01) end
+  workerpool.sleep(0.3)
+  collectgarbage()
+  local rss1 = C.rss_kib()
+  -- A barrier task: every worker runs exactly one, all at once.
+  local barrier = function(n)
+    local wp = require "workerpool"
+    local d = wp.shared("bench.w6")
+    d:incr("in", 1, 0)
+    while d:get("in") < n do wp.sleep(0.001) end
+    return 1
+  end
+  local fs = {}
+  for i = 1, idle do fs[i] = pool:submit(barrier, idle) end
+  local ran = 0
+  for i = 1, idle do
+    local ok, v = fs[i]:wait()
+    if ok then ran = ran + v end
+  end
+  fs = nil -- luacheck: ignore 311
+  collectgarbage()
+  collectgarbage()
+  workerpool.sleep(0.3)
+  local rss2 = C.rss_kib()
+  C.check("barrier", ran, idle)
+  C.check("workers", pool:workers(), idle)
+  pool:stop_wait()
+  C.metric("rss_kib_per_idle_worker", (rss1 - rss0) / idle)
+  C.metric("rss_kib_per_used_worker", (rss2 - rss0) / idle)
+end
+
+local which = arg[1]
+if not W[which] then
+  io.stderr:write("usage: ours.lua W1|W1n|W2|W3|W3n|W4|W4n|W5|W6 [sizes...]\n")
+  os.exit(2)
+end
+W[which]()
+C.finish()
