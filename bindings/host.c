@@ -583,6 +583,10 @@ static int deliver_future_pmain(lua_State *L) {
         lua_pushliteral(L, "discarded");
         nres = 1;
         break;
+      case WP_TIMEOUT:
+        lua_pushliteral(L, "timeout");
+        nres = 1;
+        break;
       default:
         lua_pushliteral(L, "cancelled");
         nres = 1;

@@ -32,19 +32,28 @@ WPL_HIDDEN int wpl_pusherr(lua_State *L, int err);
 
 #include <jansson.h>
 
-enum { WPL_DEBUG, WPL_INFO, WPL_WARN, WPL_ERROR };
+enum { WPL_DEBUG, WPL_INFO, WPL_WARN, WPL_ERROR, WPL_OFF };
 
 /* Writes one JSON line: ts, level, event, then the fields (stolen; may be
  * NULL).  Any thread; never fails. */
 WPL_HIDDEN void wpl_log(int level, const char *event, json_t *fields);
 WPL_HIDDEN int wpl_log_enabled(int level);
-/* Level by name ("debug", "info", "warn", "error"), or -1. */
+/* Level by name ("debug", "info", "warn", "error", "off"), or -1. */
 WPL_HIDDEN int wpl_log_level_parse(const char *name);
 WPL_HIDDEN void wpl_log_set_level(int level);
 /* Appends to path from now on (NULL: back to stderr); 0 or an errno. */
 WPL_HIDDEN int wpl_log_set_file(const char *path);
 WPL_HIDDEN int wpl_lua_log(lua_State *L);
+/* Turns a core event into a log line (the core's event handler). */
+WPL_HIDDEN void wpl_log_event(const wp_event *ev);
 WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
+
+/* ---- metrics (metrics.c) ---------------------------------------------- */
+
+/* [-0, +1, m] pool:stats() as a table. */
+WPL_HIDDEN int wpl_push_stats(lua_State *L, wp_pool *p);
+/* [-0, +1, m] Every live pool's metrics, Prometheus text format. */
+WPL_HIDDEN int wpl_push_metrics(lua_State *L);
 
 /* ---- the host event loop (host.c) ------------------------------------ */
 

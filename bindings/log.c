@@ -19,15 +19,15 @@
 
 #include "lbind.h"
 
-static const char *const level_names[] = {"debug", "info", "warn", "error",
-                                          NULL};
+static const char *const level_names[] = {"debug", "info", "warn",
+                                          "error", "off",  NULL};
 
 static struct {
   uv_once_t once;
   uv_mutex_t mu;
   FILE *sink; /* NULL: stderr */
   int level;  /* lines below it are skipped */
-} logger = {.once = UV_ONCE_INIT, .level = WPL_INFO};
+} logger = {.once = UV_ONCE_INIT, .level = WPL_OFF}; /* wpool: info */
 
 static void log_init(void) {
   if (uv_mutex_init(&logger.mu)) abort();
@@ -94,6 +94,79 @@ void wpl_log(int level, const char *event, json_t *fields) {
   fflush(logger.sink ? logger.sink : stderr);
   uv_mutex_unlock(&logger.mu);
   free(text);
+}
+
+/* ---- core events ----------------------------------------------------- */
+
+void wpl_log_event(const wp_event *ev) {
+  static const struct {
+    const char *name;
+    int level;
+  } kinds[] = {
+      [WP_EV_POOL_CREATED] = {"pool.created", WPL_INFO},
+      [WP_EV_POOL_RESIZED] = {"pool.resized", WPL_INFO},
+      [WP_EV_POOL_DRAINING] = {"pool.draining", WPL_INFO},
+      [WP_EV_POOL_DRAINED] = {"pool.drained", WPL_INFO},
+      [WP_EV_POOL_STOPPED] = {"pool.stopped", WPL_INFO},
+      [WP_EV_TASK_ERROR] = {"task.error", WPL_ERROR},
+      [WP_EV_TASK_SLOW] = {"task.slow", WPL_WARN},
+      [WP_EV_TASK_TIMEOUT] = {"task.timeout", WPL_WARN},
+      [WP_EV_WORKER_STUCK] = {"worker.stuck", WPL_ERROR},
+      [WP_EV_MEMORY_LIMIT] = {"worker.memory_limit", WPL_WARN},
+      [WP_EV_DROPPED] = {"tasks.dropped", WPL_WARN},
+  };
+  json_t *f;
+  char msg[160];
+  if ((unsigned)ev->type >= sizeof kinds / sizeof *kinds ||
+      !wpl_log_enabled(kinds[ev->type].level))
+    return;
+  f = json_pack("{s:s}", "pool", ev->pool ? ev->pool : "?");
+  if (f == NULL) return;
+  if (ev->task) json_object_set_new(f, "task", json_string(ev->task));
+  if (ev->worker) json_object_set_new(f, "worker", json_integer(ev->worker));
+  switch (ev->type) {
+  case WP_EV_POOL_CREATED:
+    json_object_set_new(f, "max_workers", json_integer(ev->n));
+    break;
+  case WP_EV_POOL_RESIZED:
+    json_object_set_new(f, "max_workers", json_integer(ev->n));
+    json_object_set_new(f, "was", json_integer(ev->n2));
+    break;
+  case WP_EV_POOL_DRAINING:
+    json_object_set_new(f, "queued", json_integer(ev->n));
+    json_object_set_new(f, "running", json_integer(ev->n2));
+    break;
+  case WP_EV_POOL_STOPPED:
+    json_object_set_new(f, "dropped", json_integer(ev->n));
+    break;
+  case WP_EV_TASK_ERROR:
+    json_object_set_new(f, "error",
+                        json_string(ev->message ? ev->message : "?"));
+    break;
+  case WP_EV_TASK_SLOW:
+    json_object_set_new(f, "running_s", json_real(ev->seconds));
+    break;
+  case WP_EV_TASK_TIMEOUT:
+    json_object_set_new(f, "timeout_s", json_real(ev->seconds));
+    break;
+  case WP_EV_WORKER_STUCK:
+    json_object_set_new(f, "past_deadline_s", json_real(ev->seconds));
+    break;
+  case WP_EV_MEMORY_LIMIT:
+    json_object_set_new(f, "limit_bytes", json_integer(ev->n));
+    break;
+  case WP_EV_DROPPED:
+    snprintf(msg, sizeof msg, "dropped %lld tasks in the last %g s, reason=%s",
+             (long long)ev->n, ev->seconds, ev->reason ? ev->reason : "?");
+    json_object_set_new(f, "msg", json_string(msg));
+    json_object_set_new(f, "dropped", json_integer(ev->n));
+    json_object_set_new(f, "reason", json_string(ev->reason));
+    json_object_set_new(f, "interval_s", json_real(ev->seconds));
+    break;
+  default:
+    break;
+  }
+  wpl_log(kinds[ev->type].level, kinds[ev->type].name, f);
 }
 
 /* ---- from Lua -------------------------------------------------------- */
@@ -175,7 +248,8 @@ static int log_pmain(lua_State *L) {
 int wpl_lua_log(lua_State *L) {
   int level = wpl_log_level_parse(luaL_checkstring(L, 1));
   conv c = {NULL};
-  luaL_argcheck(L, level >= 0, 1, "level must be debug, info, warn or error");
+  luaL_argcheck(L, level >= 0 && level != WPL_OFF, 1,
+                "level must be debug, info, warn or error");
   luaL_checkany(L, 2);
   if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
   if (!wpl_log_enabled(level)) return 0;
@@ -196,7 +270,8 @@ int wpl_lua_log(lua_State *L) {
 /* workerpool.set_log_level(level)   [-0, +0, e] Any state. */
 int wpl_lua_set_log_level(lua_State *L) {
   int level = wpl_log_level_parse(luaL_checkstring(L, 1));
-  luaL_argcheck(L, level >= 0, 1, "level must be debug, info, warn or error");
+  luaL_argcheck(L, level >= 0, 1,
+                "level must be debug, info, warn, error or off");
   wpl_log_set_level(level);
   return 0;
 }

@@ -52,9 +52,22 @@ static wpl_future *checkfuture(lua_State *L) {
 
 /* ---- workerpool.new -------------------------------------------------- */
 
-static const char *const pool_options[] = {
-    "name", "max_workers", "min_workers", "idle_timeout",
-    "init", "init_file",   NULL};
+static const char *const pool_options[] = {"name",
+                                           "max_workers",
+                                           "min_workers",
+                                           "idle_timeout",
+                                           "init",
+                                           "init_file",
+                                           "queue_cap",
+                                           "on_full",
+                                           "submit_timeout",
+                                           "task_timeout",
+                                           "stuck_grace",
+                                           "slow_task",
+                                           "memory_limit",
+                                           "max_tasks_per_worker",
+                                           "drop_log_interval",
+                                           NULL};
 
 /* [-0, +0, e] Raises on a key of opts that is not an option. */
 static void check_option_names(lua_State *L) {
@@ -86,6 +99,21 @@ static lua_Integer int_option(lua_State *L, const char *k, lua_Integer lo,
     if (t != LUA_TNUMBER || !ok || v < lo)
       luaL_error(L, "workerpool.new: %s", msg);
     if (v > hi) luaL_error(L, "workerpool.new: %s (at most %d)", msg, (int)hi);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* [-0, +0, e] opts[k] as a number of seconds: def when absent; else it
+ * must be finite and above 0 (or at least 0 with zero_ok). */
+static double secs_option(lua_State *L, const char *k, double def,
+                          int zero_ok) {
+  double v = def;
+  if (lua_getfield(L, 1, k) != LUA_TNIL) {
+    v = lua_type(L, -1) == LUA_TNUMBER ? (double)lua_tonumber(L, -1) : NAN;
+    if (!isfinite(v) || v < 0 || (v == 0 && !zero_ok))
+      luaL_error(L, "workerpool.new: %s must be a %s number of seconds", k,
+                 zero_ok ? "non-negative" : "positive");
   }
   lua_pop(L, 1);
   return v;
@@ -163,20 +191,46 @@ static int wpl_new(lua_State *L) {
                     "seconds (negative disables reaping)");
     o.idle_timeout = (double)lua_tonumber(L, -1);
   }
-  o.name = str_option(L, 1, "name");         /* 3 */
-  o.init = str_option(L, 1, "init");         /* 4 */
-  init_file = str_option(L, 1, "init_file"); /* 5 */
+  o.queue_cap = (size_t)int_option(L, "queue_cap", 1, (lua_Integer)1 << 40, 0,
+                                   0, "queue_cap must be a positive integer");
+  if (lua_getfield(L, 1, "on_full") != LUA_TNIL) {
+    const char *how = lua_tostring(L, -1);
+    if (lua_type(L, -1) != LUA_TSTRING ||
+        (strcmp(how, "reject") != 0 && strcmp(how, "block") != 0))
+      luaL_error(L, "workerpool.new: on_full must be \"reject\" or "
+                    "\"block\"");
+    if (o.queue_cap == 0)
+      luaL_error(L, "workerpool.new: on_full needs a queue_cap");
+    o.block_when_full = strcmp(how, "block") == 0;
+  }
+  lua_pop(L, 1);
+  o.submit_timeout = secs_option(L, "submit_timeout", -1, 1);
+  o.task_timeout = secs_option(L, "task_timeout", 0, 0);
+  o.stuck_grace = secs_option(L, "stuck_grace", o.stuck_grace, 1);
+  o.slow_task = secs_option(L, "slow_task", 0, 0);
+  o.drop_log_interval =
+      secs_option(L, "drop_log_interval", o.drop_log_interval, 0);
+  o.memory_limit =
+      (size_t)int_option(L, "memory_limit", 1, (lua_Integer)1 << 48, 0, 0,
+                         "memory_limit must be a positive integer (bytes)");
+  o.max_tasks_per_worker =
+      (int)int_option(L, "max_tasks_per_worker", 1, INT32_MAX, 0, 0,
+                      "max_tasks_per_worker must be a positive integer");
+  lua_settop(L, 1); /* the strings below stay on the stack, anchored */
+  o.name = str_option(L, 1, "name");         /* 2 */
+  o.init = str_option(L, 1, "init");         /* 3 */
+  init_file = str_option(L, 1, "init_file"); /* 4 */
   if (o.init && init_file)
     luaL_error(L, "workerpool.new: init and init_file are mutually "
                   "exclusive");
   if (o.init) {
-    o.init_len = lua_rawlen(L, 4);
+    o.init_len = lua_rawlen(L, 3);
     o.init_name = "=init";
   }
   if (init_file) snprintf(initname, sizeof initname, "@%s", init_file);
-  if (lua_getglobal(L, "package") == LUA_TTABLE) { /* 6 */
-    o.package_path = str_option(L, 6, "path");     /* 7 */
-    o.package_cpath = str_option(L, 6, "cpath");   /* 8 */
+  if (lua_getglobal(L, "package") == LUA_TTABLE) { /* 5 */
+    o.package_path = str_option(L, 5, "path");     /* 6 */
+    o.package_cpath = str_option(L, 5, "cpath");   /* 7 */
   }
   o.open_state = open_worker;
   u = lua_newuserdatauv(L, sizeof *u, 0);
@@ -217,26 +271,147 @@ static int wpl_get(lua_State *L) {
 
 /* ---- pool methods ---------------------------------------------------- */
 
-/* [-0, +1, e] Queues the task at 2 with the arguments after it and pushes
- * its future; on a stopped pool returns nil, "stopped" instead. */
-static int submit(lua_State *L, const char *what, wpl_future **out) {
+/* ---- submitting ------------------------------------------------------ */
+
+static const char *const desc_fields[] = {"fn",      "handler", "name",
+                                          "timeout", "tenant",  NULL};
+
+static int desc_error(lua_State *L, const char *what, const char *msg) {
+  return luaL_error(L, "bad argument #1 to '%s' (%s)", what, msg);
+}
+
+/* [-0, +0|1, e] When the task at 2 is a descriptor table, reads it into o,
+ * moves the table below self (index 1, keeping its strings anchored) and
+ * puts its function or handler name in its place.  Returns the index of
+ * self afterwards. */
+static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
+  int i, has_fn, has_handler;
+  memset(o, 0, sizeof *o);
+  if (lua_type(L, 2) != LUA_TTABLE) return 1;
+  lua_pushnil(L);
+  while (lua_next(L, 2)) {
+    int known = 0;
+    lua_pop(L, 1);
+    if (lua_type(L, -1) == LUA_TSTRING)
+      for (i = 0; desc_fields[i] && !known; i++)
+        known = strcmp(lua_tostring(L, -1), desc_fields[i]) == 0;
+    if (!known) {
+      lua_pushfstring(L, "unknown task field '%s'", luaL_tolstring(L, -1, 0));
+      return desc_error(L, what, lua_tostring(L, -1));
+    }
+  }
+  has_fn = lua_getfield(L, 2, "fn") != LUA_TNIL;
+  has_handler = lua_getfield(L, 2, "handler") != LUA_TNIL;
+  if (has_fn == has_handler)
+    return desc_error(L, what, "a task descriptor needs fn or handler");
+  if (has_fn && (!lua_isfunction(L, -2) || lua_iscfunction(L, -2)))
+    return desc_error(L, what, "fn must be a Lua function");
+  if (has_handler && lua_type(L, -1) != LUA_TSTRING)
+    return desc_error(L, what, "handler must be a string");
+  if (has_fn) lua_pop(L, 1); /* the task is now at the top */
+  if (lua_getfield(L, 2, "name") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TSTRING)
+      return desc_error(L, what, "name must be a string");
+    o->name = lua_tostring(L, -1); /* anchored in the table */
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 2, "tenant") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TSTRING)
+      return desc_error(L, what, "tenant must be a string");
+    o->tenant = lua_tostring(L, -1);
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 2, "timeout") != LUA_TNIL) {
+    double t = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : NAN;
+    if (!(t > 0))
+      return desc_error(L, what,
+                        "timeout must be a positive number of "
+                        "seconds");
+    o->timeout = isinf(t) ? -1 : t; /* math.huge: no deadline */
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, 2);
+  lua_insert(L, 1);  /* the descriptor, below self */
+  lua_replace(L, 3); /* the function or handler, where the table was */
+  return 2;
+}
+
+/* How long a coroutine waits before trying a full queue again. */
+#define FULL_RETRY 0.005
+
+static int submit_k(lua_State *L, int status, lua_KContext ctx);
+
+/* [-0, +1|3, e] Queues the task (plain or descriptor) with the arguments
+ * after it and pushes its future, or returns nil, "stopped" / nil, "full".
+ * With on_full = "block" a host coroutine waits for room without blocking
+ * the loop; any other caller blocks its thread. */
+static int submit(lua_State *L, const char *what, int then_wait) {
   wpl_pool *u = checkpool(L);
-  int nargs = lua_gettop(L) - 2, r;
+  wp_task_opts o;
+  wp_pool_counts c;
   wpl_future *fu;
+  int self, task, nargs, r, parkable;
   luaL_checkany(L, 2);
+  self = parse_task(L, what, &o);
+  task = self + 1;
+  nargs = lua_gettop(L) - task;
   fu = lua_newuserdatauv(L, sizeof *fu, 0);
   fu->f = NULL;
   luaL_setmetatable(L, WPL_FUTURE_MT);
-  r = wp_submit_lua(u->p, L, 2, nargs, what, &fu->f);
+  wp_pool_get_counts(u->p, &c);
+  parkable = c.block_when_full && lua_isyieldable(L);
+  o.nowait = parkable;
+  r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, &fu->f);
+  if (r == WP_EFULL && parkable) {
+    lua_pushnumber(L, c.submit_timeout < 0 ? HUGE_VAL
+                                           : wp_now() + c.submit_timeout);
+    if (wpl_host_park_sleep(L, FULL_RETRY))
+      return lua_yieldk(L, 0, then_wait, submit_k);
+    lua_pop(L, 1);
+    o.nowait = 0; /* not a host coroutine after all: block here */
+    r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, &fu->f);
+  }
   if (r) return wpl_pusherr(L, r);
-  *out = fu;
   return 1;
 }
 
-/* pool:submit(task, ...) -> future | nil, "stopped"   [-0, +1|3, e] */
+static int submit_wait_from(lua_State *L, wpl_future *fu);
+
+/* Continues a submit that waits for room: the stack holds the call, the
+ * future and the deadline. */
+static int submit_k(lua_State *L, int status, lua_KContext then_wait) {
+  wpl_pool *u;
+  wp_task_opts o;
+  wpl_future *fu = luaL_checkudata(L, -2, WPL_FUTURE_MT);
+  double deadline = lua_tonumber(L, -1);
+  int self = lua_type(L, 1) == LUA_TTABLE ? 2 : 1, r;
+  (void)status;
+  u = luaL_checkudata(L, self, WPL_POOL_MT);
+  lua_pop(L, 1);
+  if (self == 2) {
+    lua_pushvalue(L, 1); /* parse the descriptor again for its options */
+    lua_replace(L, 3);
+    lua_remove(L, 1);
+    parse_task(L, then_wait ? "submit_wait" : "submit", &o);
+  } else {
+    memset(&o, 0, sizeof o);
+  }
+  o.nowait = 1;
+  r = wp_submit_lua_opts(u->p, L, self + 1, lua_gettop(L) - self - 2,
+                         then_wait ? "submit_wait" : "submit", &o, &fu->f);
+  if (r == WP_EFULL && wp_now() < deadline) {
+    lua_pushnumber(L, deadline);
+    wpl_host_park_sleep(L, FULL_RETRY);
+    return lua_yieldk(L, 0, then_wait, submit_k);
+  }
+  if (r) return wpl_pusherr(L, r);
+  return then_wait ? submit_wait_from(L, fu) : 1;
+}
+
+/* pool:submit(task, ...) -> future | nil, "stopped" | nil, "full"
+ * [-0, +1|3, e] */
 static int pool_submit(lua_State *L) {
-  wpl_future *fu;
-  return submit(L, "submit", &fu);
+  return submit(L, "submit", 0);
 }
 
 /* [-0, +n, e] Pushes the results of an ended future; raises its error. */
@@ -251,6 +426,8 @@ static int finish_wait(lua_State *L, wp_future *f, const char *pool) {
     return lua_error(L);
   case WP_DISCARDED:
     return luaL_error(L, "task discarded: pool '%s' was stopped", pool);
+  case WP_TIMEOUT:
+    return luaL_error(L, "timeout");
   default:
     return luaL_error(L, "task cancelled");
   }
@@ -264,21 +441,10 @@ static int submit_wait_k(lua_State *L, int status, lua_KContext ctx) {
   return finish_wait(L, fu->f, (const char *)ctx);
 }
 
-/* pool:submit_wait(task, ...) -> results... | nil, "stopped"
- * [-0, +n, e] Raises the task's error, with its worker-side traceback. */
-static int pool_submit_wait(lua_State *L) {
-  wpl_pool *u = checkpool(L);
-  const char *pname = wp_pool_name(u->p); /* the future keeps it alive */
-  wpl_future *fu;
-  int n;
-  if (wp_state_pool(L) == u->p)
-    return luaL_error(L,
-                      "submit_wait from a task of pool '%s' would deadlock "
-                      "(the task would wait for a worker of its own pool); "
-                      "use submit, or another pool",
-                      wp_pool_name(u->p));
-  n = submit(L, "submit_wait", &fu);
-  if (n != 1) return n;
+/* [-0, +n, e] The waiting half of submit_wait, for the future fu at the
+ * top of the stack. */
+static int submit_wait_from(lua_State *L, wpl_future *fu) {
+  const char *pname = wp_future_pool_name(fu->f); /* kept alive by fu */
   lua_replace(L, 1); /* keep the future anchored while results decode */
   lua_settop(L, 1);
   if (wp_future_status(fu->f) == WP_PENDING &&
@@ -286,6 +452,22 @@ static int pool_submit_wait(lua_State *L) {
     return lua_yieldk(L, 0, (lua_KContext)pname, submit_wait_k);
   wp_future_wait(fu->f, -1);
   return finish_wait(L, fu->f, pname);
+}
+
+/* pool:submit_wait(task, ...) -> results... | nil, "stopped" | nil, "full"
+ * [-0, +n, e] Raises the task's error, with its worker-side traceback. */
+static int pool_submit_wait(lua_State *L) {
+  wpl_pool *u = checkpool(L);
+  int n;
+  if (wp_state_pool(L) == u->p)
+    return luaL_error(L,
+                      "submit_wait from a task of pool '%s' would deadlock "
+                      "(the task would wait for a worker of its own pool); "
+                      "use submit, or another pool",
+                      wp_pool_name(u->p));
+  n = submit(L, "submit_wait", 1);
+  if (n != 1) return n;
+  return submit_wait_from(L, lua_touserdata(L, -1));
 }
 
 static void check_deadlock(lua_State *L, wpl_pool *u, int r, const char *m) {
@@ -411,6 +593,35 @@ static int pool_size(lua_State *L) {
   return pool_count(L, 4);
 }
 
+/* pool:stats() -> table   [-0, +1, e] See docs/guards.md. */
+static int pool_stats(lua_State *L) {
+  return wpl_push_stats(L, checkpool(L)->p);
+}
+
+/* pool:resize(n)   [-0, +0, e] Changes max_workers while running. */
+static int pool_resize(lua_State *L) {
+  wpl_pool *u = checkpool(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  wp_pool_counts c;
+  int r;
+  luaL_argcheck(L, n >= 1 && n <= WPL_MAX_WORKERS, 2,
+                "max_workers must be a positive integer (at most 10000)");
+  r = wp_pool_resize(u->p, (int)n);
+  if (r == WP_EINVAL) {
+    wp_pool_get_counts(u->p, &c);
+    return luaL_argerror(L, 2, "must not be below min_workers");
+  }
+  if (r) return wpl_pusherr(L, r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* workerpool.metrics() -> text   [-0, +1, m] Prometheus exposition format
+ * for every live pool. */
+static int wpl_metrics(lua_State *L) {
+  return wpl_push_metrics(L);
+}
+
 /* pool:name() -> string   [-0, +1, e] */
 static int pool_name(lua_State *L) {
   lua_pushstring(L, wp_pool_name(checkpool(L)->p));
@@ -496,6 +707,10 @@ static int future_outcome(lua_State *L, wpl_future *u) {
     lua_pushboolean(L, 0);
     lua_pushliteral(L, "discarded");
     return 2;
+  case WP_TIMEOUT:
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "timeout");
+    return 2;
   default:
     lua_pushboolean(L, 0);
     lua_pushliteral(L, "cancelled");
@@ -524,8 +739,8 @@ static int future_on_done(lua_State *L) {
 /* f:status() -> "pending" | "ok" | "error" | "discarded" | "cancelled"
  * [-0, +1, e] */
 static int future_status(lua_State *L) {
-  static const char *const names[] = {"pending", "ok", "error", "discarded",
-                                      "cancelled"};
+  static const char *const names[] = {"pending",   "ok",        "error",
+                                      "discarded", "cancelled", "timeout"};
   lua_pushstring(L, names[wp_future_status(checkfuture(L)->f)]);
   return 1;
 }
@@ -597,6 +812,7 @@ static const luaL_Reg module_funcs[] = {
     {"pool_name", wpl_pool_name},
     {"sleep", wpl_sleep},
     {"now", wpl_now},
+    {"metrics", wpl_metrics},
     {"spawn", wpl_spawn},
     {"after", wpl_after},
     {"every", wpl_every},
@@ -616,6 +832,8 @@ static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
                                         {"running", pool_running},
                                         {"workers", pool_workers},
                                         {"size", pool_size},
+                                        {"stats", pool_stats},
+                                        {"resize", pool_resize},
                                         {"name", pool_name},
                                         {NULL, NULL}};
 
@@ -655,6 +873,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   const luaL_Reg *f;
   char name[64];
   uv_once(&pinned, pin_module);
+  wp_set_event_handler(wpl_log_event);
   for (f = module_funcs; f->name; f++) {
     snprintf(name, sizeof name, "workerpool.%s", f->name);
     wp_register_cfunction(name, f->func);

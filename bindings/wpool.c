@@ -118,6 +118,7 @@ int main(int argc, char **argv) {
   run_opts o = {25, NULL, 0};
   int i;
   char *end;
+  wpl_log_set_level(WPL_INFO); /* the module alone logs nothing by default */
   if (argc < 2) {
     fputs(usage, stderr);
     return 2;

@@ -33,6 +33,10 @@ err:
   return NULL;
 }
 
+const char *wp_future_pool_name(const wp_future *f) {
+  return wp_pool_name(f->pool);
+}
+
 void wp_future_retain(wp_future *f) {
   atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
 }

@@ -373,6 +373,7 @@ static const char *check_options(const wp_options *o) {
     return "min_workers must be an integer from 0 to max_workers";
   if (isnan(o->idle_timeout)) return "idle_timeout must be a number";
   if (o->name && o->name[0] == '\0') return "name must not be empty";
+  if (o->name && strlen(o->name) > 255) return "name must be at most 255 bytes";
   if (!(o->task_timeout >= 0) || isinf(o->task_timeout))
     return "task_timeout must be a non-negative number of seconds";
   if (!(o->stuck_grace >= 0) || isinf(o->stuck_grace))
@@ -844,5 +845,9 @@ void wp_pool_get_counts(wp_pool *p, wp_pool_counts *c) {
   c->running = p->nrunning;
   c->workers = p->nworkers;
   c->max_workers = p->max_workers;
+  c->queue_cap = p->queue_cap;
+  c->block_when_full = p->block_when_full;
+  c->submit_timeout =
+      p->submit_timeout_ns < 0 ? -1 : (double)p->submit_timeout_ns / 1e9;
   uv_mutex_unlock(&p->mu);
 }

@@ -54,13 +54,17 @@ int wp_interrupted(void) {
   return seq != 0 && atomic_load(&w->kill_seq) == seq;
 }
 
-/* Count hook: raises until the interrupted task has unwound. */
+/* Count hook: raises until the interrupted task has unwound.  After the
+ * first raise it runs at every instruction, so the first instruction after
+ * a pcall that caught the error raises again, one level further out. */
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
-  if (current && current->in_task && wp_interrupted())
+  if (current && current->in_task && wp_interrupted()) {
+    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
     luaL_error(L, "%s",
                atomic_load(&current->kill_reason) == WP_TIMEOUT ? "timeout"
                                                                 : "cancelled");
+  }
   lua_sethook(L, NULL, 0, 0); /* left from an earlier task */
 }
 

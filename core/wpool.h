@@ -171,6 +171,9 @@ typedef struct wp_pool_counts {
   int running;    /* tasks executing now */
   int workers;    /* live worker states */
   int max_workers;
+  size_t queue_cap;      /* 0: unbounded */
+  int block_when_full;   /* submitters wait for room */
+  double submit_timeout; /* how long they wait; < 0: no limit */
 } wp_pool_counts;
 
 WP_API void wp_pool_get_counts(wp_pool *p, wp_pool_counts *out);
@@ -333,6 +336,9 @@ typedef enum {
   WP_CANCELLED,   /* cancelled: removed from the queue, or interrupted */
   WP_TIMEOUT      /* interrupted, or abandoned as stuck, at its deadline */
 } wp_status;
+
+/* Name of the pool f was submitted to; valid while f is referenced. */
+WP_API const char *wp_future_pool_name(const wp_future *f);
 
 WP_API void wp_future_retain(wp_future *f);
 WP_API void wp_future_release(wp_future *f);

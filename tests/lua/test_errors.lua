@@ -285,8 +285,9 @@ T.test("argument checks", function()
     "got number)")
   T.raises(function() pool:submit(nil) end,
     "handler name or Lua function expected, got nil")
+  -- A table is a task descriptor (docs/guards.md): it needs fn or handler.
   T.raises(function() pool:submit({}) end,
-    "handler name or Lua function expected, got table")
+    "bad argument #1 to 'submit' (a task descriptor needs fn or handler)")
   T.raises(function() pool:submit(print) end,
     "bad argument #1 to 'submit' (handler name or Lua function expected")
   T.raises(function() pool:submit_wait(math.floor, 1.5) end,
