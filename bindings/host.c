@@ -117,6 +117,7 @@ struct wpool_host {
   int nclosing;      /* handles still closing after wpool_host_close */
   wp_pool **adopted; /* collected pools draining in the background */
   int nadopted;
+  void *http; /* the endpoints' server, or NULL */
 };
 
 /* ---- mailbox --------------------------------------------------------- */
@@ -944,6 +945,15 @@ int wpl_host_adopt(lua_State *L, wp_pool *p) {
   return 1;
 }
 
+int wpool_host_serve(wpool_host *h, const char *addr) {
+  if (h->http) return UV_EEXIST;
+  return wpl_http_serve(h, h->loop, addr, &h->http);
+}
+
+int wpool_host_ready(const wpool_host *h) {
+  return !h->draining && !h->closed && wp_pools_stopped() == 0;
+}
+
 int wpool_host_exit_code(const wpool_host *h) {
   return h->exit_code;
 }
@@ -1104,6 +1114,8 @@ void wpool_host_close(wpool_host *h) {
   }
   while (h->timers)
     wtimer_stop(h->timers);
+  wpl_http_close(h->http);
+  h->http = NULL;
   host_call(h, close_parks_pmain, h);
   h->closed = 1;
   for (i = 0; i < (size_t)h->npools; i++)

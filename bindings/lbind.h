@@ -8,6 +8,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <uv.h>
 
 #include "wpool.h"
 
@@ -54,6 +55,20 @@ WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
 WPL_HIDDEN int wpl_push_stats(lua_State *L, wp_pool *p);
 /* [-0, +1, m] Every live pool's metrics, Prometheus text format. */
 WPL_HIDDEN int wpl_push_metrics(lua_State *L);
+/* The same text, malloc'd (the caller frees), or NULL out of memory.  Any
+ * thread; no Lua. */
+WPL_HIDDEN char *wpl_metrics_text(size_t *len);
+/* [-0, +0, m] Registers the metatables metrics.c uses. */
+WPL_HIDDEN void wpl_metrics_init(lua_State *L);
+
+/* ---- health and metrics endpoints (http.c) ---------------------------- */
+
+typedef struct wpool_host wpool_host;
+/* Starts serving on addr; *out is closed by wpl_http_close.  0 or a UV
+ * error. */
+WPL_HIDDEN int wpl_http_serve(wpool_host *h, uv_loop_t *loop, const char *addr,
+                              void **out);
+WPL_HIDDEN void wpl_http_close(void *server);
 
 /* ---- the host event loop (host.c) ------------------------------------ */
 

@@ -886,6 +886,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   new_class(L, WPL_FUTURE_MT, future_methods, future_gc, NULL);
   wpl_shared_init(L);
   wpl_host_init(L);
+  wpl_metrics_init(L);
   luaL_newlib(L, module_funcs);
   lua_pushliteral(L, WP_VERSION);
   lua_setfield(L, -2, "_VERSION");

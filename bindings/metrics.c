@@ -7,6 +7,7 @@
  * that could raise, so no pool reference is held across one.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lbind.h"
@@ -78,42 +79,73 @@ int wpl_push_stats(lua_State *L, wp_pool *p) {
 
 /* ---- Prometheus text ------------------------------------------------- */
 
-static void add_label(luaL_Buffer *b, const char *v) {
+typedef struct sbuf {
+  char *p;
+  size_t len, cap;
+  int failed; /* out of memory: the text is incomplete */
+} sbuf;
+
+static void add(sbuf *b, const char *s, size_t n) {
+  if (b->failed) return;
+  if (b->cap - b->len < n + 1) {
+    size_t cap = b->cap ? b->cap : 4096;
+    char *np;
+    while (cap - b->len < n + 1)
+      cap *= 2;
+    if ((np = realloc(b->p, cap)) == NULL) {
+      b->failed = 1;
+      return;
+    }
+    b->p = np;
+    b->cap = cap;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+}
+
+static void adds(sbuf *b, const char *s) {
+  add(b, s, strlen(s));
+}
+
+static void add_label(sbuf *b, const char *v) {
   for (; *v; v++) {
-    if (*v == '\\' || *v == '"')
-      luaL_addchar(b, '\\'), luaL_addchar(b, *v);
+    if (*v == '\\')
+      adds(b, "\\\\");
+    else if (*v == '"')
+      adds(b, "\\\"");
     else if (*v == '\n')
-      luaL_addstring(b, "\\n");
+      adds(b, "\\n");
     else
-      luaL_addchar(b, *v);
+      add(b, v, 1);
   }
 }
 
-static void family(luaL_Buffer *b, const char *name, const char *type,
+static void family(sbuf *b, const char *name, const char *type,
                    const char *help) {
   char line[256];
   snprintf(line, sizeof line, "# HELP %s %s\n# TYPE %s %s\n", name, help, name,
            type);
-  luaL_addstring(b, line);
+  adds(b, line);
 }
 
 /* name{pool="..."[,extra]} value */
-static void sample(luaL_Buffer *b, const char *name, const char *pool,
+static void sample(sbuf *b, const char *name, const char *pool,
                    const char *extra, double value) {
   char num[64];
-  luaL_addstring(b, name);
-  luaL_addstring(b, "{pool=\"");
+  adds(b, name);
+  adds(b, "{pool=\"");
   add_label(b, pool);
-  luaL_addchar(b, '"');
+  adds(b, "\"");
   if (extra) {
-    luaL_addchar(b, ',');
-    luaL_addstring(b, extra);
+    adds(b, ",");
+    adds(b, extra);
   }
   snprintf(num, sizeof num, "} %.17g\n", value);
-  luaL_addstring(b, num);
+  adds(b, num);
 }
 
-static void hist(luaL_Buffer *b, const char *name, const char *pool,
+static void hist(sbuf *b, const char *name, const char *pool,
                  const wp_hist *h) {
   char metric[128], le[64];
   uint64_t cum = 0;
@@ -133,27 +165,32 @@ static void hist(luaL_Buffer *b, const char *name, const char *pool,
   sample(b, metric, pool, NULL, (double)cum);
 }
 
-/* [-0, +1, m] Pushes the exposition text for every live pool. */
-int wpl_push_metrics(lua_State *L) {
+char *wpl_metrics_text(size_t *len) {
   static const char *const results[] = {"ok", "error", "timeout", "cancelled"};
   static const char *const reasons[] = {"full", "stopped", "discarded",
                                         "policy"};
   wp_pool **pools;
   snap *v;
-  luaL_Buffer b;
+  sbuf b = {0};
   char extra[64];
   int n, m, i, j;
   n = wp_pool_list(NULL, 0);
-  v = lua_newuserdatauv(L, (size_t)(n + 1) * (sizeof *v + sizeof *pools), 0);
-  pools = (wp_pool **)(v + n + 1);
-  m = wp_pool_list(pools, n); /* no Lua call until they are released */
+  pools = malloc((size_t)(n + 1) * sizeof *pools);
+  v = malloc((size_t)(n + 1) * sizeof *v);
+  if (pools == NULL || v == NULL) {
+    free(pools);
+    free(v);
+    return NULL;
+  }
+  m = wp_pool_list(pools, n);
   if (m > n) m = n;
   for (i = 0; i < m; i++) {
     snprintf(v[i].name, sizeof v[i].name, "%s", wp_pool_name(pools[i]));
     wp_pool_get_stats(pools[i], &v[i].s);
     wp_pool_release(pools[i]);
   }
-  luaL_buffinit(L, &b);
+  free(pools);
+  adds(&b, ""); /* an empty text is still a text */
   family(&b, "workerpool_submitted_total", "counter",
          "Tasks accepted into the queue.");
   for (i = 0; i < m; i++)
@@ -179,27 +216,28 @@ int wpl_push_metrics(lua_State *L) {
       sample(&b, "workerpool_dropped_total", v[i].name, extra, (double)d[j]);
     }
   }
-#define GAUGE(metric, kind, help, field)                                       \
+#define SERIES(metric, kind, help, field)                                      \
   family(&b, metric, kind, help);                                              \
   for (i = 0; i < m; i++)                                                      \
     sample(&b, metric, v[i].name, NULL, (double)v[i].s.field);
-  GAUGE("workerpool_memory_limit_hits_total", "counter",
-        "Worker states replaced after reaching memory_limit.",
-        memory_limit_hits)
-  GAUGE("workerpool_stuck_workers_total", "counter",
-        "Workers declared stuck past a deadline.", stuck_total)
-  GAUGE("workerpool_queue_depth", "gauge", "Tasks queued, not started.", queued)
-  GAUGE("workerpool_queued_bytes", "gauge",
-        "Bytes of the arguments of queued tasks.", queued_bytes)
-  GAUGE("workerpool_running_tasks", "gauge", "Tasks running now.", running)
-  GAUGE("workerpool_workers", "gauge", "Live worker states.", workers)
-  GAUGE("workerpool_stuck_workers", "gauge",
-        "Workers stuck in a task that cannot be interrupted.", stuck)
-  GAUGE("workerpool_max_workers", "gauge", "The pool's max_workers.",
-        max_workers)
-  GAUGE("workerpool_worker_memory_bytes", "gauge",
-        "Bytes allocated by all worker states of the pool.", memory)
-#undef GAUGE
+  SERIES("workerpool_memory_limit_hits_total", "counter",
+         "Worker states replaced after reaching memory_limit.",
+         memory_limit_hits)
+  SERIES("workerpool_stuck_workers_total", "counter",
+         "Workers declared stuck past a deadline.", stuck_total)
+  SERIES("workerpool_queue_depth", "gauge", "Tasks queued, not started.",
+         queued)
+  SERIES("workerpool_queued_bytes", "gauge",
+         "Bytes of the arguments of queued tasks.", queued_bytes)
+  SERIES("workerpool_running_tasks", "gauge", "Tasks running now.", running)
+  SERIES("workerpool_workers", "gauge", "Live worker states.", workers)
+  SERIES("workerpool_stuck_workers", "gauge",
+         "Workers stuck in a task that cannot be interrupted.", stuck)
+  SERIES("workerpool_max_workers", "gauge", "The pool's max_workers.",
+         max_workers)
+  SERIES("workerpool_worker_memory_bytes", "gauge",
+         "Bytes allocated by all worker states of the pool.", memory)
+#undef SERIES
   family(&b, "workerpool_task_duration_seconds", "histogram",
          "Time from a task's start to its end.");
   for (i = 0; i < m; i++)
@@ -208,7 +246,45 @@ int wpl_push_metrics(lua_State *L) {
          "Time a task waited in the queue before it started.");
   for (i = 0; i < m; i++)
     hist(&b, "workerpool_queue_dwell_seconds", v[i].name, &v[i].s.dwell);
-  luaL_pushresult(&b);
+  free(v);
+  if (b.failed) {
+    free(b.p);
+    return NULL;
+  }
+  *len = b.len;
+  return b.p;
+}
+
+#define WPL_CBUF_MT "workerpool.cbuf"
+
+/* __gc of a box holding a malloc'd block.   [-0, +0, -] */
+static int cbuf_gc(lua_State *L) {
+  char **box = luaL_checkudata(L, 1, WPL_CBUF_MT);
+  free(*box);
+  *box = NULL;
+  return 0;
+}
+
+void wpl_metrics_init(lua_State *L) {
+  luaL_newmetatable(L, WPL_CBUF_MT);
+  lua_pushcfunction(L, cbuf_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+}
+
+/* [-0, +1, m] Pushes the exposition text for every live pool.  The text is
+ * boxed in a collectable userdata first, so a memory error while pushing
+ * it cannot leak it. */
+int wpl_push_metrics(lua_State *L) {
+  size_t len;
+  char **box = lua_newuserdatauv(L, sizeof *box, 0);
+  *box = NULL;
+  luaL_setmetatable(L, WPL_CBUF_MT);
+  if ((*box = wpl_metrics_text(&len)) == NULL)
+    return luaL_error(L, "not enough memory");
+  lua_pushlstring(L, *box, len);
+  free(*box);
+  *box = NULL;
   lua_remove(L, -2);
   return 1;
 }

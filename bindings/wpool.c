@@ -34,6 +34,7 @@ static const char usage[] =
     "                           before discarding what is left (default 25)\n"
     "  --log-level LEVEL        debug, info (default), warn or error\n"
     "  --log-file PATH          append JSON log lines to PATH, not stderr\n"
+    "  --metrics-addr HOST:PORT serve GET /metrics, /healthz and /readyz\n"
     "\n"
     "exit status: 0 ok, 1 script error, 2 usage error, 3 shutdown discarded "
     "work\n";
@@ -59,6 +60,7 @@ static void set_arg(lua_State *L, char **argv, int script, int argc) {
 
 typedef struct run_opts {
   double drain_timeout;
+  const char *metrics_addr; /* or NULL */
   const char *script;
   int script_index;
 } run_opts;
@@ -88,6 +90,11 @@ static int run(int argc, char **argv, const run_opts *o) {
     fprintf(stderr, "wpool: cannot start the host runtime\n");
     return 1;
   }
+  if (o->metrics_addr && (i = wpool_host_serve(h, o->metrics_addr)) != 0) {
+    fprintf(stderr, "wpool: cannot serve on %s: %s\n", o->metrics_addr,
+            uv_strerror(i));
+    return 1;
+  }
   set_arg(L, argv, o->script_index, argc);
   if (luaL_loadfile(L, o->script) != LUA_OK) {
     fprintf(stderr, "wpool: %s\n", lua_tostring(L, -1));
@@ -115,7 +122,7 @@ static int run(int argc, char **argv, const run_opts *o) {
 }
 
 int main(int argc, char **argv) {
-  run_opts o = {25, NULL, 0};
+  run_opts o = {25, NULL, NULL, 0};
   int i;
   char *end;
   wpl_log_set_level(WPL_INFO); /* the module alone logs nothing by default */
@@ -153,6 +160,8 @@ int main(int argc, char **argv) {
         return usage_error("--drain-timeout needs a number of seconds, "
                            "got '%s'",
                            argv[i + 1]);
+    } else if (strcmp(opt, "--metrics-addr") == 0) {
+      o.metrics_addr = argv[i + 1];
     } else if (strcmp(opt, "--log-level") == 0) {
       int level = wpl_log_level_parse(argv[i + 1]);
       if (level < 0)

@@ -48,6 +48,15 @@ WP_API int wpool_host_handle_signals(wpool_host *h, double drain_timeout);
 /* Starts the same shutdown story without a signal (why names it in logs). */
 WP_API void wpool_host_shutdown(wpool_host *h, const char *why);
 
+/* Serves GET /metrics, /healthz and /readyz on addr ("127.0.0.1:9100",
+ * "[::1]:9100") from the loop (docs/guards.md).  0 or a libuv error code
+ * (UV_EADDRINUSE, UV_EINVAL for a malformed address...). */
+WP_API int wpool_host_serve(wpool_host *h, const char *addr);
+
+/* Readiness as /readyz reports it: 0 once shutdown began or any pool of
+ * the process stopped. */
+WP_API int wpool_host_ready(const wpool_host *h);
+
 /* 0, 1 after an error in the main coroutine, WPOOL_EXIT_DISCARDED after a
  * shutdown that dropped work. */
 WP_API int wpool_host_exit_code(const wpool_host *h);

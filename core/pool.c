@@ -24,6 +24,12 @@
 
 static void pool_free(wp_pool *p);
 
+static atomic_int nstopped; /* pools that began stopping */
+
+int wp_pools_stopped(void) {
+  return atomic_load(&nstopped);
+}
+
 static int from_own_worker(wp_pool *p) {
   wp__worker *w = wp__current_worker();
   return w != NULL && w->pool == p;
@@ -671,6 +677,7 @@ static int begin_stop(wp_pool *p, int drain) {
   if (p->state == WP__RUNNING) {
     p->state = drain ? WP__DRAINING : WP__STOPPING;
     atomic_store(&p->stopped, 1);
+    atomic_fetch_add(&nstopped, 1);
     unregister = 1;
     draining = drain;
     ev.n = (int64_t)p->nqueued;

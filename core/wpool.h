@@ -153,6 +153,9 @@ WP_API int wp_pool_stop_wait_for(wp_pool *p, double timeout);
  * included; finish with wp_pool_stop or wp_pool_stop_wait, which join. */
 WP_API int wp_pool_shutdown(wp_pool *p, int drain);
 
+/* How many pools of this process have begun stopping so far. */
+WP_API int wp_pools_stopped(void);
+
 /* Writes up to max new references to the live (not stopping) pools into
  * out and returns how many live pools there are. */
 WP_API int wp_pool_list(wp_pool **out, int max);

@@ -1,0 +1,303 @@
+/*
+ * http.c: the host's health and metrics endpoints, served on its own loop.
+ *
+ *   GET /metrics  every live pool's metrics (Prometheus text format)
+ *   GET /healthz  liveness: 200 from the loop itself, shutdown included
+ *   GET /readyz   readiness: 503 once shutdown began or a pool stopped
+ *
+ * Requests are parsed by http-parser (Debian's libhttp-parser).  A request
+ * that is malformed, or larger than MAX_REQUEST bytes, gets a 400 and its
+ * connection is closed; a client that does not finish a request within
+ * IDLE_MS is disconnected, so a slow client cannot hold the loop or a
+ * connection slot.  Responses are written whole; keep-alive is honoured.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <http_parser.h>
+
+#include "lbind.h"
+#include "wpool_host.h"
+
+#define MAX_REQUEST 8192 /* bytes of one request, headers included */
+#define MAX_URL 256
+#define MAX_CONNS 128
+#define IDLE_MS 5000
+
+typedef struct server server;
+
+typedef struct conn {
+  uv_tcp_t tcp;    /* first: the handle's memory is the conn's */
+  uv_timer_t idle; /* closes a silent or slow client */
+  server *srv;
+  struct conn *next, *prev;
+  http_parser parser;
+  size_t req_bytes; /* bytes of the request being read */
+  char url[MAX_URL];
+  size_t url_len;
+  int url_too_long;
+  int closing;
+  int nclosing; /* handles still closing */
+  char rbuf[4096];
+} conn;
+
+struct server {
+  uv_tcp_t tcp;
+  wpool_host *host;
+  conn *conns;
+  int nconns;
+  int closing;
+};
+
+static http_parser_settings settings;
+
+static void conn_closed(uv_handle_t *h) {
+  conn *c = h->data;
+  if (--c->nclosing == 0) free(c);
+}
+
+static void conn_close(conn *c) {
+  server *s = c->srv;
+  if (c->closing) return;
+  c->closing = 1;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  s->nconns--;
+  c->nclosing = 2;
+  uv_timer_stop(&c->idle);
+  uv_close((uv_handle_t *)&c->idle, conn_closed);
+  uv_close((uv_handle_t *)&c->tcp, conn_closed);
+}
+
+typedef struct write_req {
+  uv_write_t req;
+  conn *c;
+  int close_after;
+  char *body; /* malloc'd, or NULL */
+  char head[256];
+} write_req;
+
+static void write_done(uv_write_t *req, int status) {
+  write_req *w = (write_req *)req;
+  if ((status || w->close_after) && !w->c->closing) conn_close(w->c);
+  free(w->body);
+  free(w);
+}
+
+/* Queues one response; takes body (malloc'd) when owned is set. */
+static void respond(conn *c, int code, const char *reason, const char *type,
+                    char *body, size_t len, int owned, int keep) {
+  write_req *w;
+  uv_buf_t bufs[2];
+  int n;
+  if (c->closing) {
+    if (owned) free(body);
+    return;
+  }
+  if ((w = calloc(1, sizeof *w)) == NULL) {
+    if (owned) free(body);
+    conn_close(c);
+    return;
+  }
+  w->c = c;
+  w->close_after = !keep;
+  w->body = owned ? body : NULL;
+  n = snprintf(w->head, sizeof w->head,
+               "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
+               "Content-Length: %zu\r\nConnection: %s\r\n\r\n",
+               code, reason, type, len, keep ? "keep-alive" : "close");
+  bufs[0] = uv_buf_init(w->head, (unsigned)n);
+  bufs[1] = uv_buf_init(body, (unsigned)len);
+  if (uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, len ? 2 : 1,
+               write_done) != 0) {
+    free(w->body);
+    free(w);
+    conn_close(c);
+  }
+}
+
+static void respond_text(conn *c, int code, const char *reason,
+                         const char *text, int keep) {
+  respond(c, code, reason, "text/plain; charset=utf-8", (char *)text,
+          strlen(text), 0, keep);
+}
+
+static int on_url(http_parser *p, const char *at, size_t len) {
+  conn *c = p->data;
+  if (c->url_len + len >= MAX_URL) {
+    c->url_too_long = 1;
+    return 0;
+  }
+  memcpy(c->url + c->url_len, at, len);
+  c->url_len += len;
+  c->url[c->url_len] = '\0';
+  return 0;
+}
+
+static int on_message_begin(http_parser *p) {
+  conn *c = p->data;
+  c->url_len = 0;
+  c->url[0] = '\0';
+  c->url_too_long = 0;
+  return 0;
+}
+
+static int on_message_complete(http_parser *p) {
+  conn *c = p->data;
+  wpool_host *h = c->srv->host;
+  int keep = http_should_keep_alive(p);
+  char *q;
+  c->req_bytes = 0;
+  uv_timer_again(&c->idle);
+  if (c->url_too_long) {
+    respond_text(c, 400, "Bad Request", "request too large\n", 0);
+    return 1;
+  }
+  if ((q = strchr(c->url, '?')) != NULL) *q = '\0'; /* ignore the query */
+  if (strcmp(c->url, "/healthz") && strcmp(c->url, "/readyz") &&
+      strcmp(c->url, "/metrics")) {
+    respond_text(c, 404, "Not Found", "not found\n", keep);
+  } else if (p->method != HTTP_GET) {
+    respond_text(c, 405, "Method Not Allowed", "only GET\n", keep);
+  } else if (strcmp(c->url, "/healthz") == 0) {
+    respond_text(c, 200, "OK", "ok\n", keep);
+  } else if (strcmp(c->url, "/readyz") == 0) {
+    if (wpool_host_ready(h))
+      respond_text(c, 200, "OK", "ready\n", keep);
+    else
+      respond_text(c, 503, "Service Unavailable", "not ready\n", keep);
+  } else {
+    size_t len = 0;
+    char *text = wpl_metrics_text(&len);
+    if (text == NULL)
+      respond_text(c, 500, "Internal Server Error", "out of memory\n", 0);
+    else
+      respond(c, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", text,
+              len, 1, keep);
+  }
+  return keep ? 0 : 1; /* 1 stops parsing after a closing response */
+}
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  conn *c = h->data;
+  (void)hint;
+  *buf = uv_buf_init(c->rbuf, sizeof c->rbuf);
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  conn *c = stream->data;
+  size_t done;
+  if (nread < 0) {
+    conn_close(c);
+    return;
+  }
+  if (nread == 0 || c->closing) return;
+  c->req_bytes += (size_t)nread;
+  done = http_parser_execute(&c->parser, &settings, buf->base, (size_t)nread);
+  if (c->closing) return;
+  if (HTTP_PARSER_ERRNO(&c->parser) == HPE_CB_message_complete) {
+    uv_read_stop(stream); /* a closing response is on its way */
+    return;
+  }
+  if (HTTP_PARSER_ERRNO(&c->parser) != HPE_OK || done != (size_t)nread ||
+      c->req_bytes > MAX_REQUEST) {
+    uv_read_stop(stream);
+    respond_text(c, 400, "Bad Request",
+                 c->req_bytes > MAX_REQUEST ? "request too large\n"
+                                            : "malformed request\n",
+                 0);
+  }
+}
+
+static void on_idle(uv_timer_t *t) {
+  conn_close(t->data);
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+  server *s = listener->data;
+  conn *c;
+  if (status != 0) return;
+  if ((c = calloc(1, sizeof *c)) == NULL) return;
+  c->srv = s;
+  uv_tcp_init(listener->loop, &c->tcp);
+  uv_timer_init(listener->loop, &c->idle);
+  c->tcp.data = c->idle.data = c;
+  c->nclosing = 2;
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 ||
+      s->nconns >= MAX_CONNS || s->closing) {
+    c->closing = 1;
+    uv_close((uv_handle_t *)&c->idle, conn_closed);
+    uv_close((uv_handle_t *)&c->tcp, conn_closed);
+    return;
+  }
+  c->next = s->conns;
+  if (s->conns) s->conns->prev = c;
+  s->conns = c;
+  s->nconns++;
+  http_parser_init(&c->parser, HTTP_REQUEST);
+  c->parser.data = c;
+  uv_timer_start(&c->idle, on_idle, IDLE_MS, IDLE_MS);
+  uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+}
+
+/* "host:port" or "[v6]:port" into a socket address.  0 or UV error. */
+static int parse_addr(const char *addr, struct sockaddr_storage *ss) {
+  char host[128];
+  const char *colon = strrchr(addr, ':');
+  char *end;
+  long port;
+  size_t hl;
+  if (colon == NULL) return UV_EINVAL;
+  port = strtol(colon + 1, &end, 10);
+  if (*end || end == colon + 1 || port < 0 || port > 65535) return UV_EINVAL;
+  hl = (size_t)(colon - addr);
+  if (hl >= sizeof host) return UV_EINVAL;
+  memcpy(host, addr, hl);
+  host[hl] = '\0';
+  if (host[0] == '[' && hl >= 2 && host[hl - 1] == ']') {
+    host[hl - 1] = '\0';
+    return uv_ip6_addr(host + 1, (int)port, (struct sockaddr_in6 *)ss);
+  }
+  return uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss);
+}
+
+static void server_closed(uv_handle_t *h) {
+  free(h->data);
+}
+
+int wpl_http_serve(wpool_host *h, uv_loop_t *loop, const char *addr,
+                   void **out) {
+  struct sockaddr_storage ss;
+  server *s;
+  int r;
+  settings.on_message_begin = on_message_begin;
+  settings.on_url = on_url;
+  settings.on_message_complete = on_message_complete;
+  memset(&ss, 0, sizeof ss);
+  if ((r = parse_addr(addr, &ss)) != 0) return r;
+  if ((s = calloc(1, sizeof *s)) == NULL) return UV_ENOMEM;
+  s->host = h;
+  uv_tcp_init(loop, &s->tcp);
+  s->tcp.data = s;
+  if ((r = uv_tcp_bind(&s->tcp, (struct sockaddr *)&ss, 0)) != 0 ||
+      (r = uv_listen((uv_stream_t *)&s->tcp, 128, on_connection)) != 0) {
+    uv_close((uv_handle_t *)&s->tcp, server_closed);
+    return r;
+  }
+  uv_unref((uv_handle_t *)&s->tcp); /* serving keeps no script alive */
+  *out = s;
+  return 0;
+}
+
+void wpl_http_close(void *srv) {
+  server *s = srv;
+  if (s == NULL) return;
+  s->closing = 1;
+  while (s->conns)
+    conn_close(s->conns);
+  uv_close((uv_handle_t *)&s->tcp, server_closed);
+}
