@@ -5,7 +5,8 @@
 set -euo pipefail
 
 packages=(build-essential cmake pkg-config lua5.4 liblua5.4-dev libuv1-dev
-          libjansson-dev libcriterion-dev lua-check clang-format)
+          libjansson-dev libcriterion-dev libhttp-parser-dev lua-check
+          clang-format curl wrk prometheus python3 lua-luv valgrind)
 
 missing=()
 for p in "${packages[@]}"; do
