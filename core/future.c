@@ -51,6 +51,11 @@ void wp_future_release(wp_future *f) {
   free(f->result);
   free(f->name);
   free(f->tenant);
+  while (f->done) { /* only if it never ended: a bug, but no leak */
+    wp__done *d = f->done;
+    f->done = d->next;
+    free(d);
+  }
   wp__pool_mrelease(f->pool);
   free(f);
 }
@@ -61,8 +66,7 @@ wp_status wp_future_status(wp_future *f) {
 
 int wp__future_complete(wp_future *f, wp_status status, char *result,
                         size_t len) {
-  wp_done_fn cb;
-  void *ud;
+  wp__done *done;
   uv_mutex_lock(&f->mu);
   if (atomic_load_explicit(&f->status, memory_order_relaxed) != WP_PENDING) {
     uv_mutex_unlock(&f->mu); /* ended already (stuck, then returned) */
@@ -74,12 +78,25 @@ int wp__future_complete(wp_future *f, wp_status status, char *result,
   free(f->msg); /* the task will not run again */
   f->msg = NULL;
   f->msg_len = 0;
+  f->t_end = uv_hrtime();
   atomic_store_explicit(&f->status, status, memory_order_release);
   if (f->nwaiters) uv_cond_broadcast(&f->cv);
-  cb = f->done_cb;
-  ud = f->done_ud;
+  done = f->done;
+  f->done = NULL;
   uv_mutex_unlock(&f->mu);
-  if (cb) cb(f, ud);
+  while (done) { /* in registration order: the list is newest first */
+    wp__done *d = done, *prev = NULL;
+    while (d->next) {
+      prev = d;
+      d = d->next;
+    }
+    if (prev)
+      prev->next = NULL;
+    else
+      done = NULL;
+    d->cb(f, d->ud);
+    free(d);
+  }
   return 1;
 }
 
@@ -136,21 +153,28 @@ int wp_future_cancel(wp_future *f) {
 }
 
 int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud) {
+  wp__done *d = malloc(sizeof *d);
   int done;
+  if (d == NULL) return WP_ENOMEM;
+  d->cb = cb;
+  d->ud = ud;
   uv_mutex_lock(&f->mu);
-  if (f->done_set) {
-    uv_mutex_unlock(&f->mu);
-    return WP_EEXISTS;
-  }
-  f->done_set = 1;
   done = atomic_load_explicit(&f->status, memory_order_relaxed) != WP_PENDING;
   if (!done) {
-    f->done_cb = cb;
-    f->done_ud = ud;
+    d->next = f->done;
+    f->done = d;
   }
   uv_mutex_unlock(&f->mu);
-  if (done) cb(f, ud);
+  if (done) {
+    free(d);
+    cb(f, ud);
+  }
   return 0;
+}
+
+double wp_future_run_time(const wp_future *f) {
+  if (f->t_start == 0 || f->t_end < f->t_start) return 0;
+  return (double)(f->t_end - f->t_start) / 1e9;
 }
 
 int wp_future_values(wp_future *f, wp_value *out, int max) {

@@ -165,6 +165,7 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
   if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
   now = uv_hrtime();
   wp__hist_add(&p->c.dwell, now - f->t_submit);
+  f->t_start = now;
   f->worker = w;
   w->cur = f;
   w->started = now;

@@ -99,20 +99,26 @@ struct wp_future {
   uv_mutex_t mu;          /* guards waiters, done_cb, result */
   uv_cond_t cv;           /* signalled on completion */
   int nwaiters;           /* threads in wp_future_wait */
-  int done_set;           /* wp_future_on_done was called */
-  wp_done_fn done_cb;     /* completion callback, or NULL */
-  void *done_ud;
-  char *result; /* varint count + values, malloc'd */
+  struct wp__done *done;  /* completion callbacks, newest first */
+  char *result;           /* varint count + values, malloc'd */
   size_t result_len;
   char *msg; /* the task message, malloc'd */
   size_t msg_len;
-  size_t queued_bytes; /* msg_len while queued, for queued_bytes */
-  char *name;          /* task name for logs, malloc'd, or NULL */
-  char *tenant;        /* tenant, malloc'd, or NULL */
-  int64_t timeout_ns;  /* deadline after start; 0: none */
-  uint64_t t_submit;   /* uv_hrtime at submit */
-  wp__worker *worker;  /* running it, under pool->mu */
+  size_t queued_bytes;     /* msg_len while queued, for queued_bytes */
+  char *name;              /* task name for logs, malloc'd, or NULL */
+  char *tenant;            /* tenant, malloc'd, or NULL */
+  int64_t timeout_ns;      /* deadline after start; 0: none */
+  uint64_t t_submit;       /* uv_hrtime at submit */
+  wp__worker *worker;      /* running it, under pool->mu */
+  uint64_t t_start, t_end; /* uv_hrtime when it started and ended */
 };
+
+/* One completion callback of a future. */
+typedef struct wp__done {
+  struct wp__done *next;
+  wp_done_fn cb;
+  void *ud;
+} wp__done;
 
 /* Takes ownership of msg (malloc'd).  The new future has two references:
  * the caller's and the queue's.  NULL on WP_ENOMEM (msg is then freed). */

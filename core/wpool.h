@@ -346,6 +346,9 @@ WP_API const char *wp_future_pool_name(const wp_future *f);
 WP_API void wp_future_retain(wp_future *f);
 WP_API void wp_future_release(wp_future *f);
 
+/* Seconds the task ran (0 if it never started, or before it ended). */
+WP_API double wp_future_run_time(const wp_future *f);
+
 /* Current status; never blocks. */
 WP_API wp_status wp_future_status(wp_future *f);
 
@@ -359,9 +362,10 @@ WP_API int wp_future_wait(wp_future *f, double timeout);
 WP_API int wp_future_cancel(wp_future *f);
 
 /* Calls cb(f, ud) once the future has ended: at once in the calling thread
- * when it already has, else later in whichever thread ends it (a worker, or
- * a thread calling stop or cancel).  One callback per future; returns
- * WP_EEXISTS for a second.  cb must not block. */
+ * when it already has, else later in whichever thread ends it (a worker, the
+ * watchdog, or a thread calling stop or cancel).  Several callbacks may be
+ * registered; each runs once, in registration order.  cb must not block.
+ * WP_ENOMEM. */
 typedef void (*wp_done_fn)(wp_future *f, void *ud);
 WP_API int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud);
 
