@@ -458,10 +458,20 @@ static void watch_add(wpool_host *h, lua_State *L, wp_future *f) {
     wp_future_retain(f);
     atomic_fetch_add(&h->mb->refs, 1);
     if (wp_future_on_done(f, future_done_cb, h->mb) != 0) {
-      wp_future_release(f); /* a C user took the slot: cannot watch */
+      wp_future_release(f);
       mailbox_release(h->mb);
+      h->nwatched--;
+      update_async_ref(h);
+      luaL_error(L, "not enough memory");
     }
   }
+}
+
+int wpl_host_watch(lua_State *L, wp_future *f) {
+  wpool_host *h = host_of(L);
+  if (h == NULL || h->closed) return 0;
+  watch_add(h, L, f);
+  return 1;
 }
 
 static void park_timer_cb(uv_timer_t *t);

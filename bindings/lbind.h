@@ -95,6 +95,38 @@ WPL_HIDDEN int wpl_spawn(lua_State *L);
 WPL_HIDDEN int wpl_after(lua_State *L);
 WPL_HIDDEN int wpl_every(lua_State *L);
 WPL_HIDDEN int wpl_on_shutdown(lua_State *L);
+/* [-1, +0, e] In a host state, has the function at the top called (in a
+ * host coroutine, with ok, results...) once f ends, and returns 1.
+ * Elsewhere returns 0 and leaves the stack alone. */
+WPL_HIDDEN int wpl_host_watch(lua_State *L, wp_future *f);
+
+/* ---- policies (policy.c) --------------------------------------------- */
+
+/* pool:use(policy) for the pool handle at 1.   [-0, +1, e] */
+WPL_HIDDEN int wpl_policy_use(lua_State *L, wp_pool *p);
+/* [-0, +0|1|2, e] Runs the admission of p's policies in this state for a
+ * task with options o: returns 0 (no policies: nothing pushed), 1 (admitted:
+ * the task table pushed) or -1 (refused: nil and the reason pushed; the drop
+ * is counted). */
+WPL_HIDDEN int wpl_policy_admit(lua_State *L, wp_pool *p,
+                                const wp_task_opts *o);
+/* [-0, +0, e] After a successful submit: arranges for every policy's done
+ * to run, on this state's thread, when the future at fut ends; task is the
+ * index of the task table. */
+WPL_HIDDEN void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut);
+/* [-0, +0, e] After a failed submit: gives back what the policies took. */
+WPL_HIDDEN void wpl_policy_undo(lua_State *L, wp_pool *p, int task);
+/* [-0, +0, e] Runs the done hooks of f (ended) now, if this state tracks
+ * it outside a host; waiting for a task makes its hooks run before the
+ * wait returns. */
+WPL_HIDDEN void wpl_policy_finish(lua_State *L, wp_future *f);
+/* [-0, +0, e] Runs the done hooks of tasks that ended, outside a host. */
+WPL_HIDDEN void wpl_policy_poll(lua_State *L);
+/* [-0, +0, m] Registers what policy.c needs in a state. */
+WPL_HIDDEN void wpl_policy_init(lua_State *L);
+/* [-0, +1, m] Pushes a borrowed handle to p (a new reference). */
+WPL_HIDDEN void wpl_push_borrowed(lua_State *L, wp_pool *p);
+
 /* f:on_done(cb) for the future userdata at 1 holding f.  [-0, +0, e] */
 WPL_HIDDEN int wpl_host_on_done(lua_State *L, wp_future *f);
 /* [-0, +0, m] Registers the metatables host.c uses. */

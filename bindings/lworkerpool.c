@@ -341,6 +341,20 @@ static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
 
 static int submit_k(lua_State *L, int status, lua_KContext ctx);
 
+/* [-0, +1|3, e] Ends a submit whose future is at the top (below it, the
+ * task table when admitted): tracks the task for its policies, or gives
+ * back what they took. */
+static int submitted(lua_State *L, wp_pool *p, int r, int admitted) {
+  if (admitted) {
+    if (r == 0)
+      wpl_policy_track(L, p, -2, -1);
+    else
+      wpl_policy_undo(L, p, -2);
+  }
+  if (r) return wpl_pusherr(L, r);
+  return 1;
+}
+
 /* [-0, +1|3, e] Queues the task (plain or descriptor) with the arguments
  * after it and pushes its future, or returns nil, "stopped" / nil, "full".
  * With on_full = "block" a host coroutine waits for room without blocking
@@ -350,11 +364,13 @@ static int submit(lua_State *L, const char *what, int then_wait) {
   wp_task_opts o;
   wp_pool_counts c;
   wpl_future *fu;
-  int self, task, nargs, r, parkable;
+  int self, task, nargs, r, parkable, admitted;
   luaL_checkany(L, 2);
   self = parse_task(L, what, &o);
   task = self + 1;
   nargs = lua_gettop(L) - task;
+  if ((admitted = wpl_policy_admit(L, u->p, &o)) < 0)
+    return 2; /* nil, the policy's reason */
   fu = lua_newuserdatauv(L, sizeof *fu, 0);
   fu->f = NULL;
   luaL_setmetatable(L, WPL_FUTURE_MT);
@@ -366,25 +382,25 @@ static int submit(lua_State *L, const char *what, int then_wait) {
     lua_pushnumber(L, c.submit_timeout < 0 ? HUGE_VAL
                                            : wp_now() + c.submit_timeout);
     if (wpl_host_park_sleep(L, FULL_RETRY))
-      return lua_yieldk(L, 0, then_wait, submit_k);
+      return lua_yieldk(L, 0, then_wait | admitted << 1, submit_k);
     lua_pop(L, 1);
     o.nowait = 0; /* not a host coroutine after all: block here */
     r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, &fu->f);
   }
-  if (r) return wpl_pusherr(L, r);
-  return 1;
+  return submitted(L, u->p, r, admitted);
 }
 
 static int submit_wait_from(lua_State *L, wpl_future *fu);
 
 /* Continues a submit that waits for room: the stack holds the call, the
  * future and the deadline. */
-static int submit_k(lua_State *L, int status, lua_KContext then_wait) {
+static int submit_k(lua_State *L, int status, lua_KContext ctx) {
   wpl_pool *u;
   wp_task_opts o;
   wpl_future *fu = luaL_checkudata(L, -2, WPL_FUTURE_MT);
   double deadline = lua_tonumber(L, -1);
   int self = lua_type(L, 1) == LUA_TTABLE ? 2 : 1, r;
+  int then_wait = (int)(ctx & 1), admitted = (int)(ctx >> 1 & 1);
   (void)status;
   u = luaL_checkudata(L, self, WPL_POOL_MT);
   lua_pop(L, 1);
@@ -397,14 +413,14 @@ static int submit_k(lua_State *L, int status, lua_KContext then_wait) {
     memset(&o, 0, sizeof o);
   }
   o.nowait = 1;
-  r = wp_submit_lua_opts(u->p, L, self + 1, lua_gettop(L) - self - 2,
+  r = wp_submit_lua_opts(u->p, L, self + 1, lua_gettop(L) - self - 2 - admitted,
                          then_wait ? "submit_wait" : "submit", &o, &fu->f);
   if (r == WP_EFULL && wp_now() < deadline) {
     lua_pushnumber(L, deadline);
     wpl_host_park_sleep(L, FULL_RETRY);
-    return lua_yieldk(L, 0, then_wait, submit_k);
+    return lua_yieldk(L, 0, ctx, submit_k);
   }
-  if (r) return wpl_pusherr(L, r);
+  if (submitted(L, u->p, r, admitted) != 1) return 3;
   return then_wait ? submit_wait_from(L, fu) : 1;
 }
 
@@ -451,6 +467,7 @@ static int submit_wait_from(lua_State *L, wpl_future *fu) {
       wpl_host_park_future(L, fu->f, -1))
     return lua_yieldk(L, 0, (lua_KContext)pname, submit_wait_k);
   wp_future_wait(fu->f, -1);
+  wpl_policy_finish(L, fu->f);
   return finish_wait(L, fu->f, pname);
 }
 
@@ -595,7 +612,30 @@ static int pool_size(lua_State *L) {
 
 /* pool:stats() -> table   [-0, +1, e] See docs/guards.md. */
 static int pool_stats(lua_State *L) {
+  wpl_policy_poll(L);
   return wpl_push_stats(L, checkpool(L)->p);
+}
+
+/* pool:use(policy) -> pool   [-0, +1, e] See docs/policies.md. */
+static int pool_use(lua_State *L) {
+  return wpl_policy_use(L, checkpool(L)->p);
+}
+
+/* workerpool.poll()   [-0, +0, e] Runs the done hooks of policies for
+ * tasks that ended (outside a host loop they otherwise run at the next
+ * submit or wait). */
+static int wpl_poll(lua_State *L) {
+  wpl_policy_poll(L);
+  return 0;
+}
+
+void wpl_push_borrowed(lua_State *L, wp_pool *p) {
+  wpl_pool *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->p = NULL;
+  u->owner = 0;
+  luaL_setmetatable(L, WPL_POOL_MT);
+  wp_pool_retain(p);
+  u->p = p;
 }
 
 /* pool:resize(n)   [-0, +0, e] Changes max_workers while running. */
@@ -690,6 +730,8 @@ static int future_wait(lua_State *L) {
   if (wp_future_status(u->f) == WP_PENDING && wpl_host_park_future(L, u->f, t))
     return lua_yieldk(L, 0, 0, future_wait_k);
   if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) return push_timeout(L);
+  wpl_policy_finish(L, u->f);
+  wpl_policy_poll(L);
   return future_outcome(L, u);
 }
 
@@ -813,6 +855,7 @@ static const luaL_Reg module_funcs[] = {
     {"sleep", wpl_sleep},
     {"now", wpl_now},
     {"metrics", wpl_metrics},
+    {"poll", wpl_poll},
     {"spawn", wpl_spawn},
     {"after", wpl_after},
     {"every", wpl_every},
@@ -821,21 +864,15 @@ static const luaL_Reg module_funcs[] = {
     {"set_log_level", wpl_lua_set_log_level},
     {NULL, NULL}};
 
-static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
-                                        {"submit_wait", pool_submit_wait},
-                                        {"pause", pool_pause},
-                                        {"resume", pool_resume},
-                                        {"stop", pool_stop},
-                                        {"stop_wait", pool_stop_wait},
-                                        {"stopped", pool_stopped},
-                                        {"waiting", pool_waiting},
-                                        {"running", pool_running},
-                                        {"workers", pool_workers},
-                                        {"size", pool_size},
-                                        {"stats", pool_stats},
-                                        {"resize", pool_resize},
-                                        {"name", pool_name},
-                                        {NULL, NULL}};
+static const luaL_Reg pool_methods[] = {
+    {"submit", pool_submit},   {"submit_wait", pool_submit_wait},
+    {"pause", pool_pause},     {"resume", pool_resume},
+    {"stop", pool_stop},       {"stop_wait", pool_stop_wait},
+    {"stopped", pool_stopped}, {"waiting", pool_waiting},
+    {"running", pool_running}, {"workers", pool_workers},
+    {"size", pool_size},       {"stats", pool_stats},
+    {"use", pool_use},         {"resize", pool_resize},
+    {"name", pool_name},       {NULL, NULL}};
 
 static const luaL_Reg future_methods[] = {
     {"wait", future_wait},       {"done", future_done},
@@ -867,6 +904,63 @@ static void pin_module(void) {
     dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 }
 
+/* The Lua modules of lua/workerpool/, embedded by the build. */
+extern const struct wpl_lua_module {
+  const char *name;
+  const char *src;
+  size_t len;
+} wpl_lua_modules[];
+
+/* package.preload loader of an embedded module: upvalue 1 is its index.
+ * [-0, +1, e] */
+static int load_embedded(lua_State *L) {
+  const struct wpl_lua_module *m =
+      &wpl_lua_modules[lua_tointeger(L, lua_upvalueindex(1))];
+  char chunk[96];
+  snprintf(chunk, sizeof chunk, "@lua/workerpool/%s.lua", m->name);
+  if (luaL_loadbufferx(L, m->src, m->len, chunk, "t") != LUA_OK)
+    return lua_error(L);
+  lua_pushvalue(L, 1); /* the module name, as require passes it */
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+/* __index of the module table: workerpool.tenant requires
+ * "workerpool.tenant" on first use.   [-0, +1, e] */
+static int module_index(lua_State *L) {
+  const struct wpl_lua_module *m;
+  const char *k = lua_tostring(L, 2);
+  if (lua_type(L, 2) != LUA_TSTRING) return 0;
+  for (m = wpl_lua_modules; m->name; m++)
+    if (strcmp(m->name, k) == 0) {
+      lua_getglobal(L, "require");
+      lua_pushfstring(L, "workerpool.%s", k);
+      lua_call(L, 1, 1);
+      lua_pushvalue(L, 2);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, 1);
+      return 1;
+    }
+  return 0;
+}
+
+/* [-0, +0, e] Adds every embedded module to package.preload. */
+static void preload_embedded(lua_State *L) {
+  int i;
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  for (i = 0; wpl_lua_modules[i].name; i++) {
+    lua_pushfstring(L, "workerpool.%s", wpl_lua_modules[i].name);
+    if (lua_rawget(L, -2) == LUA_TNIL) {
+      lua_pushfstring(L, "workerpool.%s", wpl_lua_modules[i].name);
+      lua_pushinteger(L, i);
+      lua_pushcclosure(L, load_embedded, 1);
+      lua_rawset(L, -4);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 /* require "workerpool"   [-0, +1, e] */
 WP_API int luaopen_workerpool(lua_State *L) {
   static uv_once_t pinned = UV_ONCE_INIT;
@@ -887,8 +981,14 @@ WP_API int luaopen_workerpool(lua_State *L) {
   wpl_shared_init(L);
   wpl_host_init(L);
   wpl_metrics_init(L);
+  wpl_policy_init(L);
+  preload_embedded(L);
   luaL_newlib(L, module_funcs);
   lua_pushliteral(L, WP_VERSION);
   lua_setfield(L, -2, "_VERSION");
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, module_index);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
   return 1;
 }

@@ -1,0 +1,29 @@
+-- workerpool.clock: the time source of the policies.
+--
+-- Policies read time through clock.now(); by default it is the engine's
+-- monotonic clock (workerpool.now(), the same in every state of the
+-- process). Tests replace it with one they move by hand, and a replacement
+-- can be shared between states by keeping the time in a shared dictionary:
+-- see clock.shared(name).
+local workerpool = require "workerpool"
+
+local clock = {}
+
+-- The monotonic clock, in seconds.
+function clock.monotonic()
+  return workerpool.now()
+end
+
+-- A clock read from shared dictionary `name` (key "now"), so every state
+-- that makes one sees the same time; set it with :set(t) or :advance(dt).
+function clock.shared(name)
+  local dict = workerpool.shared(name)
+  if dict:get("now") == nil then dict:add("now", 0.0) end
+  local c = {}
+  function c.now() return dict:get("now") end
+  function c.set(t) dict:set("now", t + 0.0) end
+  function c.advance(dt) dict:incr("now", dt + 0.0, 0.0) end
+  return c
+end
+
+return clock
