@@ -885,11 +885,14 @@ static void drain_tick(uv_timer_t *t) {
 static int run_handlers_pmain(lua_State *L) {
   wpool_host *h = lua_touserdata(L, 1);
   lua_Integer i, n;
+  int list;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &shutdown_key);
-  n = (lua_Integer)lua_rawlen(L, -1);
+  list = lua_gettop(L);
+  n = (lua_Integer)lua_rawlen(L, list);
   for (i = 1; i <= n; i++) {
-    lua_rawgeti(L, -1, i);
+    lua_rawgeti(L, list, i);
     co_resume(h, co_new(h, L, 0), 0, L);
+    lua_settop(L, list); /* drop the handle */
   }
   return 0;
 }
@@ -916,6 +919,7 @@ void wpool_host_shutdown(wpool_host *h, const char *why) {
   for (i = 0; i < h->npools; i++)
     wp_pool_shutdown(h->pools[i], 1);
   h->drain_start = h->last_progress = wp_now();
+  uv_ref((uv_handle_t *)&h->drain_timer); /* the loop lives until drained */
   uv_timer_start(&h->drain_timer, drain_tick, 0, 50);
 }
 
