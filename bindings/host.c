@@ -273,6 +273,7 @@ static void unpark_timer(wpl_co *c) {
 /* ---- running coroutines ---------------------------------------------- */
 
 static void co_resume(wpool_host *h, wpl_co *c, int nargs, lua_State *from);
+static void resume_all(wpool_host *h, lua_State *L, int list, int parked);
 static void idle_cb(uv_idle_t *idle);
 static void host_handle_closed(uv_handle_t *handle);
 
@@ -289,7 +290,6 @@ static void ready_push(wpool_host *h, wpl_co *c) {
 /* [-0, +0, m] Records the end of c and wakes its joiners. */
 static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   lua_State *L = h->L, *co = c->co;
-  lua_Integer i, n;
   c->state = st == LUA_OK ? CO_DONE : CO_ERROR;
   c->nres = nres;
   if (st != LUA_OK) {
@@ -318,18 +318,24 @@ static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   /* Wake the joiners, then let the handle be collected. */
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
   lua_getiuservalue(L, -1, 2);
-  n = (lua_Integer)lua_rawlen(L, -1);
-  for (i = 1; i <= n; i++) {
-    wpl_co *j;
-    lua_rawgeti(L, -1, i);
-    j = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (j && j->state == CO_RUNNING && j->parked == PARK_JOIN)
-      co_resume(h, j, 0, L);
-  }
+  resume_all(h, L, lua_gettop(L), PARK_JOIN);
   lua_pop(L, 2);
   luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
   c->ref = LUA_NOREF;
+}
+
+/* [-0, +0, m] Resumes, with no values, every coroutine in the list at idx
+ * that still runs and is parked as `parked`. */
+static void resume_all(wpool_host *h, lua_State *L, int list, int parked) {
+  lua_Integer i, n = (lua_Integer)lua_rawlen(L, list);
+  for (i = 1; i <= n; i++) {
+    wpl_co *c;
+    lua_rawgeti(L, list, i);
+    c = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (c && c->state == CO_RUNNING && c->parked == parked)
+      co_resume(h, c, 0, L);
+  }
 }
 
 static void co_resume(wpool_host *h, wpl_co *c, int nargs, lua_State *from) {
@@ -663,18 +669,10 @@ static void async_cb(uv_async_t *a) {
 /* [-0, +0, m] Resumes every coroutine queued by ready_push. */
 static int run_ready_pmain(lua_State *L) {
   wpool_host *h = lua_touserdata(L, 1);
-  lua_Integer i, n;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &ready_key);
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &ready_key);
-  n = (lua_Integer)lua_rawlen(L, -1);
-  for (i = 1; i <= n; i++) {
-    wpl_co *c;
-    lua_rawgeti(L, -1, i);
-    c = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (c->state == CO_RUNNING && c->parked == PARK_NONE) co_resume(h, c, 0, L);
-  }
+  resume_all(h, L, lua_gettop(L), PARK_NONE);
   return 0;
 }
 
