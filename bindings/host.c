@@ -35,7 +35,7 @@
 static const char host_key = 'h', cos_key = 'c', watch_key = 'w',
                   ready_key = 'r', shutdown_key = 's';
 
-enum { PARK_NONE, PARK_FUTURE, PARK_SLEEP, PARK_JOIN, PARK_CALL };
+enum { PARK_NONE, PARK_FUTURE, PARK_SLEEP, PARK_JOIN, PARK_CALL, PARK_READY };
 enum { CO_RUNNING, CO_DONE, CO_ERROR };
 enum { MSG_FUTURE, MSG_OFFLOAD };
 
@@ -273,7 +273,7 @@ static void unpark_timer(wpl_co *c) {
 /* ---- running coroutines ---------------------------------------------- */
 
 static void co_resume(wpool_host *h, wpl_co *c, int nargs, lua_State *from);
-static void resume_all(wpool_host *h, lua_State *L, int list, int parked);
+static void resume_all(wpool_host *h, lua_State *L, int list, int mask);
 static void idle_cb(uv_idle_t *idle);
 static void host_handle_closed(uv_handle_t *handle);
 
@@ -318,22 +318,22 @@ static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   /* Wake the joiners, then let the handle be collected. */
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
   lua_getiuservalue(L, -1, 2);
-  resume_all(h, L, lua_gettop(L), PARK_JOIN);
+  resume_all(h, L, lua_gettop(L), 1 << PARK_JOIN);
   lua_pop(L, 2);
   luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
   c->ref = LUA_NOREF;
 }
 
 /* [-0, +0, m] Resumes, with no values, every coroutine in the list at idx
- * that still runs and is parked as `parked`. */
-static void resume_all(wpool_host *h, lua_State *L, int list, int parked) {
+ * that still runs and is parked in one of the ways in mask (1 << PARK_*). */
+static void resume_all(wpool_host *h, lua_State *L, int list, int mask) {
   lua_Integer i, n = (lua_Integer)lua_rawlen(L, list);
   for (i = 1; i <= n; i++) {
     wpl_co *c;
     lua_rawgeti(L, list, i);
     c = lua_touserdata(L, -1);
     lua_pop(L, 1);
-    if (c && c->state == CO_RUNNING && c->parked == parked)
+    if (c && c->state == CO_RUNNING && (mask >> c->parked & 1))
       co_resume(h, c, 0, L);
   }
 }
@@ -488,7 +488,11 @@ static int start_park_timer(wpl_co *c, double seconds) {
   uv_timer_init(c->h->loop, &pt->t);
   pt->c = c;
   if (seconds > 1e9) seconds = 1e9;
-  uv_timer_start(&pt->t, park_timer_cb, (uint64_t)ceil(seconds * 1000), 0);
+  /* From now, not from the loop's cached time; at least 1 ms so a timer
+   * armed inside a timer callback waits for the next pass. */
+  uv_update_time(c->h->loop);
+  uv_timer_start(&pt->t, park_timer_cb, (uint64_t)fmax(1, ceil(seconds * 1000)),
+                 0);
   c->timer = pt;
   return 1;
 }
@@ -508,6 +512,11 @@ int wpl_host_park_future(lua_State *L, wp_future *f, double timeout) {
 int wpl_host_park_sleep(lua_State *L, double seconds) {
   wpl_co *c = co_current(L);
   if (c == NULL) return 0;
+  if (seconds <= 0) { /* just let the loop run once */
+    park(c, PARK_READY);
+    ready_push(c->h, c);
+    return 1;
+  }
   if (!start_park_timer(c, seconds)) luaL_error(L, "not enough memory");
   park(c, PARK_SLEEP);
   return 1;
@@ -672,7 +681,7 @@ static int run_ready_pmain(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &ready_key);
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &ready_key);
-  resume_all(h, L, lua_gettop(L), PARK_NONE);
+  resume_all(h, L, lua_gettop(L), 1 << PARK_NONE | 1 << PARK_READY);
   return 0;
 }
 
@@ -743,7 +752,7 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   if (s > 1e9) s = 1e9;
   ms = (uint64_t)ceil(s * 1000);
-  if (repeat && ms == 0) ms = 1;
+  if (ms == 0) ms = 1; /* see start_park_timer */
   ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
   luaL_setmetatable(L, WPL_TIMER_MT);
@@ -759,6 +768,7 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
   h->timers = t;
   *ud = t;
   uv_timer_init(h->loop, &t->t);
+  uv_update_time(h->loop);
   uv_timer_start(&t->t, wtimer_cb, ms, repeat ? ms : 0);
   return 1;
 }

@@ -420,6 +420,7 @@ static int submit_k(lua_State *L, int status, lua_KContext ctx) {
     wpl_host_park_sleep(L, FULL_RETRY);
     return lua_yieldk(L, 0, ctx, submit_k);
   }
+  if (r == WP_EFULL) wp_pool_count_drop(u->p, WP_DROP_FULL); /* gave up */
   if (submitted(L, u->p, r, admitted) != 1) return 3;
   return then_wait ? submit_wait_from(L, fu) : 1;
 }

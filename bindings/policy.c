@@ -205,7 +205,7 @@ int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o) {
       lua_pushliteral(L, "policy");
     }
     undo_upto(L, list, task, i - 1);
-    wp_pool_count_policy_drop(p);
+    wp_pool_count_drop(p, WP_DROP_POLICY);
     lua_pushnil(L);
     lua_replace(L, list); /* list task ok reason -> nil reason */
     lua_replace(L, task);

@@ -543,7 +543,8 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   if (!r && p->state != WP__RUNNING) r = WP_ESTOPPED;
   if (r) {
     uv_mutex_unlock(&p->mu);
-    wp__count_drop(p, r == WP_EFULL ? WP__DROP_FULL : WP__DROP_STOPPED, 1);
+    if (r != WP_EFULL || !nowait)
+      wp__count_drop(p, r == WP_EFULL ? WP__DROP_FULL : WP__DROP_STOPPED, 1);
     return r;
   }
   f->seq = ++p->next_seq;

@@ -52,8 +52,8 @@ void wp__count_drop(wp_pool *p, int reason, uint64_t n) {
   add(&p->c.dropped[reason], n);
 }
 
-void wp_pool_count_policy_drop(wp_pool *p) {
-  wp__count_drop(p, WP__DROP_POLICY, 1);
+void wp_pool_count_drop(wp_pool *p, wp_drop_reason why) {
+  wp__count_drop(p, why == WP_DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY, 1);
 }
 
 void wp__pool_count_end(wp_pool *p, wp_status status, double seconds) {

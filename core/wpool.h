@@ -219,8 +219,11 @@ typedef struct wp_pool_stats {
  * pool.  Never fails. */
 WP_API void wp_pool_get_stats(wp_pool *p, wp_pool_stats *out);
 
-/* Counts a task refused by a policy before it reached the pool. */
-WP_API void wp_pool_count_policy_drop(wp_pool *p);
+/* Counts a task the caller gave up on before it reached the pool: refused
+ * by a policy (WP_DROP_POLICY), or still facing a full queue after waiting
+ * on its own (WP_DROP_FULL, see wp_task_opts.nowait). */
+typedef enum { WP_DROP_FULL, WP_DROP_POLICY } wp_drop_reason;
+WP_API void wp_pool_count_drop(wp_pool *p, wp_drop_reason why);
 
 /* ------------------------------------------------------------------ */
 /* Events                                                              */
@@ -266,7 +269,9 @@ typedef struct wp_task_opts {
   const char *name;   /* for logs and metrics, or NULL (copied) */
   const char *tenant; /* for policies, or NULL (copied) */
   double timeout;     /* seconds; 0: the pool's task_timeout; <0: none */
-  int nowait;         /* a full queue returns WP_EFULL at once */
+  int nowait;         /* a full queue returns WP_EFULL at once, and the
+                         refusal is not counted: the caller retries, and
+                         counts a final refusal with wp_pool_count_drop */
 } wp_task_opts;
 
 /* True in a worker whose running task has been asked to stop (deadline or

@@ -3,9 +3,14 @@
 -- A test file registers cases with T.test(name, fn) and ends with T.run(),
 -- which runs them in order, prints one line per failure and a closing
 -- "N passed, N failed" line, and exits non-zero when anything failed.
+-- Scripts run by `wpool run` end with T.run_host() instead.
 
 local T = {}
 local cases = {}
+
+-- A factor for time bounds that only a stalled process would exceed: 1 in
+-- plain builds, more under sanitizers (tests/CMakeLists.txt sets it).
+T.time_scale = tonumber(os.getenv("WPOOL_TEST_TIME_SCALE")) or 1
 
 function T.test(name, fn)
   cases[#cases + 1] = { name = name, fn = fn }
@@ -54,7 +59,7 @@ function T.eventually(cond, seconds, what)
   error((what or "condition") .. " not reached in time", 2)
 end
 
-function T.run()
+local function run_cases()
   local passed, failed = 0, 0
   local only = os.getenv("WP_TEST_ONLY")
   for _, c in ipairs(cases) do
@@ -68,9 +73,31 @@ function T.run()
       end
     end
   end
+  return passed, failed
+end
+
+function T.run()
+  local passed, failed = run_cases()
   collectgarbage()
   print(string.format("%d passed, %d failed", passed, failed))
   os.exit(failed == 0 and 0 or 1, true)
+end
+
+-- T.run for scripts run by `wpool run` (tests/host): when every case
+-- passed it returns, and the event loop must then end by itself (a test
+-- that leaves a timer, coroutine or task behind makes the script hang, and
+-- ctest's timeout fails it).  After a failure it exits at once with
+-- status 1, since what the failed case left running could keep the loop
+-- alive (pools are not stopped then: under TSan, expect "thread leak"
+-- reports after a failure).
+function T.run_host()
+  local passed, failed = run_cases()
+  print(string.format("%d passed, %d failed", passed, failed))
+  io.stdout:flush()
+  if failed > 0 then
+    io.stderr:flush()
+    os.exit(1)
+  end
 end
 
 return T
