@@ -341,6 +341,48 @@ static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
 
 static int submit_k(lua_State *L, int status, lua_KContext ctx);
 
+typedef struct guarded {
+  wp_pool *p;
+  const char *what;
+  wp_task_opts *o;
+  wp_future **out;
+  int r;
+} guarded;
+
+/* [-(n+1), +0, e] wp_submit_lua_opts on its arguments. */
+static int guarded_main(lua_State *L) {
+  guarded *g = lua_touserdata(L, 1);
+  g->r =
+      wp_submit_lua_opts(g->p, L, 2, lua_gettop(L) - 2, g->what, g->o, g->out);
+  return 0;
+}
+
+/* [-0, +0, e] Submits the task at `task` with nargs arguments.  When
+ * policies admitted it (their task table at tt), a refused argument gives
+ * back what they took before the error goes on. */
+static int submit_guarded(lua_State *L, wp_pool *p, int task, int nargs,
+                          const char *what, wp_task_opts *o, wp_future **out,
+                          int tt) {
+  guarded g;
+  int i;
+  if (!tt) return wp_submit_lua_opts(p, L, task, nargs, what, o, out);
+  g.p = p;
+  g.what = what;
+  g.o = o;
+  g.out = out;
+  g.r = 0;
+  luaL_checkstack(L, nargs + 3, "too many arguments");
+  lua_pushcfunction(L, guarded_main);
+  lua_pushlightuserdata(L, &g);
+  for (i = 0; i <= nargs; i++)
+    lua_pushvalue(L, task + i);
+  if (lua_pcall(L, nargs + 2, 0, 0) != LUA_OK) {
+    wpl_policy_undo(L, p, tt);
+    lua_error(L);
+  }
+  return g.r;
+}
+
 /* [-0, +1|3, e] Ends a submit whose future is at the top (below it, the
  * task table when admitted): tracks the task for its policies, or gives
  * back what they took. */
@@ -377,7 +419,8 @@ static int submit(lua_State *L, const char *what, int then_wait) {
   wp_pool_get_counts(u->p, &c);
   parkable = c.block_when_full && lua_isyieldable(L);
   o.nowait = parkable;
-  r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, &fu->f);
+  r = submit_guarded(L, u->p, task, nargs, what, &o, &fu->f,
+                     admitted ? lua_gettop(L) - 1 : 0);
   if (r == WP_EFULL && parkable) {
     lua_pushnumber(L, c.submit_timeout < 0 ? HUGE_VAL
                                            : wp_now() + c.submit_timeout);
@@ -385,7 +428,8 @@ static int submit(lua_State *L, const char *what, int then_wait) {
       return lua_yieldk(L, 0, then_wait | admitted << 1, submit_k);
     lua_pop(L, 1);
     o.nowait = 0; /* not a host coroutine after all: block here */
-    r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, &fu->f);
+    r = submit_guarded(L, u->p, task, nargs, what, &o, &fu->f,
+                       admitted ? lua_gettop(L) - 1 : 0);
   }
   return submitted(L, u->p, r, admitted);
 }

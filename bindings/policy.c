@@ -194,7 +194,10 @@ int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o) {
     lua_getfield(L, -1, "admit");
     lua_insert(L, -2);
     lua_pushvalue(L, task);
-    lua_call(L, 2, 2);
+    if (lua_pcall(L, 2, 2, 0) != LUA_OK) { /* give back, then re-raise */
+      undo_upto(L, list, task, i - 1);
+      lua_error(L);
+    }
     if (lua_toboolean(L, -2)) {
       lua_pop(L, 2);
       continue;
@@ -217,8 +220,9 @@ int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o) {
 }
 
 /* The completion of one tracked task, as a C closure with upvalues: the
- * policy list, the task table and the future userdata.  Called with
- * nothing (mailbox) or with the task's results (host).  [-0, +0, e] */
+ * policy list, the task table and the future userdata.  Every done hook
+ * runs, in order; one that raises is logged and does not stop the others.
+ * [-0, +0, m] */
 static int run_done(lua_State *L) {
   static const char *const outcomes[] = {"pending",   "ok",        "error",
                                          "discarded", "cancelled", "timeout"};
@@ -233,11 +237,24 @@ static int run_done(lua_State *L) {
       lua_pushvalue(L, lua_upvalueindex(2));
       lua_pushstring(L, outcomes[st]);
       lua_pushnumber(L, duration);
-      lua_call(L, 4, 0);
+      if (lua_pcall(L, 4, 0, 0) != LUA_OK) {
+        wpl_log(WPL_ERROR, "policy.error",
+                json_pack("{s:s}", "error",
+                          lua_tostring(L, -1) ? lua_tostring(L, -1) : "?"));
+        lua_pop(L, 1);
+      }
     } else {
       lua_pop(L, 2);
     }
   }
+  return 0;
+}
+
+/* Host delivery: runs the tracked hooks of the future in upvalue 1 unless
+ * a wait already did.   [-0, +0, m] */
+static int finish_cb(lua_State *L) {
+  wp_future **fu = lua_touserdata(L, lua_upvalueindex(1));
+  wpl_policy_finish(L, *fu);
   return 0;
 }
 
@@ -250,8 +267,8 @@ void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut) {
   lua_pushvalue(L, task);
   lua_pushvalue(L, fut);
   lua_pushcclosure(L, run_done, 3);
-  if (wpl_host_watch(L, *fu)) return; /* the host loop runs it */
-  /* Elsewhere: remember it until the mailbox says the task ended. */
+  /* Remembered until it runs: at the end (host loop or mailbox), or
+   * earlier when the state waits for the task (wpl_policy_finish). */
   lua_rawgetp(L, LUA_REGISTRYINDEX, &pending_key);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
@@ -261,6 +278,10 @@ void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut) {
   }
   lua_insert(L, -2);
   lua_rawsetp(L, -2, *fu);
+  lua_pop(L, 1);
+  lua_pushvalue(L, fut);
+  lua_pushcclosure(L, finish_cb, 1);
+  if (wpl_host_watch(L, *fu)) return; /* the host loop runs finish_cb */
   lua_pop(L, 1);
   if ((mb = state_mailbox(L)) == NULL) luaL_error(L, "not enough memory");
   atomic_fetch_add(&mb->refs, 1);

@@ -75,9 +75,8 @@ int wp__future_complete(wp_future *f, wp_status status, char *result,
   }
   f->result = result;
   f->result_len = len;
-  free(f->msg); /* the task will not run again */
-  f->msg = NULL;
-  f->msg_len = 0;
+  /* f->msg stays: a worker declared stuck may still be reading it.  The
+   * worker frees it after running, release frees it otherwise. */
   f->t_end = uv_hrtime();
   atomic_store_explicit(&f->status, status, memory_order_release);
   if (f->nwaiters) uv_cond_broadcast(&f->cv);

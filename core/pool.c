@@ -230,6 +230,9 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   }
   if (st != WP_PENDING)
     wp__pool_count_end(p, st, (double)(uv_hrtime() - started) / 1e9);
+  free(f->msg); /* only this worker ever reads it */
+  f->msg = NULL;
+  f->msg_len = 0;
   wp_future_release(f);
   uv_mutex_lock(&p->mu);
   stuck = w->stuck;

@@ -9,5 +9,7 @@ echo "== wpool run scripts/examples/quickstart.lua"
 build/wpool run scripts/examples/quickstart.lua
 echo "== wpool run scripts/examples/loop.lua"
 build/wpool run scripts/examples/loop.lua
+echo "== wpool run scripts/examples/policies.lua"
+build/wpool run scripts/examples/policies.lua
 echo "== build/embed_tick (a C program embedding wpool on its own loop)"
 build/embed_tick
