@@ -838,7 +838,7 @@ static void drain_finish(wpool_host *h) {
   drain_counts(h, &queued, &running);
   h->abandoned = running;
   for (i = 0; i < h->npools; i++) {
-    if (!running) wp_pool_stop(h->pools[i]); /* joins: all are idle */
+    if (!running) wp_pool_stop_wait(h->pools[i]); /* joins: all are idle */
     if (!running) wp_pool_release(h->pools[i]);
   }
   if (!running) {

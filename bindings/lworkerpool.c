@@ -98,7 +98,8 @@ static lua_Integer int_option(lua_State *L, const char *k, lua_Integer lo,
     v = lua_tointegerx(L, -1, &ok);
     if (t != LUA_TNUMBER || !ok || v < lo)
       luaL_error(L, "workerpool.new: %s", msg);
-    if (v > hi) luaL_error(L, "workerpool.new: %s (at most %d)", msg, (int)hi);
+    if (v > hi)
+      luaL_error(L, "workerpool.new: %s (at most %I)", msg, (LUAI_UACINT)hi);
   }
   lua_pop(L, 1);
   return v;
@@ -876,6 +877,7 @@ static int wpl_sleep(lua_State *L) {
   struct timespec ts;
   luaL_argcheck(L, s >= 0, 1, "seconds must be a non-negative number");
   if (wpl_host_park_sleep(L, s)) return lua_yieldk(L, 0, 0, sleep_k);
+  if (wp_interrupted()) return 0; /* the task is being stopped */
   if (s > 1e9) s = 1e9;
   ts.tv_sec = (time_t)s;
   ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);

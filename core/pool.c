@@ -745,7 +745,7 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
   for (;;) {
     if ((w = p->workers) != NULL) {
       p->workers = w->next;
-      if (w->stuck && !w->closed) {
+      if (w->stuck && w->cur != NULL) { /* still in its task: leave it */
         w->detached = 1;
         wp__pool_mretain(p); /* released by the worker itself */
         pthread_detach(w->tid);

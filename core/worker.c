@@ -14,8 +14,8 @@
  * handler, running on that thread, installs a count hook with lua_sethook,
  * the one Lua call meant for signal handlers (lua.c does the same on
  * Ctrl-C).  Tasks that are never interrupted pay for no hook.  The hook
- * raises "timeout" or "cancelled" every 1000 instructions until the task
- * has unwound, so pcall cannot swallow it.
+ * runs at every instruction and raises "timeout" or "cancelled" until the
+ * task has unwound, so pcall cannot swallow it.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -34,7 +34,6 @@ static const char cache_key = 'c';  /* table: bytecode -> function */
 
 /* The signal that asks a worker thread to interrupt its task. */
 #define WP_INTERRUPT_SIGNAL (SIGRTMIN + 5)
-#define HOOK_COUNT 1000 /* instructions between two checks */
 
 static _Thread_local wp__worker *current;
 
@@ -54,9 +53,9 @@ int wp_interrupted(void) {
   return seq != 0 && atomic_load(&w->kill_seq) == seq;
 }
 
-/* Count hook: raises until the interrupted task has unwound.  After the
- * first raise it runs at every instruction, so the first instruction after
- * a pcall that caught the error raises again, one level further out. */
+/* Count hook, at every instruction: raises until the interrupted task has
+ * unwound, so the first instruction after a pcall that caught the error
+ * raises again, one level further out. */
 static void interrupt_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   if (current && current->in_task && wp_interrupted()) {
@@ -72,7 +71,7 @@ static void on_interrupt_signal(int sig) {
   int saved = errno;
   (void)sig;
   if (current && current->in_task && current->L && wp_interrupted())
-    lua_sethook(current->L, interrupt_hook, LUA_MASKCOUNT, HOOK_COUNT);
+    lua_sethook(current->L, interrupt_hook, LUA_MASKCOUNT, 1);
   errno = saved;
 }
 
@@ -314,13 +313,13 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
                                             : "task failed";
     status = WP_ERROR;
     done = wp__future_fail(f, WP_ERROR, msg);
-    if (w->limit_hit) {
-      atomic_fetch_add(&w->pool->c.memory_limit_hits, 1);
-      task_event(w, f, WP_EV_MEMORY_LIMIT, msg, 0, (int64_t)w->mem_limit);
-    } else if (done) {
-      task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
-    }
+    if (done && !w->limit_hit) task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
     if (st == LUA_OK) st = LUA_ERRMEM; /* the result could not be copied */
+  }
+  if (w->limit_hit) { /* even when the task caught the error itself */
+    atomic_fetch_add(&w->pool->c.memory_limit_hits, 1);
+    task_event(w, f, WP_EV_MEMORY_LIMIT, "memory limit exceeded", 0,
+               (int64_t)w->mem_limit);
   }
   if (st == LUA_ERRMEM || w->limit_hit) {
     wp__worker_close(w); /* replaced before the next task */
