@@ -405,7 +405,7 @@ static int submitted(lua_State *L, wp_pool *p, int r, int admitted) {
 static int submit(lua_State *L, const char *what, int then_wait) {
   wpl_pool *u = checkpool(L);
   wp_task_opts o;
-  wp_pool_counts c;
+  double submit_timeout;
   wpl_future *fu;
   int self, task, nargs, r, parkable, admitted;
   luaL_checkany(L, 2);
@@ -417,14 +417,14 @@ static int submit(lua_State *L, const char *what, int then_wait) {
   fu = lua_newuserdatauv(L, sizeof *fu, 0);
   fu->f = NULL;
   luaL_setmetatable(L, WPL_FUTURE_MT);
-  wp_pool_get_counts(u->p, &c);
-  parkable = c.block_when_full && lua_isyieldable(L);
+  parkable =
+      wp_pool_blocks_when_full(u->p, &submit_timeout) && lua_isyieldable(L);
   o.nowait = parkable;
   r = submit_guarded(L, u->p, task, nargs, what, &o, &fu->f,
                      admitted ? lua_gettop(L) - 1 : 0);
   if (r == WP_EFULL && parkable) {
-    lua_pushnumber(L, c.submit_timeout < 0 ? HUGE_VAL
-                                           : wp_now() + c.submit_timeout);
+    lua_pushnumber(L,
+                   submit_timeout < 0 ? HUGE_VAL : wp_now() + submit_timeout);
     if (wpl_host_park_sleep(L, FULL_RETRY))
       return lua_yieldk(L, 0, then_wait | admitted << 1, submit_k);
     lua_pop(L, 1);

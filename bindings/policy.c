@@ -26,6 +26,10 @@
 
 static const char uses_key = 'u', pending_key = 'p', box_key = 'b';
 
+/* Whether any state ever attached a policy: until then, submits and waits
+ * skip every lookup here. */
+static atomic_int any_policy;
+
 #define MAILBOX_MT "workerpool.mailbox"
 
 /* Futures that ended, from worker threads to one state. */
@@ -148,6 +152,7 @@ int wpl_policy_use(lua_State *L, wp_pool *p) {
   lua_pushvalue(L, 2);
   lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
   lua_settop(L, 1);
+  atomic_store(&any_policy, 1);
   return 1;
 }
 
@@ -170,6 +175,7 @@ static void undo_upto(lua_State *L, int list, int task, lua_Integer n) {
 int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o) {
   lua_Integer i, n;
   int list, task;
+  if (!atomic_load_explicit(&any_policy, memory_order_relaxed)) return 0;
   wpl_policy_poll(L);
   if (push_uses(L, p) == LUA_TNIL) {
     lua_pop(L, 1);
@@ -302,6 +308,7 @@ void wpl_policy_undo(lua_State *L, wp_pool *p, int task) {
 
 void wpl_policy_finish(lua_State *L, wp_future *f) {
   int top = lua_gettop(L);
+  if (!atomic_load_explicit(&any_policy, memory_order_relaxed)) return;
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &pending_key) == LUA_TTABLE &&
       lua_rawgetp(L, -1, f) == LUA_TFUNCTION) {
     lua_pushnil(L);

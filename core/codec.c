@@ -191,9 +191,141 @@ static void enc_table(enc *e, int idx, int depth) {
   enc_check(e, put_tag(e->b, WP__T_END));
 }
 
+/* Registry key of the sender's cache: a table with weak keys mapping each
+ * Lua function sent from this state to its id (8 bytes) and bytecode. */
+static const char dump_key = 'd';
+
+/* lua_dump's writer, which starts the buffer on its first call (as
+ * string.dump does) so that the buffer sits above the dumped function. */
+typedef struct dump_state {
+  luaL_Buffer b;
+  int started;
+} dump_state;
+
 static int dump_writer(lua_State *L, const void *p, size_t n, void *ud) {
-  (void)L;
-  return put_bytes(ud, p, n) != 0;
+  dump_state *ds = ud;
+  if (!ds->started) {
+    ds->started = 1;
+    luaL_buffinit(L, &ds->b);
+    luaL_addlstring(&ds->b, "idid-idi", 8); /* room for the id */
+  }
+  luaL_addlstring(&ds->b, p, n);
+  return 0;
+}
+
+/* FNV-1a, 64 bits: a function's id is the hash of its bytecode. */
+static uint64_t fnv1a(const char *p, size_t n) {
+  uint64_t h = 14695981039346656037ull;
+  while (n--)
+    h = (h ^ (unsigned char)*p++) * 1099511628211ull;
+  return h;
+}
+
+/* [-0, +1, m] Pushes "id .. bytecode" of the Lua function at idx, dumping
+ * it (with debug information) only the first time this state sends it. */
+static const char *enc_bytecode(lua_State *L, int idx, size_t *len) {
+  dump_state ds;
+  uint64_t id;
+  const char *bc;
+  size_t n;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dump_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &dump_key);
+  }
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) == LUA_TSTRING) {
+    lua_remove(L, -2);
+    return lua_tolstring(L, -1, len);
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, idx); /* the key, later */
+  lua_pushvalue(L, idx); /* lua_dump dumps the top */
+  ds.started = 0;
+  lua_dump(L, dump_writer, &ds, 0);
+  if (!ds.started) luaL_error(L, "cannot dump function");
+  luaL_pushresult(&ds.b);
+  lua_remove(L, -2); /* the dumped copy */
+  bc = lua_tolstring(L, -1, &n);
+  id = fnv1a(bc + 8, n - 8);
+  lua_pushlstring(L, (const char *)&id, 8);
+  lua_pushlstring(L, bc + 8, n - 8);
+  lua_concat(L, 2);
+  lua_remove(L, -2);    /* the first copy */
+  lua_pushvalue(L, -2); /* the function */
+  lua_pushvalue(L, -2); /* its record */
+  lua_rawset(L, -5);
+  lua_remove(L, -2); /* the function */
+  lua_remove(L, -2); /* the cache */
+  return lua_tolstring(L, -1, len);
+}
+
+static int enc_pure(lua_State *L, int idx);
+
+int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n) {
+  int i, t;
+  size_t len;
+  const char *s;
+  first = lua_absindex(L, first);
+  if (wp__put_varint(b, (uint64_t)n)) return 0;
+  for (i = 0; i < n; i++) {
+    int idx = first + i, r = 0;
+    switch ((t = lua_type(L, idx))) {
+    case LUA_TNIL:
+      r = put_tag(b, WP__T_NIL);
+      break;
+    case LUA_TBOOLEAN:
+      r = put_tag(b, lua_toboolean(L, idx) ? WP__T_TRUE : WP__T_FALSE);
+      break;
+    case LUA_TNUMBER:
+      r = lua_isinteger(L, idx) ? put_int(b, (int64_t)lua_tointeger(L, idx))
+                                : put_flt(b, (double)lua_tonumber(L, idx));
+      break;
+    case LUA_TSTRING:
+      s = lua_tolstring(L, idx, &len);
+      r = put_lstring(b, WP__T_STR, s, len);
+      break;
+    case LUA_TFUNCTION: { /* only a pure one this state already sent */
+      int nups = 0, j;
+      uint32_t len32;
+      if (lua_iscfunction(L, idx) || !lua_checkstack(L, 3)) return 0;
+      if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dump_key) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return 0;
+      }
+      lua_pushvalue(L, idx);
+      if (lua_rawget(L, -2) != LUA_TSTRING || !enc_pure(L, idx)) {
+        lua_pop(L, 2);
+        return 0;
+      }
+      s = lua_tolstring(L, -1, &len);
+      while (lua_getupvalue(L, idx, nups + 1) != NULL) {
+        lua_pop(L, 1);
+        nups++;
+      }
+      len32 = (uint32_t)(len - 8);
+      r = put_tag(b, WP__T_FUNC);
+      if (!r) r = put_bytes(b, s, 8);
+      if (!r) r = put_bytes(b, &len32, 4);
+      if (!r) r = put_bytes(b, s + 8, len - 8);
+      lua_pop(L, 2);
+      if (!r) r = wp__put_varint(b, (uint64_t)nups);
+      if (!r) r = put_tag(b, 1); /* pure */
+      for (j = 0; !r && j < nups; j++)
+        r = put_tag(b, WP__T_ENV);
+      break;
+    }
+    default:
+      return 0; /* tables and the rest: the full encoder */
+    }
+    if (r) return 0;
+  }
+  return 1;
 }
 
 /* [-0, +0, m] 1 when every upvalue of the function at idx is the global
@@ -212,8 +344,9 @@ static int enc_pure(lua_State *L, int idx) {
 static void enc_function(enc *e, int idx, int depth) {
   lua_State *L = e->L;
   wp__buf *b = e->b;
-  size_t lenpos;
-  uint32_t len;
+  const char *bc;
+  size_t len;
+  uint32_t len32;
   int id, i, nups = 0;
   if (lua_iscfunction(L, idx)) {
     const char *name = wp__cfunction_name(lua_tocfunction(L, idx));
@@ -232,16 +365,12 @@ static void enc_function(enc *e, int idx, int depth) {
   if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "functions nested too deeply");
   enc_record(e, idx);
   enc_check(e, put_tag(b, WP__T_FUNC));
-  lenpos = b->len;
-  enc_check(e, put_bytes(b, "\0\0\0\0", 4));
-  lua_pushvalue(L, idx);
-  if (lua_dump(L, dump_writer, b, 0) != 0) {
-    enc_check(e, wp__buf_reserve(b, WP_MAX_MSG)); /* says which */
-    luaL_error(L, "cannot dump function");
-  }
+  bc = enc_bytecode(L, idx, &len);
+  enc_check(e, put_bytes(b, bc, 8)); /* the id */
+  len32 = (uint32_t)(len - 8);
+  enc_check(e, put_bytes(b, &len32, 4));
+  enc_check(e, put_bytes(b, bc + 8, len - 8));
   lua_pop(L, 1);
-  len = (uint32_t)(b->len - lenpos - 4);
-  memcpy(b->data + lenpos, &len, 4);
   while (lua_getupvalue(L, idx, nups + 1) != NULL) {
     lua_pop(L, 1);
     nups++;
@@ -356,7 +485,10 @@ static int skip_function(wp__reader *r, int depth) {
   uint32_t len;
   uint64_t nups, i;
   char pure;
-  if (get_bytes(r, &len, 4) || len > (size_t)(r->end - r->p)) return WP_EINVAL;
+  uint64_t id;
+  if (get_bytes(r, &id, 8) || get_bytes(r, &len, 4) ||
+      len > (size_t)(r->end - r->p))
+    return WP_EINVAL;
   r->p += len;
   if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1)) return WP_EINVAL;
   for (i = 0; i < nups; i++)
@@ -467,12 +599,12 @@ static void dec_value(dec *d, int depth);
  * over, so generated code cannot grow it without bound. */
 #define CACHE_MAX 512
 
-/* [-0, +0, m] Stores the function at the top under its bytecode.  The
- * cache's [0] field counts entries. */
-static void cache_store(dec *d, const char *bc, size_t len) {
+/* [-0, +0, m] Stores the function at the top under its id.  The cache's
+ * "n" field counts entries. */
+static void cache_store(dec *d, uint64_t id) {
   lua_State *L = d->L;
   lua_Integer n;
-  lua_rawgeti(L, d->cache, 0);
+  lua_getfield(L, d->cache, "n");
   n = lua_tointeger(L, -1);
   lua_pop(L, 1);
   if (n >= CACHE_MAX) { /* start over: clear every entry */
@@ -486,10 +618,9 @@ static void cache_store(dec *d, const char *bc, size_t len) {
     n = 0;
   }
   lua_pushinteger(L, n + 1);
-  lua_rawseti(L, d->cache, 0);
-  lua_pushlstring(L, bc, len);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, d->cache);
+  lua_setfield(L, d->cache, "n");
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->cache, (lua_Integer)id);
 }
 
 static void dec_function(dec *d, int depth) {
@@ -500,7 +631,10 @@ static void dec_function(dec *d, int depth) {
   const char *bc;
   char pure;
   int f, cached = 0;
-  if (get_bytes(r, &len, 4) || len > (size_t)(r->end - r->p)) dec_bad(d);
+  uint64_t id;
+  if (get_bytes(r, &id, 8) || get_bytes(r, &len, 4) ||
+      len > (size_t)(r->end - r->p))
+    dec_bad(d);
   bc = r->p;
   r->p += len;
   if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1) || nups > 255)
@@ -509,15 +643,14 @@ static void dec_function(dec *d, int depth) {
   /* Only a function whose upvalues are all _ENV can be one object for every
    * call: any other needs a closure, and upvalue cells, of its own. */
   if (pure && d->cache) {
-    lua_pushlstring(L, bc, len);
-    if (lua_rawget(L, d->cache) == LUA_TFUNCTION)
+    if (lua_rawgeti(L, d->cache, (lua_Integer)id) == LUA_TFUNCTION)
       cached = 1;
     else
       lua_pop(L, 1);
   }
   if (!cached) {
     if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK) lua_error(L);
-    if (pure && d->cache) cache_store(d, bc, len);
+    if (pure && d->cache) cache_store(d, id);
   }
   f = lua_gettop(L);
   dec_register(d);

@@ -645,6 +645,13 @@ void wp_pool_resume(wp_pool *p) {
   uv_mutex_unlock(&p->mu);
 }
 
+int wp_pool_blocks_when_full(const wp_pool *p, double *timeout) {
+  if (timeout)
+    *timeout =
+        p->submit_timeout_ns < 0 ? -1 : (double)p->submit_timeout_ns / 1e9;
+  return p->block_when_full;
+}
+
 int wp_pool_resize(wp_pool *p, int n) {
   wp_event ev;
   int old;

@@ -130,6 +130,17 @@ int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
     wp__count_drop(p, WP__DROP_STOPPED, 1);
     return WP_ESTOPPED;
   }
+  /* Scalars and functions sent before need no protected call. */
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *name = lua_tolstring(L, task, &len);
+    if (put_name(&b, name, len) == 0 && wp__encode_fast(L, &b, task + 1, nargs))
+      goto encoded;
+  } else if (wp__buf_reserve(&b, 1) == 0) {
+    b.data[b.len++] = WP__TASK_FUNC;
+    if (wp__encode_fast(L, &b, task, nargs + 1)) goto encoded;
+  }
+  b.len = 0;
   c.b = &b;
   c.what = what;
   c.nargs = nargs;
@@ -142,6 +153,7 @@ int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
     wp__buf_free(&b);
     lua_error(L);
   }
+encoded:
   r = submit_msg(p, &b, opts, out);
   wp__buf_free(&b);
   return r;

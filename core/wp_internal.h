@@ -46,7 +46,8 @@ enum {
   WP__T_TABLE, /* key/value pairs, then WP__T_END */
   WP__T_END,
   WP__T_REF,   /* varint index of an earlier table or function */
-  WP__T_FUNC,  /* u32 length, bytecode, varint nups, pure byte, upvalues */
+  WP__T_FUNC,  /* u64 id, u32 length, bytecode, varint nups, pure byte,
+                  upvalues */
   WP__T_CFUNC, /* varint length, "lib.name" */
   WP__T_ENV,   /* the receiving state's global table */
   WP__T_MODULE /* varint length, name in package.loaded */
@@ -61,6 +62,12 @@ enum { WP__TASK_NAMED = 'N', WP__TASK_FUNC = 'F' };
  * argpos == 0 calls them results of a task. */
 WP_HIDDEN void wp__encode(lua_State *L, wp__buf *b, int first, int n,
                           const char *what, int argpos);
+
+/* [-0, +0, -] Appends the n values from first on when they are all
+ * scalars, or Lua functions whose upvalues are all _ENV that this state
+ * has sent before; never raises.  Returns 0 (the caller then resets the
+ * buffer and uses wp__encode) or 1. */
+WP_HIDDEN int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n);
 
 /* Appends a varint / a whole C value.  0 or WP_ENOMEM / WP_ETOOBIG. */
 WP_HIDDEN int wp__put_varint(wp__buf *b, uint64_t v);

@@ -181,6 +181,10 @@ typedef struct wp_pool_counts {
 
 WP_API void wp_pool_get_counts(wp_pool *p, wp_pool_counts *out);
 
+/* Whether submitters wait for room in a full queue (on_full = "block"),
+ * and how long (seconds; < 0: no limit).  Fixed at creation: no lock. */
+WP_API int wp_pool_blocks_when_full(const wp_pool *p, double *timeout);
+
 /* Changes max_workers while running: growth starts workers for queued
  * tasks at once; on shrinking, running tasks finish and the extra workers
  * then exit.  WP_EINVAL when n < 1 or n < min_workers, WP_ESTOPPED. */

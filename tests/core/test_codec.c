@@ -775,12 +775,16 @@ Test(codec, handmade_bad_names_and_chunks) {
                    "no_such_module"),
                "no_such_module");
   /* Function bytes must be a binary chunk: source text is refused. */
-  decode_fails(MSG("\x01\x09\x0e\x00\x00\x00"
+  decode_fails(MSG("\x01\x09"
+                   "12345678" /* the function's id */
+                   "\x0e\x00\x00\x00"
                    "return os.exit"
                    "\x00\x00"),
                "text chunk");
   /* A binary chunk header with garbage after it. */
-  decode_fails(MSG("\x01\x09\x08\x00\x00\x00"
+  decode_fails(MSG("\x01\x09"
+                   "12345678"
+                   "\x08\x00\x00\x00"
                    "\x1bLua\x54\x00\xff\xff"
                    "\x00\x00"),
                "");
