@@ -412,8 +412,10 @@ static int submit(lua_State *L, const char *what, int then_wait) {
   self = parse_task(L, what, &o);
   task = self + 1;
   nargs = lua_gettop(L) - task;
-  if ((admitted = wpl_policy_admit(L, u->p, &o)) < 0)
-    return 2; /* nil, the policy's reason */
+  if ((admitted = wpl_policy_admit(L, u->p, &o)) < 0) {
+    if (then_wait) return lua_error(L); /* submit_wait raises the reason */
+    return 2;                           /* submit: nil, the reason */
+  }
   fu = lua_newuserdatauv(L, sizeof *fu, 0);
   fu->f = NULL;
   luaL_setmetatable(L, WPL_FUTURE_MT);

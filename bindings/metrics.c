@@ -68,6 +68,7 @@ int wpl_push_stats(lua_State *L, wp_pool *p) {
   set_int(L, "stuck_total", s->stuck_total);
   set_int(L, "max_workers", (uint64_t)s->max_workers);
   set_int(L, "memory", s->memory);
+  set_int(L, "memory_max", s->memory_max);
   set_int(L, "memory_limit_hits", s->memory_limit_hits);
   push_hist(L, &s->duration);
   lua_setfield(L, -2, "duration");
@@ -237,6 +238,8 @@ char *wpl_metrics_text(size_t *len) {
          max_workers)
   SERIES("workerpool_worker_memory_bytes", "gauge",
          "Bytes allocated by all worker states of the pool.", memory)
+  SERIES("workerpool_worker_memory_max_bytes", "gauge",
+         "Bytes allocated by the pool's largest worker state.", memory_max)
 #undef SERIES
   family(&b, "workerpool_task_duration_seconds", "histogram",
          "Time from a task's start to its end.");

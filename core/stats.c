@@ -78,8 +78,11 @@ void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
   s->stuck = p->nstuck;
   s->max_workers = p->max_workers;
   for (w = p->workers; w; w = w->next)
-    if (!w->closed)
-      mem += atomic_load_explicit(&w->mem_pub, memory_order_relaxed);
+    if (!w->closed) {
+      size_t m = atomic_load_explicit(&w->mem_pub, memory_order_relaxed);
+      mem += m;
+      if (m > s->memory_max) s->memory_max = m;
+    }
   if (p->spare) mem += atomic_load(&p->spare->mem_pub);
   uv_mutex_unlock(&p->mu);
   s->memory = mem;

@@ -77,16 +77,16 @@ T.test("bucket: starts full at burst, refuses with rate_limited, refills at rate
   T.eq(p:stop_wait(), 0)
 end)
 
-T.test("bucket: submit_wait returns nil, reason; nothing runs", function()
+T.test("bucket: submit_wait raises the reason; nothing runs", function()
   local c = fake_clock()
   local dn = fresh("ran")
   local p = newpool { max_workers = 1 }
   p:use(tenant.bucket { rate = 1, burst = 1, dict = fresh("b"), clock = c })
   local task = function(d) return require("workerpool").shared(d):incr("ran", 1, 0) end
   T.eq(p:submit_wait({ fn = task, tenant = "x" }, dn), 1)
-  local a, b = p:submit_wait({ fn = task, tenant = "x" }, dn)
-  T.eq(a, nil)
-  T.eq(b, "rate_limited")
+  local ok, err = pcall(p.submit_wait, p, { fn = task, tenant = "x" }, dn)
+  T.eq(ok, false)
+  T.eq(err, "rate_limited")
   T.eq(p:stop_wait(), 0)
   T.eq(wp.shared(dn):get("ran"), 1, "the refused task never ran")
 end)
