@@ -46,6 +46,33 @@ double wp_now(void) {
   return (double)uv_hrtime() / 1e9;
 }
 
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+int wp__spin(int (*ready)(void *), void *arg) {
+  static atomic_int ncpus; /* 0: not known yet */
+  uint64_t until;
+  int i, n = atomic_load_explicit(&ncpus, memory_order_relaxed);
+  if (n == 0) {
+    n = (int)uv_available_parallelism();
+    atomic_store_explicit(&ncpus, n, memory_order_relaxed);
+  }
+  if (n < 2) return ready(arg);
+  until = uv_hrtime() + WP__SPIN_NS;
+  for (;;) {
+    for (i = 0; i < 64; i++) {
+      if (ready(arg)) return 1;
+      cpu_relax();
+    }
+    if (uv_hrtime() >= until) return ready(arg);
+  }
+}
+
 int wp__buf_reserve(wp__buf *b, size_t n) {
   size_t cap;
   char *data;

@@ -109,10 +109,15 @@ int wp__future_fail(wp_future *f, wp_status status, const char *msg) {
   return wp__future_complete(f, status, b.data, b.len);
 }
 
+static int future_ended(void *f) {
+  return wp_future_status(f) != WP_PENDING;
+}
+
 int wp_future_wait(wp_future *f, double timeout) {
   uint64_t deadline = 0;
   int r = 0;
   if (wp_future_status(f) != WP_PENDING) return 0;
+  if (timeout != 0 && wp__spin(future_ended, f)) return 0;
   if (timeout >= 0) {
     if (timeout > 1e9) timeout = 1e9; /* about 31 years */
     deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);

@@ -160,6 +160,7 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
   f->next = f->prev = NULL;
   f->queued = 0;
   p->nqueued--;
+  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->queued_bytes -= f->queued_bytes;
   f->queued_bytes = 0;
   if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
@@ -249,12 +250,18 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   return failed || stuck || p->nworkers > p->max_workers;
 }
 
+static int work_queued(void *arg) {
+  wp_pool *p = arg;
+  return atomic_load_explicit(&p->nqueued_hint, memory_order_relaxed) > 0 ||
+         atomic_load_explicit(&p->stopped, memory_order_relaxed);
+}
+
 static void worker_main(void *arg) {
   wp__worker *w = arg;
   wp_pool *p = w->pool;
   char err[2048];
   wp_future *f;
-  int leave = 0, openerr = 0, detached, failed = 0;
+  int leave = 0, openerr = 0, detached, failed = 0, spun = 0;
   wp__worker_bind(w);
   /* A worker is warm from its start (min_workers rely on it). */
   if (w->L == NULL) openerr = wp__worker_open(w, err, sizeof err);
@@ -262,10 +269,21 @@ static void worker_main(void *arg) {
   while (!leave) {
     if ((f = take_locked(p, w)) == NULL) {
       if (p->state >= WP__STOPPING || (p->state == WP__DRAINING && !p->qhead) ||
-          p->nworkers > p->max_workers || wait_locked(p))
+          p->nworkers > p->max_workers)
         break;
+      if (!spun && !p->paused && p->state == WP__RUNNING && p->nspinning == 0) {
+        spun = 1; /* once per idle spell, one worker at a time */
+        p->nspinning++;
+        uv_mutex_unlock(&p->mu);
+        wp__spin(work_queued, p);
+        uv_mutex_lock(&p->mu);
+        p->nspinning--;
+        continue;
+      }
+      if (wait_locked(p)) break;
       continue;
     }
+    spun = 0;
     failed = openerr || w->L == NULL;
     leave = run_locked(p, w, f, &openerr, err, sizeof err);
     failed = failed && leave && !w->stuck;
@@ -316,8 +334,8 @@ static int spawn_locked(wp_pool *p) {
 }
 
 void wp__grow_locked(wp_pool *p) {
-  while (p->nqueued > (size_t)p->nidle && p->nworkers < p->max_workers &&
-         spawn_locked(p) == 0)
+  while (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
+         p->nworkers < p->max_workers && spawn_locked(p) == 0)
     ;
 }
 
@@ -561,12 +579,14 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   f->queued = 1;
   f->queued_bytes = f->msg_len;
   p->nqueued++;
+  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->queued_bytes += f->msg_len;
   p->last_active = f->t_submit = uv_hrtime();
   if (!p->paused) {
-    if (p->nqueued > (size_t)p->nidle && p->nworkers < p->max_workers)
+    if (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
+        p->nworkers < p->max_workers)
       r = spawn_locked(p);
-    else if (p->nidle)
+    else if (p->nidle && p->nqueued > (size_t)p->nspinning)
       uv_cond_signal(&p->work_cv);
     if (r && p->nworkers > 0) r = 0; /* a running worker will take it */
     if (r) {                         /* nobody could ever run it */
@@ -577,6 +597,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
         p->qhead = NULL;
       f->queued = 0;
       p->nqueued--;
+      atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
       p->queued_bytes -= f->msg_len;
     }
   }
@@ -602,6 +623,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
     f->next = f->prev = NULL;
     f->queued = 0;
     p->nqueued--;
+    atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
     p->queued_bytes -= f->queued_bytes;
     f->queued_bytes = 0;
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
@@ -707,6 +729,7 @@ static int begin_stop(wp_pool *p, int drain) {
     ndiscarded = (int)p->nqueued;
     p->qhead = p->qtail = NULL;
     p->nqueued = 0;
+    atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
     p->queued_bytes = 0;
   }
   if (p->state == WP__DRAINING) wp__grow_locked(p);

@@ -33,6 +33,13 @@ typedef struct wp__buf {
 WP_HIDDEN int wp__buf_reserve(wp__buf *b, size_t n);
 WP_HIDDEN void wp__buf_free(wp__buf *b);
 
+/* Spins for up to WP__SPIN_NS while ready(arg) is false, and returns its
+ * last answer.  A thread about to sleep on a condition variable spins
+ * first: a round trip that completes meanwhile costs no futex wake-up.
+ * Spinning is skipped on a machine with a single CPU. */
+#define WP__SPIN_NS 20000
+WP_HIDDEN int wp__spin(int (*ready)(void *), void *arg);
+
 /* ---- value codec (codec.c) ------------------------------------------- */
 
 /* Tags of the wire format; see docs/values.md. */
@@ -260,13 +267,16 @@ struct wp_pool {
   uv_cond_t space_cv;       /* submitters waiting for room in the queue */
   wp_future *qhead, *qtail; /* FIFO of queued futures */
   size_t nqueued;
-  size_t queued_bytes; /* message bytes of the queued futures */
+  atomic_size_t nqueued_hint; /* nqueued, for spinning workers */
+  size_t queued_bytes;        /* message bytes of the queued futures */
   int max_workers, min_workers;
   int64_t idle_ns;       /* reaping period; < 0: never reap */
   uint64_t last_active;  /* when a task was last submitted, taken or done */
   uint64_t last_reap;    /* when a worker was last reaped */
   int nworkers;          /* worker threads that count toward max_workers */
   int nidle;             /* workers waiting on work_cv */
+  int nspinning;         /* workers spinning before they wait (at most 1):
+                            they take new work without a signal */
   int nrunning;          /* tasks executing (stuck ones excluded) */
   int nstuck;            /* workers declared stuck, still running */
   int nclosed;           /* exited workers still in the list, to join */

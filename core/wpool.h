@@ -214,8 +214,8 @@ typedef struct wp_pool_stats {
   uint64_t stuck_total;                     /* workers declared stuck */
   size_t queued, queued_bytes;              /* now */
   int running, workers, stuck, max_workers; /* now */
-  size_t memory;                                  /* bytes in worker states */
-  size_t memory_max;                              /* the largest state */
+  size_t memory;                            /* bytes in worker states */
+  size_t memory_max;                        /* the largest state */
   wp_hist duration;                         /* start to end */
   wp_hist dwell;                            /* submit to start */
 } wp_pool_stats;

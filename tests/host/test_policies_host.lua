@@ -70,9 +70,16 @@ T.test("bucket and breaker through several host coroutines", function()
   local p = newpool { max_workers = 4 }
   p:use(b):use(br)
   local hs, admitted, refused = {}, 0, {}
+  local gate = fresh("gate")
   for i = 1, 8 do
     hs[i] = wp.spawn(function()
-      local f, why = p:submit({ fn = function() error("down") end, tenant = "t" })
+      -- every task fails only once all 8 were submitted: no done hook (and
+      -- so no breaker trip) can come between two admissions
+      local f, why = p:submit({ fn = function(g)
+        local X = require "workerpool"
+        while not X.shared(g):get("go") do X.sleep(0.001) end
+        error("down")
+      end, tenant = "t" }, gate)
       if not f then
         refused[#refused + 1] = why
         return
@@ -81,6 +88,7 @@ T.test("bucket and breaker through several host coroutines", function()
       f:wait()
     end)
   end
+  wp.shared(gate):set("go", true)
   for i = 1, 8 do T.eq(hs[i]:join(), true) end
   T.eq(admitted, 4, "burst 4")
   T.eq(#refused, 4)
