@@ -13,27 +13,11 @@ local wp = require "workerpool"
 
 -- ---- helpers ------------------------------------------------------------
 
-local ndicts = 0
-local function newdict()
-  ndicts = ndicts + 1
-  local name = "host.coroutines." .. ndicts
-  return wp.shared(name), name
-end
+local newdict = T.dict_maker("host.coroutines")
 
--- A task: blocks its worker until `key` is set in dict dname, then returns
--- the rest of its arguments.  Gives up after 30 s.
-local function gate(dname, key, ...)
-  local W = require "workerpool"
-  local d = W.shared(dname)
-  local deadline = W.now() + 30
-  while not d:get(key) do
-    if W.now() > deadline then error("gate " .. key .. " never opened") end
-    W.sleep(0.001)
-  end
-  return ...
-end
+local gate = T.gate
 
-local function pack(...) return { n = select("#", ...), ... } end
+local pack = T.pack
 
 -- ---- spawn and join -----------------------------------------------------
 

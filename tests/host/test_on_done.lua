@@ -7,27 +7,11 @@
 local T = require "harness"
 local wp = require "workerpool"
 
-local ndicts = 0
-local function newdict()
-  ndicts = ndicts + 1
-  local name = "host.on_done." .. ndicts
-  return wp.shared(name), name
-end
+local newdict = T.dict_maker("host.on_done")
 
--- A task: blocks its worker until `key` is set in dict dname, then returns
--- the rest of its arguments.
-local function gate(dname, key, ...)
-  local W = require "workerpool"
-  local d = W.shared(dname)
-  local deadline = W.now() + 30
-  while not d:get(key) do
-    if W.now() > deadline then error("gate " .. key .. " never opened") end
-    W.sleep(0.001)
-  end
-  return ...
-end
+local gate = T.gate
 
-local function pack(...) return { n = select("#", ...), ... } end
+local pack = T.pack
 
 -- Waits (suspending) until f ended, without watching it from the loop.
 local function poll_done(f)

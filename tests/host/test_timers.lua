@@ -47,24 +47,9 @@ local function check_live(n, gap, elapsed, what)
     elapsed))
 end
 
-local ndicts = 0
-local function newdict()
-  ndicts = ndicts + 1
-  local name = "host.timers." .. ndicts
-  return wp.shared(name), name
-end
+local newdict = T.dict_maker("host.timers")
 
--- A task: blocks its worker until `key` is set in dict dname.
-local function gate(dname, key, ...)
-  local W = require "workerpool"
-  local d = W.shared(dname)
-  local deadline = W.now() + 30
-  while not d:get(key) do
-    if W.now() > deadline then error("gate " .. key .. " never opened") end
-    W.sleep(0.001)
-  end
-  return ...
-end
+local gate = T.gate
 
 -- ---- after, every, cancel -----------------------------------------------
 

@@ -76,6 +76,34 @@ local function run_cases()
   return passed, failed
 end
 
+-- Returns a function that makes a fresh shared dictionary per call and
+-- returns it with its name, "<prefix>.<n>".
+function T.dict_maker(prefix)
+  local n = 0
+  return function()
+    n = n + 1
+    local name = prefix .. "." .. n
+    return require("workerpool").shared(name), name
+  end
+end
+
+-- A task for pools under test: blocks its worker until `key` is set in
+-- dict dname (giving up after 30 s), then returns the rest of its
+-- arguments.
+function T.gate(dname, key, ...)
+  local W = require "workerpool"
+  local d = W.shared(dname)
+  local deadline = W.now() + 30
+  while not d:get(key) do
+    if W.now() > deadline then error("gate " .. key .. " never opened") end
+    W.sleep(0.001)
+  end
+  return ...
+end
+
+-- Packs a call's values, keeping trailing nils.
+function T.pack(...) return { n = select("#", ...), ... } end
+
 function T.run()
   local passed, failed = run_cases()
   collectgarbage()
