@@ -101,6 +101,59 @@ function T.gate(dname, key, ...)
   return ...
 end
 
+-- Helpers for suites whose cases block tasks on shared dictionaries.
+-- Returns a table with:
+--   case(name, fn): a test that cleans up even when it fails: the dicts it
+--     made get their "release" key set (freeing blocked tasks), then the
+--     pools it made are stopped;
+--   newdict(tag): a fresh dict "<prefix>.<tag>.<n>" and its name;
+--   newpool(opts): workerpool.new(opts) after defaults(opts), if given;
+--   track(pool): a pool made otherwise, stopped like newpool's;
+--   count(d, k), wait_count(d, k, n [, what]), stays(cond, seconds, what).
+function T.suite(prefix, defaults)
+  local wp = require "workerpool"
+  local S, cleanup, ndicts = {}, { dicts = {}, pools = {} }, 0
+  function S.case(name, fn)
+    T.test(name, function()
+      cleanup = { dicts = {}, pools = {} }
+      local ok, err = xpcall(fn, debug.traceback)
+      for _, d in ipairs(cleanup.dicts) do d:set("release", true) end
+      for _, p in ipairs(cleanup.pools) do pcall(p.stop, p) end
+      if not ok then error(err, 0) end
+    end)
+  end
+  function S.newdict(tag)
+    ndicts = ndicts + 1
+    local name = string.format("%s.%s.%d", prefix, tag, ndicts)
+    local d = wp.shared(name)
+    cleanup.dicts[#cleanup.dicts + 1] = d
+    return d, name
+  end
+  function S.track(p) -- a pool made elsewhere, stopped like newpool's
+    cleanup.pools[#cleanup.pools + 1] = p
+    return p
+  end
+  function S.newpool(opts)
+    if defaults then defaults(opts) end
+    return S.track(wp.new(opts))
+  end
+  function S.count(d, k) return d:get(k) or 0 end
+  function S.wait_count(d, k, n, what)
+    T.eventually(function() return S.count(d, k) >= n end, 15,
+      what or string.format("%s reaches %d", k, n))
+  end
+  -- Checks over a short window that cond() stays true.  The window only
+  -- guards against a false pass, so its length does not matter.
+  function S.stays(cond, seconds, what)
+    local deadline = wp.now() + seconds
+    repeat
+      T.ok(cond(), what)
+      wp.sleep(0.005)
+    until wp.now() > deadline
+  end
+  return S
+end
+
 -- Packs a call's values, keeping trailing nils.
 function T.pack(...) return { n = select("#", ...), ... } end
 

@@ -16,54 +16,14 @@ local workerpool = require "workerpool"
 
 -- ---- helpers ------------------------------------------------------------
 
--- What the running case must clean up even when it fails: dicts get their
--- "release" key set (freeing blocked tasks), then pools are stopped.
-local cleanup = { dicts = {}, pools = {} }
-
-local function case(name, fn)
-  T.test(name, function()
-    cleanup = { dicts = {}, pools = {} }
-    local ok, err = xpcall(fn, debug.traceback)
-    for _, d in ipairs(cleanup.dicts) do d:set("release", true) end
-    for _, p in ipairs(cleanup.pools) do pcall(p.stop, p) end
-    if not ok then error(err, 0) end
-  end)
-end
-
-local ndicts = 0
-local function newdict(tag)
-  ndicts = ndicts + 1
-  local name = string.format("test_guards.%s.%d", tag, ndicts)
-  local d = workerpool.shared(name)
-  cleanup.dicts[#cleanup.dicts + 1] = d
-  return d, name
-end
-
 local npools = 0
-local function newpool(opts)
+local S = T.suite("test_guards", function(opts)
   npools = npools + 1
   opts.name = opts.name or string.format("guards-%d", npools)
   if opts.idle_timeout == nil then opts.idle_timeout = 60 end
-  local p = workerpool.new(opts)
-  cleanup.pools[#cleanup.pools + 1] = p
-  return p
-end
-
-local function count(d, k) return d:get(k) or 0 end
-
-local function wait_count(d, k, n, what)
-  T.eventually(function() return count(d, k) >= n end, 15,
-    what or string.format("%s reaches %d", k, n))
-end
-
--- Checks over a short window that cond() stays true.
-local function stays(cond, seconds, what)
-  local deadline = workerpool.now() + seconds
-  repeat
-    T.ok(cond(), what)
-    workerpool.sleep(0.005)
-  until workerpool.now() > deadline
-end
+end)
+local case, newdict, newpool = S.case, S.newdict, S.newpool
+local count, wait_count, stays = S.count, S.wait_count, S.stays
 
 -- Calls f(...) and returns the seconds it took, then its results.
 local function timed(f, ...)

@@ -17,53 +17,9 @@ local workerpool = require "workerpool"
 
 -- ---- helpers ------------------------------------------------------------
 
--- What the running case must clean up even when it fails: dicts get their
--- "release" key set (freeing blocked tasks), then pools are stopped.
-local cleanup = { dicts = {}, pools = {} }
-
-local function case(name, fn)
-  T.test(name, function()
-    cleanup = { dicts = {}, pools = {} }
-    local ok, err = xpcall(fn, debug.traceback)
-    for _, d in ipairs(cleanup.dicts) do d:set("release", true) end
-    for _, p in ipairs(cleanup.pools) do pcall(p.stop, p) end
-    if not ok then error(err, 0) end
-  end)
-end
-
--- A shared dict of the running case's own, and its name.
-local ndicts = 0
-local function newdict(tag)
-  ndicts = ndicts + 1
-  local name = string.format("test_pool.%s.%d", tag, ndicts)
-  local d = workerpool.shared(name)
-  cleanup.dicts[#cleanup.dicts + 1] = d
-  return d, name
-end
-
--- A pool that the running case stops whatever happens.
-local function newpool(opts)
-  local p = workerpool.new(opts)
-  cleanup.pools[#cleanup.pools + 1] = p
-  return p
-end
-
-local function count(d, k) return d:get(k) or 0 end
-
-local function wait_count(d, k, n, what)
-  T.eventually(function() return count(d, k) >= n end, 10,
-    what or string.format("%s reaches %d", k, n))
-end
-
--- Checks over a short window that cond() stays true.  The window only
--- guards against a false pass, so its length does not matter.
-local function stays(cond, seconds, what)
-  local deadline = workerpool.now() + seconds
-  repeat
-    T.ok(cond(), what)
-    workerpool.sleep(0.005)
-  until workerpool.now() > deadline
-end
+local S = T.suite("test_pool")
+local case, newdict, newpool = S.case, S.newdict, S.newpool
+local count, wait_count, stays = S.count, S.wait_count, S.stays
 
 -- Threads of this process, or nil where /proc is missing.
 local function threads()
@@ -1045,7 +1001,7 @@ case("workers inherit package.path and package.cpath", function()
   local ok, p = pcall(workerpool.new, { max_workers = 1 })
   package.path = old_path
   T.ok(ok, tostring(p))
-  cleanup.pools[#cleanup.pools + 1] = p
+  S.track(p)
   local path, cpath = p:submit_wait(function()
     return package.path, package.cpath
   end)
