@@ -151,13 +151,16 @@ case("a coroutine waiting for room sees the pool stop", function()
   local h = workerpool.spawn(function() return p:submit(blocker, dn) end)
   workerpool.sleep(0.1)
   T.eq(h:status(), "running")
-  d:set("release", true)
-  p:stop()
+  -- Stop while the queue is still full (the blocker runs on), so no room
+  -- can appear before the stop: the waiting coroutine must see "stopped".
+  local s = workerpool.spawn(function() return p:stop() end)
   local ok, f, err, code = h:join()
   T.eq(ok, true)
   T.eq(f, nil)
   T.eq(err, "stopped")
   T.eq(code, "ESTOPPED")
+  d:set("release", true) -- lets the stop join the blocker's worker
+  T.eq(select(2, s:join()), 1, "stop discarded the queued task")
 end)
 
 -- A host coroutine waiting for room retries every 5 ms; the retries are
