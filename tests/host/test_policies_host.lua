@@ -9,18 +9,8 @@ local breaker = require "workerpool.breaker"
 local retry = require "workerpool.retry"
 local clock = require "workerpool.clock"
 
-local n = 0
-local function fresh(prefix)
-  n = n + 1
-  return string.format("host.policies.%s.%d", prefix, n)
-end
+local fresh, newpool = T.policy_helpers("host.policies")
 
-local function newpool(opts)
-  opts = opts or {}
-  opts.idle_timeout = opts.idle_timeout or 60
-  opts.max_workers = opts.max_workers or 2
-  return wp.new(opts)
-end
 
 local function flaky(dn, ok_at)
   local W = require "workerpool"

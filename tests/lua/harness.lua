@@ -154,6 +154,25 @@ function T.suite(prefix, defaults)
   return S
 end
 
+-- Returns fresh(tag), which makes unique names "<prefix>.<tag>.<n>" (for
+-- dictionaries, breakers, pools), and newpool(opts), which makes a pool
+-- with max_workers 2 and idle_timeout 60 unless opts say otherwise.
+function T.policy_helpers(prefix)
+  local wp = require "workerpool"
+  local n = 0
+  local function fresh(tag)
+    n = n + 1
+    return string.format("%s.%s.%d", prefix, tag, n)
+  end
+  local function newpool(opts)
+    opts = opts or {}
+    opts.idle_timeout = opts.idle_timeout or 60
+    opts.max_workers = opts.max_workers or 2
+    return wp.new(opts)
+  end
+  return fresh, newpool
+end
+
 -- Packs a call's values, keeping trailing nils.
 function T.pack(...) return { n = select("#", ...), ... } end
 

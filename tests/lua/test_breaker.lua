@@ -10,18 +10,8 @@ local wp = require "workerpool"
 local breaker = require "workerpool.breaker"
 local clock = require "workerpool.clock"
 
-local n = 0
-local function fresh(prefix)
-  n = n + 1
-  return string.format("breaker.%s.%d", prefix, n)
-end
+local fresh, newpool = T.policy_helpers("breaker")
 
-local function newpool(opts)
-  opts = opts or {}
-  opts.idle_timeout = opts.idle_timeout or 60
-  opts.max_workers = opts.max_workers or 2
-  return wp.new(opts)
-end
 
 -- A task whose outcome is its argument: "fail" raises, anything else is
 -- returned.

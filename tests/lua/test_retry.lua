@@ -12,18 +12,8 @@ local retry = require "workerpool.retry"
 local breaker = require "workerpool.breaker"
 local tenant = require "workerpool.tenant"
 
-local n = 0
-local function fresh(prefix)
-  n = n + 1
-  return string.format("retry.%s.%d", prefix, n)
-end
+local fresh, newpool = T.policy_helpers("retry")
 
-local function newpool(opts)
-  opts = opts or {}
-  opts.idle_timeout = opts.idle_timeout or 60
-  opts.max_workers = opts.max_workers or 2
-  return wp.new(opts)
-end
 
 -- Counts its attempt in dict dn; fails until attempt number `ok_at`
 -- (never when ok_at is nil), then returns "ok on <attempt>".

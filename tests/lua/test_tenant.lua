@@ -11,11 +11,7 @@ local wp = require "workerpool"
 local tenant = require "workerpool.tenant"
 local clock = require "workerpool.clock"
 
-local n = 0
-local function fresh(prefix)
-  n = n + 1
-  return string.format("tenant.%s.%d", prefix, n)
-end
+local fresh = T.policy_helpers("tenant")
 
 -- A fake clock shared by every state that opens `name`.
 local function fake_clock()
