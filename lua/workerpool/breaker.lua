@@ -152,16 +152,8 @@ function breaker.new(opts)
   local d, err = workerpool.shared(dname, cap and { capacity = cap } or nil)
   if not d then fail(string.format("cannot open dict '%s': %s", dname, err), 2) end
   self.dict, self.dict_name, self.key = d, dname, "b:" .. opts.name
-  local c = opts.clock
-  if c == nil then
-    self.now = clock.monotonic
-  elseif type(c) == "function" then
-    self.now = c
-  elseif type(c) == "table" and type(c.now) == "function" then
-    self.now = c.now
-  else
-    fail("clock must be a function or a table with a now() function", 2)
-  end
+  self.now = clock.resolve(opts.clock)
+    or fail("clock must be a function or a table with a now() function", 2)
   return self
 end
 

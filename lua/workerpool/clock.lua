@@ -14,6 +14,16 @@ function clock.monotonic()
   return workerpool.now()
 end
 
+-- The now() function a policy's `clock` option names: the monotonic
+-- clock when c is nil, c itself when it is a function, c.now when c is a
+-- table with a now() function; nil for anything else.
+function clock.resolve(c)
+  if c == nil then return clock.monotonic end
+  if type(c) == "function" then return c end
+  if type(c) == "table" and type(c.now) == "function" then return c.now end
+  return nil
+end
+
 -- A clock read from shared dictionary `name` (key "now"), so every state
 -- that makes one sees the same time; set it with :set(t) or :advance(dt).
 function clock.shared(name)

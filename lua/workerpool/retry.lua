@@ -12,6 +12,7 @@
 -- plain Lua or a worker state the retries happen inside r:wait() (and
 -- r:done() moves things along without blocking). See docs/policies.md.
 local workerpool = require "workerpool"
+local clock = require "workerpool.clock"
 
 local retry = {}
 
@@ -59,16 +60,8 @@ local function check_opts(opts)
   end
   o.random = opts.random or math.random
   o.sleep = opts.sleep or workerpool.sleep
-  local c = opts.clock
-  if c == nil then
-    o.now = workerpool.now
-  elseif type(c) == "function" then
-    o.now = c
-  elseif type(c) == "table" and type(c.now) == "function" then
-    o.now = c.now
-  else
-    fail("clock must be a function or a table with a now() function", 3)
-  end
+  o.now = clock.resolve(opts.clock)
+    or fail("clock must be a function or a table with a now() function", 3)
   return o
 end
 

@@ -44,10 +44,8 @@ local function check_keys(what, opts, known)
 end
 
 local function check_clock(what, c)
-  if c == nil then return clock.monotonic end
-  if type(c) == "function" then return c end
-  if type(c) == "table" and type(c.now) == "function" then return c.now end
-  fail(what, "clock must be a function or a table with a now() function", 3)
+  return clock.resolve(c)
+    or fail(what, "clock must be a function or a table with a now() function", 3)
 end
 
 local function open_dict(what, name, capacity)
