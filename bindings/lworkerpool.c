@@ -22,13 +22,21 @@
 
 #define WPL_MAX_WORKERS 10000
 
+/* The last field of each userdata names its class: checking an argument
+ * compares its size and that pointer, with no metatable lookup.  (policy.c
+ * reads a future userdata as the wp_future pointer it starts with.) */
+static const char pool_class[] = WPL_POOL_MT;
+static const char future_class[] = WPL_FUTURE_MT;
+
 typedef struct wpl_pool {
-  wp_pool *p; /* a handle reference, or NULL once collected */
-  int owner;  /* made by workerpool.new: collecting it stops the pool */
+  wp_pool *p;      /* a handle reference, or NULL once collected */
+  int owner;       /* made by workerpool.new: collecting it stops the pool */
+  const char *cls; /* pool_class */
 } wpl_pool;
 
 typedef struct wpl_future {
-  wp_future *f; /* a reference, or NULL before submit succeeded */
+  wp_future *f;    /* a reference, or NULL before submit succeeded */
+  const char *cls; /* future_class */
 } wpl_future;
 
 int wpl_pusherr(lua_State *L, int err) {
@@ -38,14 +46,35 @@ int wpl_pusherr(lua_State *L, int err) {
   return 3;
 }
 
+/* Methods and metamethods of pools and futures carry both metatables as
+ * upvalues: making a future sets its metatable without a lookup by name. */
+#define FUTURE_MT lua_upvalueindex(2)
+
+/* [-0, +0, v] The pool / future userdata at idx, or raises. */
+static wpl_pool *topool(lua_State *L, int idx) {
+  wpl_pool *u =
+      lua_type(L, idx) == LUA_TUSERDATA ? lua_touserdata(L, idx) : NULL;
+  if (u == NULL || lua_rawlen(L, idx) != sizeof *u || u->cls != pool_class)
+    luaL_typeerror(L, idx, WPL_POOL_MT);
+  return u;
+}
+
+static wpl_future *tofuture(lua_State *L, int idx) {
+  wpl_future *u =
+      lua_type(L, idx) == LUA_TUSERDATA ? lua_touserdata(L, idx) : NULL;
+  if (u == NULL || lua_rawlen(L, idx) != sizeof *u || u->cls != future_class)
+    luaL_typeerror(L, idx, WPL_FUTURE_MT);
+  return u;
+}
+
 static wpl_pool *checkpool(lua_State *L) {
-  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  wpl_pool *u = topool(L, 1);
   if (u->p == NULL) luaL_error(L, "attempt to use a collected pool");
   return u;
 }
 
 static wpl_future *checkfuture(lua_State *L) {
-  wpl_future *u = luaL_checkudata(L, 1, WPL_FUTURE_MT);
+  wpl_future *u = tofuture(L, 1);
   if (u->f == NULL) luaL_error(L, "attempt to use an empty future");
   return u;
 }
@@ -235,6 +264,7 @@ static int wpl_new(lua_State *L) {
   }
   o.open_state = open_worker;
   u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->cls = pool_class;
   u->p = NULL;
   u->owner = 1;
   luaL_setmetatable(L, WPL_POOL_MT);
@@ -263,6 +293,7 @@ static int wpl_new(lua_State *L) {
 static int wpl_get(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   wpl_pool *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->cls = pool_class;
   u->p = NULL;
   u->owner = 0;
   luaL_setmetatable(L, WPL_POOL_MT);
@@ -384,10 +415,13 @@ static int submit_guarded(lua_State *L, wp_pool *p, int task, int nargs,
   return g.r;
 }
 
+/* What a submitting call returns; kept in its continuation context. */
+enum { RET_FUTURE = 0, RET_WAIT = 1, RET_TRUE = 4 };
+
 /* [-0, +1|3, e] Ends a submit whose future is at the top (below it, the
  * task table when admitted): tracks the task for its policies, or gives
- * back what they took. */
-static int submitted(lua_State *L, wp_pool *p, int r, int admitted) {
+ * back what they took.  pool:post answers true instead of the future. */
+static int submitted(lua_State *L, wp_pool *p, int r, int admitted, int ret) {
   if (admitted) {
     if (r == 0)
       wpl_policy_track(L, p, -2, -1);
@@ -395,19 +429,20 @@ static int submitted(lua_State *L, wp_pool *p, int r, int admitted) {
       wpl_policy_undo(L, p, -2);
   }
   if (r) return wpl_pusherr(L, r);
+  if (ret == RET_TRUE) lua_pushboolean(L, 1);
   return 1;
 }
 
 /* [-0, +1|3, e] Queues the task (plain or descriptor) with the arguments
- * after it and pushes its future, or returns nil, "stopped" / nil, "full".
- * With on_full = "block" a host coroutine waits for room without blocking
- * the loop; any other caller blocks its thread. */
-static int submit(lua_State *L, const char *what, int then_wait) {
+ * after it and pushes its future (or true, for post), or returns nil,
+ * "stopped" / nil, "full".  With on_full = "block" a host coroutine waits
+ * for room without blocking the loop; any other caller blocks its thread. */
+static int submit(lua_State *L, const char *what, int ret) {
   wpl_pool *u = checkpool(L);
   wp_task_opts o;
   double submit_timeout;
   wpl_future *fu;
-  int self, task, nargs, r, parkable, admitted;
+  int self, task, nargs, r, parkable, admitted, then_wait = ret == RET_WAIT;
   luaL_checkany(L, 2);
   self = parse_task(L, what, &o);
   task = self + 1;
@@ -416,11 +451,21 @@ static int submit(lua_State *L, const char *what, int then_wait) {
     if (then_wait) return lua_error(L); /* submit_wait raises the reason */
     return 2;                           /* submit: nil, the reason */
   }
-  fu = lua_newuserdatauv(L, sizeof *fu, 0);
-  fu->f = NULL;
-  luaL_setmetatable(L, WPL_FUTURE_MT);
   parkable =
       wp_pool_blocks_when_full(u->p, &submit_timeout) && lua_isyieldable(L);
+  if (ret == RET_TRUE && !admitted && !parkable) {
+    /* Nothing will ever look at the future: none is made for Lua. */
+    o.nowait = 0;
+    r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, NULL);
+    if (r) return wpl_pusherr(L, r);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  fu = lua_newuserdatauv(L, sizeof *fu, 0);
+  fu->cls = future_class;
+  fu->f = NULL;
+  lua_pushvalue(L, FUTURE_MT);
+  lua_setmetatable(L, -2);
   o.nowait = parkable;
   r = submit_guarded(L, u->p, task, nargs, what, &o, &fu->f,
                      admitted ? lua_gettop(L) - 1 : 0);
@@ -428,13 +473,13 @@ static int submit(lua_State *L, const char *what, int then_wait) {
     lua_pushnumber(L,
                    submit_timeout < 0 ? HUGE_VAL : wp_now() + submit_timeout);
     if (wpl_host_park_sleep(L, FULL_RETRY))
-      return lua_yieldk(L, 0, then_wait | admitted << 1, submit_k);
+      return lua_yieldk(L, 0, ret | admitted << 1, submit_k);
     lua_pop(L, 1);
     o.nowait = 0; /* not a host coroutine after all: block here */
     r = submit_guarded(L, u->p, task, nargs, what, &o, &fu->f,
                        admitted ? lua_gettop(L) - 1 : 0);
   }
-  return submitted(L, u->p, r, admitted);
+  return submitted(L, u->p, r, admitted, ret);
 }
 
 static int submit_wait_from(lua_State *L, wpl_future *fu);
@@ -447,7 +492,10 @@ static int submit_k(lua_State *L, int status, lua_KContext ctx) {
   wpl_future *fu = luaL_checkudata(L, -2, WPL_FUTURE_MT);
   double deadline = lua_tonumber(L, -1);
   int self = lua_type(L, 1) == LUA_TTABLE ? 2 : 1, r;
-  int then_wait = (int)(ctx & 1), admitted = (int)(ctx >> 1 & 1);
+  int ret = (int)(ctx & (RET_WAIT | RET_TRUE)), admitted = (int)(ctx >> 1 & 1);
+  const char *what = ret == RET_WAIT   ? "submit_wait"
+                     : ret == RET_TRUE ? "post"
+                                       : "submit";
   (void)status;
   u = luaL_checkudata(L, self, WPL_POOL_MT);
   lua_pop(L, 1);
@@ -455,27 +503,34 @@ static int submit_k(lua_State *L, int status, lua_KContext ctx) {
     lua_pushvalue(L, 1); /* parse the descriptor again for its options */
     lua_replace(L, 3);
     lua_remove(L, 1);
-    parse_task(L, then_wait ? "submit_wait" : "submit", &o);
+    parse_task(L, what, &o);
   } else {
     memset(&o, 0, sizeof o);
   }
   o.nowait = 1;
   r = wp_submit_lua_opts(u->p, L, self + 1, lua_gettop(L) - self - 2 - admitted,
-                         then_wait ? "submit_wait" : "submit", &o, &fu->f);
+                         what, &o, &fu->f);
   if (r == WP_EFULL && wp_now() < deadline) {
     lua_pushnumber(L, deadline);
     wpl_host_park_sleep(L, FULL_RETRY);
     return lua_yieldk(L, 0, ctx, submit_k);
   }
   if (r == WP_EFULL) wp_pool_count_drop(u->p, WP_DROP_FULL); /* gave up */
-  if (submitted(L, u->p, r, admitted) != 1) return 3;
-  return then_wait ? submit_wait_from(L, fu) : 1;
+  if (submitted(L, u->p, r, admitted, ret) != 1) return 3;
+  return ret == RET_WAIT ? submit_wait_from(L, fu) : 1;
 }
 
 /* pool:submit(task, ...) -> future | nil, "stopped" | nil, "full"
  * [-0, +1|3, e] */
 static int pool_submit(lua_State *L) {
-  return submit(L, "submit", 0);
+  return submit(L, "submit", RET_FUTURE);
+}
+
+/* pool:post(task, ...) -> true | nil, "stopped" | nil, "full"
+ * [-0, +1|3, e] submit without a future: nobody waits for the task, and an
+ * error it raises is logged as a task_error event. */
+static int pool_post(lua_State *L) {
+  return submit(L, "post", RET_TRUE);
 }
 
 /* [-0, +n, e] Pushes the results of an ended future; raises its error. */
@@ -530,7 +585,7 @@ static int pool_submit_wait(lua_State *L) {
                       "(the task would wait for a worker of its own pool); "
                       "use submit, or another pool",
                       wp_pool_name(u->p));
-  n = submit(L, "submit_wait", 1);
+  n = submit(L, "submit_wait", RET_WAIT);
   if (n != 1) return n;
   return submit_wait_from(L, lua_touserdata(L, -1));
 }
@@ -679,6 +734,7 @@ static int wpl_poll(lua_State *L) {
 
 void wpl_push_borrowed(lua_State *L, wp_pool *p) {
   wpl_pool *u = lua_newuserdatauv(L, sizeof *u, 0);
+  u->cls = pool_class;
   u->p = NULL;
   u->owner = 0;
   luaL_setmetatable(L, WPL_POOL_MT);
@@ -718,7 +774,7 @@ static int pool_name(lua_State *L) {
 
 /* __close: drains and stops the pool.   [-0, +0, e] */
 static int pool_close(lua_State *L) {
-  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  wpl_pool *u = topool(L, 1);
   if (u->p) check_deadlock(L, u, wp_pool_stop_wait(u->p), "closing a pool");
   return 0;
 }
@@ -726,7 +782,7 @@ static int pool_close(lua_State *L) {
 /* __gc: an owner handle drains and stops its pool; under a host loop the
  * host finishes that in the background.   [-0, +0, -] */
 static int pool_gc(lua_State *L) {
-  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  wpl_pool *u = topool(L, 1);
   wp_pool *p = u->p;
   u->p = NULL;
   if (p == NULL || (u->owner && wpl_host_adopt(L, p))) return 0;
@@ -737,7 +793,7 @@ static int pool_gc(lua_State *L) {
 
 /* [-0, +1, m] */
 static int pool_tostring(lua_State *L) {
-  wpl_pool *u = luaL_checkudata(L, 1, WPL_POOL_MT);
+  wpl_pool *u = topool(L, 1);
   if (u->p)
     lua_pushfstring(L, "workerpool.pool (%s)", wp_pool_name(u->p));
   else
@@ -837,7 +893,7 @@ static int future_status(lua_State *L) {
 
 /* [-0, +0, -] */
 static int future_gc(lua_State *L) {
-  wpl_future *u = luaL_checkudata(L, 1, WPL_FUTURE_MT);
+  wpl_future *u = tofuture(L, 1);
   wp_future_release(u->f);
   u->f = NULL;
   return 0;
@@ -913,34 +969,49 @@ static const luaL_Reg module_funcs[] = {
     {"set_log_level", wpl_lua_set_log_level},
     {NULL, NULL}};
 
-static const luaL_Reg pool_methods[] = {
-    {"submit", pool_submit},   {"submit_wait", pool_submit_wait},
-    {"pause", pool_pause},     {"resume", pool_resume},
-    {"stop", pool_stop},       {"stop_wait", pool_stop_wait},
-    {"stopped", pool_stopped}, {"waiting", pool_waiting},
-    {"running", pool_running}, {"workers", pool_workers},
-    {"size", pool_size},       {"stats", pool_stats},
-    {"use", pool_use},         {"resize", pool_resize},
-    {"name", pool_name},       {NULL, NULL}};
+static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
+                                        {"submit_wait", pool_submit_wait},
+                                        {"post", pool_post},
+                                        {"pause", pool_pause},
+                                        {"resume", pool_resume},
+                                        {"stop", pool_stop},
+                                        {"stop_wait", pool_stop_wait},
+                                        {"stopped", pool_stopped},
+                                        {"waiting", pool_waiting},
+                                        {"running", pool_running},
+                                        {"workers", pool_workers},
+                                        {"size", pool_size},
+                                        {"stats", pool_stats},
+                                        {"use", pool_use},
+                                        {"resize", pool_resize},
+                                        {"name", pool_name},
+                                        {NULL, NULL}};
+
+static const luaL_Reg pool_meta[] = {{"__gc", pool_gc},
+                                     {"__close", pool_close},
+                                     {"__tostring", pool_tostring},
+                                     {NULL, NULL}};
+
+static const luaL_Reg future_meta[] = {{"__gc", future_gc}, {NULL, NULL}};
 
 static const luaL_Reg future_methods[] = {
     {"wait", future_wait},       {"done", future_done},
     {"cancel", future_cancel},   {"status", future_status},
     {"on_done", future_on_done}, {NULL, NULL}};
 
-/* [-0, +0, m] Creates metatable `name` with methods in __index. */
-static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
-                      lua_CFunction gc, lua_CFunction close) {
-  luaL_newmetatable(L, name);
+/* [-0, +0, m] Fills the metatable at mt: `methods` in __index, then the
+ * metamethods; each function gets both metatables as upvalues. */
+static void fill_class(lua_State *L, int mt, const luaL_Reg *methods,
+                       const luaL_Reg *meta) {
   lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, gc);
-  lua_setfield(L, -2, "__gc");
-  if (close) {
-    lua_pushcfunction(L, close);
-    lua_setfield(L, -2, "__close");
-  }
+  luaL_getmetatable(L, WPL_POOL_MT);
+  luaL_getmetatable(L, WPL_FUTURE_MT);
+  luaL_setfuncs(L, methods, 2);
+  lua_setfield(L, mt, "__index");
+  lua_pushvalue(L, mt);
+  luaL_getmetatable(L, WPL_POOL_MT);
+  luaL_getmetatable(L, WPL_FUTURE_MT);
+  luaL_setfuncs(L, meta, 2);
   lua_pop(L, 1);
 }
 
@@ -1021,12 +1092,11 @@ WP_API int luaopen_workerpool(lua_State *L) {
     snprintf(name, sizeof name, "workerpool.%s", f->name);
     wp_register_cfunction(name, f->func);
   }
-  new_class(L, WPL_POOL_MT, pool_methods, pool_gc, pool_close);
-  luaL_getmetatable(L, WPL_POOL_MT);
-  lua_pushcfunction(L, pool_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
-  new_class(L, WPL_FUTURE_MT, future_methods, future_gc, NULL);
+  luaL_newmetatable(L, WPL_POOL_MT);
+  luaL_newmetatable(L, WPL_FUTURE_MT);
+  fill_class(L, lua_absindex(L, -2), pool_methods, pool_meta);
+  fill_class(L, lua_absindex(L, -1), future_methods, future_meta);
+  lua_pop(L, 2);
   wpl_shared_init(L);
   wpl_host_init(L);
   wpl_metrics_init(L);

@@ -81,17 +81,23 @@ int wp__buf_reserve(wp__buf *b, size_t n) {
   cap = b->cap ? b->cap : 64;
   while (cap - b->len < n)
     cap *= 2;
-  data = realloc(b->data, cap);
-  if (data == NULL) return WP_ENOMEM;
+  if (b->borrowed) {
+    if ((data = malloc(cap)) == NULL) return WP_ENOMEM;
+    memcpy(data, b->data, b->len);
+    b->borrowed = 0;
+  } else if ((data = realloc(b->data, cap)) == NULL) {
+    return WP_ENOMEM;
+  }
   b->data = data;
   b->cap = cap;
   return 0;
 }
 
 void wp__buf_free(wp__buf *b) {
-  free(b->data);
+  if (!b->borrowed) free(b->data);
   b->data = NULL;
   b->len = b->cap = 0;
+  b->borrowed = 0;
 }
 
 /* ---- C functions by name --------------------------------------------- */

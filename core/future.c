@@ -4,33 +4,46 @@
  * A future is created by submit with two references (the submitter's and
  * the queue's), travels through the pool's queue to a worker, and ends
  * exactly once: with results, an error value, or as discarded/cancelled.
- * Waiters sleep on the future's own condition variable; a completion
- * callback lets an event loop hear about it instead (see wp_future_on_done).
+ * A future is one allocation with its message inside when it is small, and
+ * small results go into it too.  Waiting threads sleep on their pool's
+ * done_cv; a completion callback lets an event loop hear about it instead
+ * (see wp_future_on_done).
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "wp_internal.h"
 
-wp_future *wp__future_new(wp_pool *p, char *msg, size_t len) {
-  wp_future *f = calloc(1, sizeof *f);
-  if (f == NULL) goto err;
-  if (uv_mutex_init(&f->mu)) goto err;
-  if (uv_cond_init(&f->cv)) {
-    uv_mutex_destroy(&f->mu);
-    goto err;
+/* f->done once the future ended: later callbacks run at once. */
+static wp__done done_closed;
+#define DONE_CLOSED (&done_closed)
+
+wp_future *wp__future_new(wp_pool *p, wp__buf *b) {
+  size_t inl = b->len <= WP__INLINE_MSG || b->borrowed ? b->len : 0;
+  wp_future *f = malloc(sizeof *f + inl);
+  if (f == NULL) {
+    wp__buf_free(b);
+    return NULL;
   }
+  memset(f, 0, sizeof *f);
   atomic_init(&f->refs, 2);
   atomic_init(&f->status, WP_PENDING);
-  f->msg = msg;
-  f->msg_len = len;
+  atomic_init(&f->nwaiters, 0);
+  atomic_init(&f->done, NULL);
+  f->msg_len = b->len;
+  if (inl || b->len == 0) {
+    if (b->len) memcpy(f->inline_msg, b->data, b->len);
+    f->msg = f->inline_msg;
+    wp__buf_free(b);
+  } else {
+    f->msg = b->data; /* taken */
+    f->msg_owned = 1;
+    b->data = NULL;
+    b->len = b->cap = 0;
+  }
   f->pool = p;
   wp__pool_mretain(p);
   return f;
-err:
-  free(f);
-  free(msg);
-  return NULL;
 }
 
 const char *wp_future_pool_name(const wp_future *f) {
@@ -42,78 +55,112 @@ void wp_future_retain(wp_future *f) {
 }
 
 void wp_future_release(wp_future *f) {
+  wp__done *d;
   if (f == NULL ||
       atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
     return;
-  uv_cond_destroy(&f->cv);
-  uv_mutex_destroy(&f->mu);
-  free(f->msg);
-  free(f->result);
+  if (f->msg_owned) free(f->msg);
+  if (f->result != f->result_buf) free(f->result);
   free(f->name);
   free(f->tenant);
-  while (f->done) { /* only if it never ended: a bug, but no leak */
-    wp__done *d = f->done;
-    f->done = d->next;
+  d = atomic_load_explicit(&f->done, memory_order_relaxed);
+  while (d && d != DONE_CLOSED) { /* only if it never ended */
+    wp__done *next = d->next;
     free(d);
+    d = next;
   }
   wp__pool_mrelease(f->pool);
   free(f);
 }
 
 wp_status wp_future_status(wp_future *f) {
-  return (wp_status)atomic_load_explicit(&f->status, memory_order_acquire);
+  int st = atomic_load_explicit(&f->status, memory_order_acquire);
+  return st == WP__CLAIMED ? WP_PENDING : (wp_status)st;
 }
 
-int wp__future_complete(wp_future *f, wp_status status, char *result,
+/* Runs callbacks in registration order: the list is newest first. */
+static void run_callbacks(wp_future *f, wp__done *list) {
+  wp__done *rev = NULL;
+  while (list) {
+    wp__done *next = list->next;
+    list->next = rev;
+    rev = list;
+    list = next;
+  }
+  while (rev) {
+    wp__done *next = rev->next;
+    rev->cb(f, rev->ud);
+    free(rev);
+    rev = next;
+  }
+}
+
+/* Waiters and completers pair like this: a waiter counts itself in
+ * f->nwaiters, then checks the status under the pool's done_mu before it
+ * sleeps; a completer stores the status, then broadcasts under done_mu if
+ * it sees a waiter.  Both sides are sequentially consistent, so at least
+ * one of them sees the other: no wake-up is lost, and a future nobody
+ * waits for costs no lock at all. */
+int wp__future_complete(wp_future *f, wp_status status, const char *result,
                         size_t len) {
-  wp__done *done;
-  uv_mutex_lock(&f->mu);
-  if (atomic_load_explicit(&f->status, memory_order_relaxed) != WP_PENDING) {
-    uv_mutex_unlock(&f->mu); /* ended already (stuck, then returned) */
-    free(result);
-    return 0;
+  static const char oom[] = {1,   WP__T_STR, 17,  'n', 'o', 't', ' ',
+                             'e', 'n',       'o', 'u', 'g', 'h', ' ',
+                             'm', 'e',       'm', 'o', 'r', 'y'};
+  wp_pool *p = f->pool;
+  int expected = WP_PENDING;
+  if (!atomic_compare_exchange_strong_explicit(
+          &f->status, &expected, WP__CLAIMED, memory_order_acquire,
+          memory_order_relaxed))
+    return 0; /* ended already (stuck, then returned) */
+  /* f->msg stays: a worker declared stuck may still be reading it. */
+  if (len <= sizeof f->result_buf) {
+    f->result = len ? f->result_buf : NULL;
+  } else if ((f->result = malloc(len)) == NULL) {
+    status = WP_ERROR;
+    result = oom;
+    len = sizeof oom;
+    f->result = f->result_buf;
   }
-  f->result = result;
+  if (len) memcpy(f->result, result, len);
   f->result_len = len;
-  /* f->msg stays: a worker declared stuck may still be reading it.  The
-   * worker frees it after running, release frees it otherwise. */
   f->t_end = uv_hrtime();
-  atomic_store_explicit(&f->status, status, memory_order_release);
-  if (f->nwaiters) uv_cond_broadcast(&f->cv);
-  done = f->done;
-  f->done = NULL;
-  uv_mutex_unlock(&f->mu);
-  while (done) { /* in registration order: the list is newest first */
-    wp__done *d = done, *prev = NULL;
-    while (d->next) {
-      prev = d;
-      d = d->next;
-    }
-    if (prev)
-      prev->next = NULL;
-    else
-      done = NULL;
-    d->cb(f, d->ud);
-    free(d);
+  atomic_store_explicit(&f->status, status, memory_order_seq_cst);
+  if (atomic_load_explicit(&f->nwaiters, memory_order_seq_cst)) {
+    uv_mutex_lock(&p->done_mu);
+    uv_cond_broadcast(&p->done_cv);
+    uv_mutex_unlock(&p->done_mu);
   }
+  run_callbacks(
+      f, atomic_exchange_explicit(&f->done, DONE_CLOSED, memory_order_acq_rel));
   return 1;
 }
 
 int wp__future_fail(wp_future *f, wp_status status, const char *msg) {
-  wp__buf b = {0};
+  char storage[256];
+  wp__buf b = WP__BUF_ON(storage);
   wp_value v;
+  int r;
   v.type = WP_TSTRING;
   v.u.s.ptr = msg;
   v.u.s.len = strlen(msg);
-  if (wp__put_varint(&b, 1) || wp__put_cvalue(&b, &v)) wp__buf_free(&b);
-  return wp__future_complete(f, status, b.data, b.len);
+  if (wp__put_varint(&b, 1) || wp__put_cvalue(&b, &v)) b.len = 0;
+  r = wp__future_complete(f, status, b.data, b.len);
+  wp__buf_free(&b);
+  return r;
 }
 
 static int future_ended(void *f) {
   return wp_future_status(f) != WP_PENDING;
 }
 
+/* The status as a sleeping waiter must read it (see wp__future_complete). */
+static int ended_seq_cst(wp_future *f) {
+  int st = atomic_load_explicit(&f->status, memory_order_seq_cst);
+  return st != WP_PENDING && st != WP__CLAIMED;
+}
+
 int wp_future_wait(wp_future *f, double timeout) {
+  wp_pool *p = f->pool;
   uint64_t deadline = 0;
   int r = 0;
   if (wp_future_status(f) != WP_PENDING) return 0;
@@ -122,22 +169,22 @@ int wp_future_wait(wp_future *f, double timeout) {
     if (timeout > 1e9) timeout = 1e9; /* about 31 years */
     deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
   }
-  uv_mutex_lock(&f->mu);
-  f->nwaiters++;
-  while (atomic_load_explicit(&f->status, memory_order_relaxed) == WP_PENDING) {
+  atomic_fetch_add_explicit(&f->nwaiters, 1, memory_order_seq_cst);
+  uv_mutex_lock(&p->done_mu);
+  while (!ended_seq_cst(f)) {
     if (timeout < 0) {
-      uv_cond_wait(&f->cv, &f->mu);
+      uv_cond_wait(&p->done_cv, &p->done_mu);
     } else {
       uint64_t now = uv_hrtime();
       if (now >= deadline) {
         r = WP_ETIMEDOUT;
         break;
       }
-      uv_cond_timedwait(&f->cv, &f->mu, deadline - now);
+      uv_cond_timedwait(&p->done_cv, &p->done_mu, deadline - now);
     }
   }
-  f->nwaiters--;
-  uv_mutex_unlock(&f->mu);
+  uv_mutex_unlock(&p->done_mu);
+  atomic_fetch_sub_explicit(&f->nwaiters, 1, memory_order_relaxed);
   return r;
 }
 
@@ -157,22 +204,24 @@ int wp_future_cancel(wp_future *f) {
 }
 
 int wp_future_on_done(wp_future *f, wp_done_fn cb, void *ud) {
-  wp__done *d = malloc(sizeof *d);
-  int done;
+  wp__done *d = malloc(sizeof *d), *head;
   if (d == NULL) return WP_ENOMEM;
   d->cb = cb;
   d->ud = ud;
-  uv_mutex_lock(&f->mu);
-  done = atomic_load_explicit(&f->status, memory_order_relaxed) != WP_PENDING;
-  if (!done) {
-    d->next = f->done;
-    f->done = d;
-  }
-  uv_mutex_unlock(&f->mu);
-  if (done) {
-    free(d);
-    cb(f, ud);
-  }
+  /* Once the status is visible, a new callback runs at once, as it would
+   * when the completer already took the list. */
+  head = wp_future_status(f) != WP_PENDING
+             ? DONE_CLOSED
+             : atomic_load_explicit(&f->done, memory_order_acquire);
+  do {
+    if (head == DONE_CLOSED) {
+      free(d);
+      cb(f, ud);
+      return 0;
+    }
+    d->next = head;
+  } while (!atomic_compare_exchange_weak_explicit(
+      &f->done, &head, d, memory_order_acq_rel, memory_order_acquire));
   return 0;
 }
 

@@ -231,9 +231,12 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   }
   if (st != WP_PENDING)
     wp__pool_count_end(p, st, (double)(uv_hrtime() - started) / 1e9);
-  free(f->msg); /* only this worker ever reads it */
-  f->msg = NULL;
-  f->msg_len = 0;
+  if (f->msg_owned) { /* only this worker ever reads it */
+    free(f->msg);
+    f->msg = NULL;
+    f->msg_len = 0;
+    f->msg_owned = 0;
+  }
   wp_future_release(f);
   uv_mutex_lock(&p->mu);
   stuck = w->stuck;
@@ -424,7 +427,13 @@ static int init_sync(wp_pool *p) {
   if (uv_cond_init(&p->state_cv)) goto e2;
   if (uv_cond_init(&p->space_cv)) goto e3;
   if (uv_cond_init(&p->dog_cv)) goto e4;
+  if (uv_mutex_init(&p->done_mu)) goto e5;
+  if (uv_cond_init(&p->done_cv)) goto e6;
   return 0;
+e6:
+  uv_mutex_destroy(&p->done_mu);
+e5:
+  uv_cond_destroy(&p->dog_cv);
 e4:
   uv_cond_destroy(&p->space_cv);
 e3:
@@ -446,6 +455,8 @@ static void free_fields(wp_pool *p) {
 }
 
 static void pool_free(wp_pool *p) {
+  uv_cond_destroy(&p->done_cv);
+  uv_mutex_destroy(&p->done_mu);
   uv_cond_destroy(&p->dog_cv);
   uv_cond_destroy(&p->space_cv);
   uv_cond_destroy(&p->state_cv);

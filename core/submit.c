@@ -22,11 +22,7 @@ static int submit_msg(wp_pool *p, wp__buf *b, const wp_task_opts *o,
   wp_future *f;
   int r, failed = 0;
   if (out) *out = NULL;
-  if ((f = wp__future_new(p, b->data, b->len)) == NULL) {
-    b->data = NULL;
-    return WP_ENOMEM;
-  }
-  b->data = NULL;
+  if ((f = wp__future_new(p, b)) == NULL) return WP_ENOMEM;
   if (o) {
     f->name = dup_opt(o->name, &failed);
     f->tenant = dup_opt(o->tenant, &failed);
@@ -67,7 +63,8 @@ static int put_name(wp__buf *b, const char *name, size_t len) {
 
 int wp_submit_values(wp_pool *p, const char *handler, const wp_value *args,
                      int nargs, wp_future **out) {
-  wp__buf b = {0};
+  char storage[WP__INLINE_MSG];
+  wp__buf b = WP__BUF_ON(storage);
   int i, r;
   if (out) *out = NULL;
   if (handler == NULL || nargs < 0 || (nargs > 0 && args == NULL))
@@ -115,7 +112,8 @@ static int encode_pmain(lua_State *L) {
 int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
                        const char *what, const wp_task_opts *opts,
                        wp_future **out) {
-  wp__buf b = {0};
+  char storage[WP__INLINE_MSG];
+  wp__buf b = WP__BUF_ON(storage);
   encode_call c;
   int i, t, r;
   if (out) *out = NULL;

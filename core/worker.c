@@ -278,8 +278,6 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
   lua_State *L = w->L;
   const wp__pool_init *in = wp__pool_init_of(w->pool);
   task_run run;
-  char *result = NULL;
-  size_t len = 0;
   int st, done;
   wp_status status;
   run.w = w;
@@ -299,22 +297,18 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
     if (done && status == WP_TIMEOUT)
       task_event(w, f, WP_EV_TASK_TIMEOUT, NULL,
                  (double)(w->deadline - w->started) / 1e9, 0);
-  } else if (st == LUA_OK && (result = malloc(w->out.len + 1)) != NULL) {
-    memcpy(result, w->out.data, w->out.len);
-    len = w->out.len;
+  } else if (st == LUA_OK) {
     status = run.status;
-    done = wp__future_complete(f, status, result, len);
+    done = wp__future_complete(f, status, w->out.data, w->out.len);
     if (done && status == WP_ERROR) error_event(w, f);
   } else {
     const char *msg = w->limit_hit          ? "memory limit exceeded"
-                      : st == LUA_OK        ? "not enough memory"
                       : st == LUA_ERRMEM    ? "not enough memory"
                       : lua_tostring(L, -1) ? lua_tostring(L, -1)
                                             : "task failed";
     status = WP_ERROR;
     done = wp__future_fail(f, WP_ERROR, msg);
     if (done && !w->limit_hit) task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
-    if (st == LUA_OK) st = LUA_ERRMEM; /* the result could not be copied */
   }
   if (w->limit_hit) { /* even when the task caught the error itself */
     atomic_fetch_add(&w->pool->c.memory_limit_hits, 1);

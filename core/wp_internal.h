@@ -1,9 +1,9 @@
 /*
  * wp_internal.h: what the files of core/ share and nothing outside sees.
  *
- * Lock order: the pool registry lock, then a pool's mu; a future's mu is a
- * leaf and is never held with any other lock.  No lock is held across a Lua
- * API call that can raise.
+ * Lock order: the pool registry lock, then a pool's mu; a pool's done_mu
+ * is a leaf and is never held with any other lock.  No lock is held across
+ * a Lua API call that can raise.
  */
 #ifndef WPOOL_INTERNAL_H
 #define WPOOL_INTERNAL_H
@@ -23,10 +23,16 @@
 /* ---- byte buffers ---------------------------------------------------- */
 
 typedef struct wp__buf {
-  char *data; /* malloc'd, or NULL */
-  size_t len; /* bytes used */
-  size_t cap; /* bytes allocated */
+  char *data;   /* malloc'd, the caller's storage (borrowed), or NULL */
+  size_t len;   /* bytes used */
+  size_t cap;   /* bytes allocated */
+  int borrowed; /* data is the caller's: growing copies it to the heap */
 } wp__buf;
+
+/* A buffer that starts in the caller's storage (typically on its stack)
+ * and moves to the heap only when it outgrows it. */
+#define WP__BUF_ON(storage)                                                    \
+  { (storage), 0, sizeof(storage), 1 }
 
 /* Makes room for n more bytes: 0, WP_ENOMEM, or WP_ETOOBIG past
  * WP_MAX_MSG. */
@@ -103,20 +109,30 @@ typedef struct wp__worker wp__worker;
 
 /* ---- futures (future.c) ---------------------------------------------- */
 
+/* Sizes of the storage inside a future: a task message up to
+ * WP__INLINE_MSG bytes shares the future's allocation, and results up to
+ * WP__INLINE_RESULT bytes (a few scalars) need no allocation at all. */
+#define WP__INLINE_MSG 512
+#define WP__INLINE_RESULT 48
+
+/* A future's status while one thread fills in its result: readers still
+ * see WP_PENDING. */
+#define WP__CLAIMED 100
+
 struct wp_future {
   atomic_int refs;
-  atomic_int status;      /* wp_status */
-  wp_future *next, *prev; /* queue links, under pool->mu */
-  wp_pool *pool;          /* memory reference, for cancel */
-  uint64_t seq;           /* submission order, under pool->mu */
-  int queued;             /* 1 while in the queue, under pool->mu */
-  uv_mutex_t mu;          /* guards waiters, done_cb, result */
-  uv_cond_t cv;           /* signalled on completion */
-  int nwaiters;           /* threads in wp_future_wait */
-  struct wp__done *done;  /* completion callbacks, newest first */
-  char *result;           /* varint count + values, malloc'd */
+  atomic_int status;               /* wp_status, or WP__CLAIMED */
+  atomic_int nwaiters;             /* threads sleeping in wp_future_wait */
+  _Atomic(struct wp__done *) done; /* callbacks, newest first; once ended,
+                                      the closed marker (future.c) */
+  wp_future *next, *prev;          /* queue links, under pool->mu */
+  wp_pool *pool;                   /* memory reference */
+  uint64_t seq;                    /* submission order, under pool->mu */
+  int queued;                      /* 1 while in the queue, under pool->mu */
+  int msg_owned;                   /* msg is malloc'd, not in inline_msg */
+  char *result; /* varint count + values: result_buf, malloc'd, NULL */
   size_t result_len;
-  char *msg; /* the task message, malloc'd */
+  char *msg; /* the task message */
   size_t msg_len;
   size_t queued_bytes;     /* msg_len while queued, for queued_bytes */
   char *name;              /* task name for logs, malloc'd, or NULL */
@@ -125,6 +141,8 @@ struct wp_future {
   uint64_t t_submit;       /* uv_hrtime at submit */
   wp__worker *worker;      /* running it, under pool->mu */
   uint64_t t_start, t_end; /* uv_hrtime when it started and ended */
+  char result_buf[WP__INLINE_RESULT];
+  char inline_msg[]; /* the message, when it is small */
 };
 
 /* One completion callback of a future. */
@@ -134,16 +152,19 @@ typedef struct wp__done {
   void *ud;
 } wp__done;
 
-/* Takes ownership of msg (malloc'd).  The new future has two references:
- * the caller's and the queue's.  NULL on WP_ENOMEM (msg is then freed). */
-WP_HIDDEN wp_future *wp__future_new(wp_pool *p, char *msg, size_t len);
+/* Makes a future of the message in b: a small one is copied into the
+ * future's own allocation, a larger heap one is taken (b is left empty
+ * either way).  The new future has two references: the caller's and the
+ * queue's.  NULL on WP_ENOMEM. */
+WP_HIDDEN wp_future *wp__future_new(wp_pool *p, wp__buf *b);
 
-/* Ends a pending future with status and result (ownership of result is
- * taken; NULL for none), wakes waiters and runs its callback.  Only the
- * first completion counts: a later one frees its result and returns 0.
- * Called without any lock held. */
-WP_HIDDEN int wp__future_complete(wp_future *f, wp_status status, char *result,
-                                  size_t len);
+/* Ends a pending future with status and a copy of the len result bytes
+ * (NULL for none), wakes its waiters and runs its callbacks.  Only the
+ * first completion counts: a later one returns 0.  Out of memory for a
+ * large result, the future ends as an error "not enough memory".  Called
+ * without any lock held. */
+WP_HIDDEN int wp__future_complete(wp_future *f, wp_status status,
+                                  const char *result, size_t len);
 
 /* Ends f with one string as its error value.  Never fails (falls back to a
  * result-less error when out of memory). */
@@ -265,6 +286,8 @@ struct wp_pool {
   uv_cond_t work_cv;        /* idle workers wait for tasks here */
   uv_cond_t state_cv;       /* pause, stop and join waiters */
   uv_cond_t space_cv;       /* submitters waiting for room in the queue */
+  uv_mutex_t done_mu;       /* threads waiting for a future of this pool */
+  uv_cond_t done_cv;        /* sleep here; see future.c */
   wp_future *qhead, *qtail; /* FIFO of queued futures */
   size_t nqueued;
   atomic_size_t nqueued_hint; /* nqueued, for spinning workers */

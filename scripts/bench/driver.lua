@@ -390,6 +390,8 @@ local ROWS = {
   {"W5 submit, future kept", {"ours", "W5", "ns_per_submit_keep"}, nil, "ns", "abs_le", 200},
   {"W5 submit, future discarded", {"ours", "W5", "ns_per_submit_discard"}, nil, "ns", "abs_le",
    200},
+  {"W5 post (no future)", {"ours", "W5", "ns_per_post"}, nil, "ns", "abs_le", 200},
+  {"W5 submit, future kept, cold heap", {"ours", "W5", "ns_per_submit_cold"}, nil, "ns", nil},
   {"W6 new + 1 task + stop_wait", {"ours", "W6", "startup_us"}, nil, "us", "abs_le", 1000},
   {"W6 RSS per idle worker", {"ours", "W6", "rss_kib_per_idle_worker"}, nil, "KiB", "abs_le",
    KB300},

@@ -702,6 +702,81 @@ Test(capi, many_results_types) {
   wp_pool_release(p);
 }
 
+/* Messages and results on both sides of the sizes a future keeps inside
+ * its own allocation (WP__INLINE_MSG, WP__INLINE_RESULT) come back exact. */
+Test(capi, sizes_across_inline_limits) {
+  wp_pool *p = make_pool("capi-sizes", 2);
+  static char big[4096];
+  size_t sizes[128], i, n = 0, len;
+  for (len = 0; len < 80; len++)
+    sizes[n++] = len; /* results: the inline limit is 48 bytes */
+  for (len = 500; len < 520; len++)
+    sizes[n++] = len; /* messages: the inline limit is 512 bytes */
+  for (i = 0; i < sizeof big; i++)
+    big[i] = (char)(i * 7 + 3);
+  for (i = 0; i < n; i++) {
+    wp_value a = vstr(big, sizes[i]), v[2];
+    wp_future *f = submit(p, "echo", &a, 1);
+    wait_ok(f);
+    cr_assert_eq(wp_future_values(f, v, 2), 1);
+    cr_assert_eq(v[0].type, WP_TSTRING);
+    cr_assert_eq(v[0].u.s.len, sizes[i], "length %zu", sizes[i]);
+    cr_assert_eq(memcmp(v[0].u.s.ptr, big, sizes[i]), 0, "bytes of %zu",
+                 sizes[i]);
+    wp_future_release(f);
+  }
+  wp_pool_release(p);
+}
+
+/* Threads waiting for different futures of one pool share its condition
+ * variable: each wakes for its own future, whatever order they end in. */
+typedef struct waiter {
+  wp_future *f;
+  atomic_int woke;
+  int r;
+} waiter;
+
+static void waiter_main(void *arg) {
+  waiter *w = arg;
+  w->r = wp_future_wait(w->f, 30);
+  atomic_store(&w->woke, 1);
+}
+
+Test(capi, many_threads_wait_for_different_futures) {
+  enum { N = 6 };
+  wp_pool *p = make_pool("capi-waiters", N);
+  waiter ws[N];
+  uv_thread_t tids[N];
+  char keys[N][32];
+  int i, j;
+  for (i = 0; i < N; i++) {
+    snprintf(keys[i], sizeof keys[i], "waiters.%d", i);
+    ws[i].f = submit_str(p, "block", keys[i]);
+    atomic_init(&ws[i].woke, 0);
+    ws[i].r = -1;
+  }
+  for (i = 0; i < N; i++)
+    wait_started(keys[i]);
+  for (i = 0; i < N; i++)
+    cr_assert_eq(uv_thread_create(&tids[i], waiter_main, &ws[i]), 0);
+  /* Release them last to first: each wake-up is for one future only. */
+  for (i = N - 1; i >= 0; i--) {
+    double deadline = wp_now() + 30;
+    shset(keys[i]);
+    while (!atomic_load(&ws[i].woke))
+      cr_assert(wp_now() < deadline, "waiter %d never woke", i);
+    for (j = 0; j < i; j++)
+      cr_assert_eq(atomic_load(&ws[j].woke), 0, "waiter %d woke early", j);
+  }
+  for (i = 0; i < N; i++) {
+    uv_thread_join(&tids[i]);
+    cr_assert_eq(ws[i].r, 0);
+    cr_assert_eq(wp_future_status(ws[i].f), WP_OK);
+    wp_future_release(ws[i].f);
+  }
+  wp_pool_release(p);
+}
+
 Test(capi, submit_values_bad_arguments) {
   wp_pool *p = make_pool("capi-badargs", 1);
   wp_future *f = (wp_future *)1;

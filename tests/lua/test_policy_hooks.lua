@@ -50,4 +50,21 @@ T.test("a done hook that raises does not skip the other policies' done", functio
   T.eq(p:stop_wait(), 0)
 end)
 
+T.test("post: policies admit the task and their done runs without a future", function()
+  local cap = tenant.concurrency { limit = 1, dict = "policy_hooks.4" }
+  local d = wp.shared("policy_hooks.4.ran")
+  local p = wp.new { max_workers = 1 }
+  p:use(cap)
+  T.eq(p:post(function() require("workerpool").shared("policy_hooks.4.ran"):set("ran", true) end),
+    true)
+  -- done reaches this state through its mailbox, read by poll
+  T.eventually(function()
+    wp.poll()
+    return d:get("ran") and cap:in_flight(nil) == 0
+  end, 15, "the slot comes back once the posted task ended")
+  local ok, why = p:post(noop)
+  T.eq(ok, true, "the next one is admitted: " .. tostring(why))
+  T.eq(p:stop_wait(), 0)
+end)
+
 T.run()

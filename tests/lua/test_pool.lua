@@ -1012,6 +1012,73 @@ end)
 
 -- ---- calls a pool's own worker must not make ------------------------------
 
+case("post: queues the task without a future and answers true", function()
+  local d, dn = newdict("post")
+  local p = newpool { max_workers = 2, init = "function bump(dn) "
+    .. "return require('workerpool').shared(dn):incr('ran', 1, 0) end" }
+  for _ = 1, 50 do T.eq(p:post(counter, dn), true) end
+  for _ = 1, 50 do T.eq(p:post("bump", dn), true) end
+  T.eq(p:post({ handler = "bump", name = "named" }, dn), true, "descriptor")
+  wait_count(d, "ran", 101)
+  T.eq(p:stats().submitted, 101)
+  -- A task that fails has nobody to tell but the log; the pool goes on.
+  T.eq(p:post(function() error("nobody waits") end), true)
+  T.eq(p:submit_wait(function() return "still here" end), "still here")
+  T.eq(p:stop_wait(), 0)
+  local f, err, code = p:post(counter, dn)
+  T.eq(f, nil)
+  T.eq(err, "stopped")
+  T.eq(code, "ESTOPPED")
+end)
+
+case("post: bad tasks and arguments raise as they do for submit", function()
+  local p = newpool { max_workers = 1 }
+  T.raises(function() p:post() end, "bad argument")
+  T.raises(function() p:post(12) end,
+    "bad argument #1 to 'post' (handler name or Lua function expected")
+  T.raises(function() p:post(print) end, "Lua function expected")
+  T.raises(function() p:post({ fn = 1 }) end, "fn must be a Lua function")
+  T.raises(function() p:post(function() end, coroutine.create(print)) end,
+    "cannot send a thread")
+  T.raises(function() p.post({}, "x") end, "workerpool.pool expected")
+  T.raises(function() p.post(io.stdout, "x") end, "workerpool.pool expected")
+  T.eq(p:stats().submitted, 0, "nothing was queued")
+end)
+
+case("post: a full queue answers nil, \"full\"", function()
+  local d, dn = newdict("postfull")
+  local p = newpool { max_workers = 1, queue_cap = 1 }
+  T.eq(p:post(blocker, dn), true)
+  wait_count(d, "started", 1)
+  T.eq(p:post(blocker, dn), true, "fits in the queue")
+  local ok, err, code = p:post(blocker, dn)
+  T.eq(ok, nil)
+  T.eq(err, "full")
+  T.eq(code, "EFULL")
+  d:set("release", true)
+  wait_count(d, "finished", 2)
+end)
+
+case("methods check the class of self: other userdata and tables raise", function()
+  local p = newpool { max_workers = 1 }
+  local f = p:submit(function() return 1 end)
+  T.eq(f:wait(10), true)
+  -- io.stdout is a full userdata of a future's size; a future is smaller
+  -- than a pool.
+  for _, bad in ipairs { io.stdout, f, {}, 1, "x" } do
+    T.raises(function() p.submit(bad, "x") end, "workerpool.pool expected")
+    T.raises(function() p.stats(bad) end, "workerpool.pool expected")
+  end
+  for _, bad in ipairs { io.stdout, p, {}, 1 } do
+    T.raises(function() f.wait(bad) end, "workerpool.future expected")
+    T.raises(function() f.status(bad) end, "workerpool.future expected")
+  end
+  T.raises(function() getmetatable(f).__gc(io.stdout) end, "workerpool.future expected")
+  T.raises(function() getmetatable(p).__gc(io.stdout) end, "workerpool.pool expected")
+  T.eq(f:status(), "ok", "f unharmed")
+  T.eq(p:submit_wait(function() return 2 end), 2, "p unharmed")
+end)
+
 case("own worker: submit_wait, stop, stop_wait and pause raise", function()
   local d, dn = newdict("own")
   local pool = newpool { max_workers = 2 }
