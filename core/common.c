@@ -54,15 +54,20 @@ static void cpu_relax(void) {
 #endif
 }
 
-int wp__spin(int (*ready)(void *), void *arg) {
+int wp__ncpus(void) {
   static atomic_int ncpus; /* 0: not known yet */
-  uint64_t until;
-  int i, n = atomic_load_explicit(&ncpus, memory_order_relaxed);
+  int n = atomic_load_explicit(&ncpus, memory_order_relaxed);
   if (n == 0) {
     n = (int)uv_available_parallelism();
     atomic_store_explicit(&ncpus, n, memory_order_relaxed);
   }
-  if (n < 2) return ready(arg);
+  return n;
+}
+
+int wp__spin(int (*ready)(void *), void *arg) {
+  uint64_t until;
+  int i;
+  if (wp__ncpus() < 2) return ready(arg);
   until = uv_hrtime() + WP__SPIN_NS;
   for (;;) {
     for (i = 0; i < 64; i++) {

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include <pthread.h>
+#include <sched.h>
 
 #include "wp_internal.h"
 
@@ -190,6 +191,7 @@ static int wait_locked(wp_pool *p) {
     p->nidle++;
     uv_cond_wait(&p->work_cv, &p->mu);
     p->nidle--;
+    if (p->nwaking) p->nwaking--;
     return 0;
   }
   now = uv_hrtime();
@@ -205,6 +207,7 @@ static int wait_locked(wp_pool *p) {
   p->nidle++;
   uv_cond_timedwait(&p->work_cv, &p->mu, deadline - now);
   p->nidle--;
+  if (p->nwaking) p->nwaking--;
   return 0;
 }
 
@@ -274,11 +277,20 @@ static void worker_main(void *arg) {
       if (p->state >= WP__STOPPING || (p->state == WP__DRAINING && !p->qhead) ||
           p->nworkers > p->max_workers)
         break;
+      /* Before it sleeps, once per idle spell and one worker at a time, a
+       * worker spins while a CPU is left over (the tasks running now and
+       * one thread submitting each have one), or else yields its CPU once:
+       * the thread submitting may be waiting for it.  A task queued
+       * meanwhile is then taken without a wake-up. */
       if (!spun && !p->paused && p->state == WP__RUNNING && p->nspinning == 0) {
-        spun = 1; /* once per idle spell, one worker at a time */
+        int spare_cpu = p->nrunning + 2 <= wp__ncpus();
+        spun = 1;
         p->nspinning++;
         uv_mutex_unlock(&p->mu);
-        wp__spin(work_queued, p);
+        if (spare_cpu)
+          wp__spin(work_queued, p);
+        else
+          sched_yield();
         uv_mutex_lock(&p->mu);
         p->nspinning--;
         continue;
@@ -420,9 +432,27 @@ static const char *check_options(const wp_options *o) {
   return NULL;
 }
 
+/* The queue lock is held for a few dozen instructions at a time by a
+ * submitter and the workers: where the platform has them, an adaptive
+ * mutex spins briefly on contention instead of sleeping in the kernel at
+ * once.  0 or nonzero. */
+static int mutex_init_adaptive(uv_mutex_t *mu) {
+#if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP)
+  pthread_mutexattr_t attr;
+  int r;
+  if (pthread_mutexattr_init(&attr)) return -1;
+  r = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP) ||
+      pthread_mutex_init(mu, &attr);
+  pthread_mutexattr_destroy(&attr);
+  return r;
+#else
+  return uv_mutex_init(mu);
+#endif
+}
+
 /* Initialises the pool's locks; all or nothing.  WP_ENOMEM. */
 static int init_sync(wp_pool *p) {
-  if (uv_mutex_init(&p->mu)) return WP_ENOMEM;
+  if (mutex_init_adaptive(&p->mu)) return WP_ENOMEM;
   if (uv_cond_init(&p->work_cv)) goto e1;
   if (uv_cond_init(&p->state_cv)) goto e2;
   if (uv_cond_init(&p->space_cv)) goto e3;
@@ -568,7 +598,7 @@ static int wait_room_locked(wp_pool *p) {
 
 int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   wp__worker *closed = NULL;
-  int r = 0;
+  int r = 0, wake = 0;
   uv_mutex_lock(&p->mu);
   if (p->state == WP__RUNNING && p->queue_cap && p->nqueued >= p->queue_cap)
     r = nowait ? WP_EFULL : wait_room_locked(p);
@@ -597,8 +627,9 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
     if (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
         p->nworkers < p->max_workers)
       r = spawn_locked(p);
-    else if (p->nidle && p->nqueued > (size_t)p->nspinning)
-      uv_cond_signal(&p->work_cv);
+    else if (p->nidle > p->nwaking &&
+             p->nqueued > (size_t)(p->nspinning + p->nwaking))
+      wake = ++p->nwaking; /* one wake-up per task no one is coming for */
     if (r && p->nworkers > 0) r = 0; /* a running worker will take it */
     if (r) {                         /* nobody could ever run it */
       p->qtail = f->prev;
@@ -614,6 +645,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   }
   if (p->nclosed) closed = take_closed_locked(p);
   uv_mutex_unlock(&p->mu);
+  if (wake) uv_cond_signal(&p->work_cv); /* it will not wait for our lock */
   join_all(closed);
   if (!r) atomic_fetch_add_explicit(&p->c.submitted, 1, memory_order_relaxed);
   return r;

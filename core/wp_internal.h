@@ -46,6 +46,9 @@ WP_HIDDEN void wp__buf_free(wp__buf *b);
 #define WP__SPIN_NS 20000
 WP_HIDDEN int wp__spin(int (*ready)(void *), void *arg);
 
+/* CPUs this process may run on (uv_available_parallelism, cached). */
+WP_HIDDEN int wp__ncpus(void);
+
 /* ---- value codec (codec.c) ------------------------------------------- */
 
 /* Tags of the wire format; see docs/values.md. */
@@ -298,6 +301,7 @@ struct wp_pool {
   uint64_t last_reap;    /* when a worker was last reaped */
   int nworkers;          /* worker threads that count toward max_workers */
   int nidle;             /* workers waiting on work_cv */
+  int nwaking;           /* of those, signalled and not yet awake */
   int nspinning;         /* workers spinning before they wait (at most 1):
                             they take new work without a signal */
   int nrunning;          /* tasks executing (stuck ones excluded) */

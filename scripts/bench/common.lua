@@ -59,6 +59,29 @@ function M.finish()
   os.exit(failed and 1 or 0)
 end
 
+-- Throughput workloads run in rounds in one process: round 1 on a cold
+-- heap, whose memory is new to the process (on this VM, first touches of
+-- fresh pages cost several microseconds each, charged as user time), then
+-- M.WARM_ROUNDS more that reuse it, as a long-running process does.
+-- run() does one round and returns its figure; reported as NAME_cold and
+-- NAME (the median of the warm rounds).  Garbage is collected between
+-- rounds, untimed.  BENCH_WARM_ROUNDS=0 (the driver's instruction counts)
+-- runs the first round only.
+M.WARM_ROUNDS = math.tointeger(tonumber(os.getenv("BENCH_WARM_ROUNDS") or "2")) or 2
+
+function M.rounds(name, run)
+  collectgarbage()
+  collectgarbage()
+  M.metric(name .. "_cold", run())
+  local warm = {}
+  for r = 1, M.WARM_ROUNDS do
+    collectgarbage()
+    collectgarbage()
+    warm[r] = run()
+  end
+  if #warm > 0 then M.metric(name, M.median(warm)) end
+end
+
 function M.median(list)
   local s = {}
   for i = 1, #list do s[i] = list[i] end
