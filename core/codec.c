@@ -157,10 +157,15 @@ static const char *enc_module(enc *e, int idx) {
   return NULL;
 }
 
+/* A table is its tag, two size hints (uint32_t: the number of pairs, and
+ * of integer keys among them), the pairs, then WP__T_END.  The decoder
+ * presizes the new table from the hints, so filling it never rehashes. */
 static void enc_table(enc *e, int idx, int depth) {
   lua_State *L = e->L;
   const char *mod;
   int id, key;
+  uint32_t hints[2] = {0, 0};
+  size_t at;
   lua_pushglobaltable(L);
   if (lua_rawequal(L, -1, idx)) {
     lua_pop(L, 1);
@@ -181,13 +186,19 @@ static void enc_table(enc *e, int idx, int depth) {
   enc_record(e, idx);
   luaL_checkstack(L, 4, "tables nested too deeply");
   enc_check(e, put_tag(e->b, WP__T_TABLE));
+  /* Size hints, filled in once the pairs are counted. */
+  enc_check(e, put_bytes(e->b, hints, sizeof hints));
+  at = e->b->len - sizeof hints;
   lua_pushnil(L);
   key = lua_gettop(L);
   while (lua_next(L, idx)) {
+    hints[0]++;
+    if (lua_isinteger(L, key)) hints[1]++;
     enc_value(e, key, depth + 1);
     enc_value(e, key + 1, depth + 1);
     lua_pop(L, 1);
   }
+  memcpy(e->b->data + at, hints, sizeof hints);
   enc_check(e, put_tag(e->b, WP__T_END));
 }
 
@@ -522,6 +533,8 @@ static int skip_value(wp__reader *r, int depth) {
   case WP__T_FUNC:
     return skip_function(r, depth);
   case WP__T_TABLE:
+    if ((size_t)(r->end - r->p) < 2 * sizeof(uint32_t)) return WP_EINVAL;
+    r->p += 2 * sizeof(uint32_t); /* size hints */
     for (;;) {
       if (r->p >= r->end) return WP_EINVAL;
       if ((unsigned char)*r->p == WP__T_END) {
@@ -748,9 +761,15 @@ static void dec_value(dec *d, int depth) {
   case WP__T_FUNC:
     dec_function(d, depth);
     break;
-  case WP__T_TABLE:
+  case WP__T_TABLE: {
+    uint32_t hints[2];
+    size_t left;
     luaL_checkstack(L, 4, "tables nested too deeply");
-    lua_newtable(L);
+    if (get_bytes(r, hints, sizeof hints)) dec_bad(d);
+    /* Hints only size the table; a pair takes at least 2 bytes. */
+    left = (size_t)(r->end - r->p) / 2;
+    if (hints[0] > left || hints[1] > hints[0]) dec_bad(d);
+    lua_createtable(L, (int)hints[1], (int)(hints[0] - hints[1]));
     dec_register(d);
     for (;;) {
       if (r->p >= r->end) dec_bad(d);
@@ -764,6 +783,7 @@ static void dec_value(dec *d, int depth) {
       lua_rawset(L, -3);
     }
     break;
+  }
   default:
     dec_bad(d);
   }

@@ -30,7 +30,7 @@ wp_future *wp__future_new(wp_pool *p, wp__buf *b) {
   atomic_init(&f->status, WP_PENDING);
   atomic_init(&f->nwaiters, 0);
   atomic_init(&f->done, NULL);
-  f->msg_len = b->len;
+  f->msg_len = (uint32_t)b->len; /* at most WP_MAX_MSG */
   if (inl || b->len == 0) {
     if (b->len) memcpy(f->inline_msg, b->data, b->len);
     f->msg = f->inline_msg;
@@ -122,7 +122,7 @@ int wp__future_complete(wp_future *f, wp_status status, const char *result,
     f->result = f->result_buf;
   }
   if (len) memcpy(f->result, result, len);
-  f->result_len = len;
+  f->result_len = (uint32_t)len;
   f->t_end = uv_hrtime();
   atomic_store_explicit(&f->status, status, memory_order_seq_cst);
   if (atomic_load_explicit(&f->nwaiters, memory_order_seq_cst)) {

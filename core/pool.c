@@ -162,8 +162,7 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
   f->queued = 0;
   p->nqueued--;
   atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-  p->queued_bytes -= f->queued_bytes;
-  f->queued_bytes = 0;
+  p->queued_bytes -= f->msg_len;
   if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
   now = uv_hrtime();
   wp__hist_add(&p->c.dwell, now - f->t_submit);
@@ -618,7 +617,6 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
     p->qhead = f;
   p->qtail = f;
   f->queued = 1;
-  f->queued_bytes = f->msg_len;
   p->nqueued++;
   atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->queued_bytes += f->msg_len;
@@ -667,8 +665,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
     f->queued = 0;
     p->nqueued--;
     atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-    p->queued_bytes -= f->queued_bytes;
-    f->queued_bytes = 0;
+    p->queued_bytes -= f->msg_len;
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
     if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
     r = 1;
@@ -765,10 +762,8 @@ static int begin_stop(wp_pool *p, int drain) {
   p->paused = 0;
   if (p->state == WP__STOPPING && p->qhead) {
     discard = p->qhead;
-    for (f = discard; f; f = f->next) {
+    for (f = discard; f; f = f->next)
       f->queued = 0;
-      f->queued_bytes = 0;
-    }
     ndiscarded = (int)p->nqueued;
     p->qhead = p->qtail = NULL;
     p->nqueued = 0;

@@ -116,33 +116,34 @@ typedef struct wp__worker wp__worker;
  * WP__INLINE_MSG bytes shares the future's allocation, and results up to
  * WP__INLINE_RESULT bytes (a few scalars) need no allocation at all. */
 #define WP__INLINE_MSG 512
-#define WP__INLINE_RESULT 48
+#define WP__INLINE_RESULT 24
 
 /* A future's status while one thread fills in its result: readers still
  * see WP_PENDING. */
 #define WP__CLAIMED 100
 
+/* Fields are ordered to pack: a small task's future and message fit in
+ * 192 bytes of heap. */
 struct wp_future {
   atomic_int refs;
   atomic_int status;               /* wp_status, or WP__CLAIMED */
   atomic_int nwaiters;             /* threads sleeping in wp_future_wait */
+  unsigned char queued;            /* in the queue, under pool->mu */
+  unsigned char msg_owned;         /* msg is malloc'd, not inline_msg */
   _Atomic(struct wp__done *) done; /* callbacks, newest first; once ended,
                                       the closed marker (future.c) */
   wp_future *next, *prev;          /* queue links, under pool->mu */
   wp_pool *pool;                   /* memory reference */
   uint64_t seq;                    /* submission order, under pool->mu */
-  int queued;                      /* 1 while in the queue, under pool->mu */
-  int msg_owned;                   /* msg is malloc'd, not in inline_msg */
-  char *result; /* varint count + values: result_buf, malloc'd, NULL */
-  size_t result_len;
-  char *msg; /* the task message */
-  size_t msg_len;
-  size_t queued_bytes;     /* msg_len while queued, for queued_bytes */
-  char *name;              /* task name for logs, malloc'd, or NULL */
-  char *tenant;            /* tenant, malloc'd, or NULL */
-  int64_t timeout_ns;      /* deadline after start; 0: none */
-  uint64_t t_submit;       /* uv_hrtime at submit */
-  wp__worker *worker;      /* running it, under pool->mu */
+  char *result;        /* varint count + values: result_buf, malloc'd, NULL */
+  uint32_t result_len; /* both at most WP_MAX_MSG */
+  uint32_t msg_len;    /* counted in the pool's queued_bytes while queued */
+  char *msg;           /* the task message */
+  char *name;          /* task name for logs, malloc'd, or NULL */
+  char *tenant;        /* tenant, malloc'd, or NULL */
+  int64_t timeout_ns;  /* deadline after start; 0: none */
+  uint64_t t_submit;   /* uv_hrtime at submit */
+  wp__worker *worker;  /* running it, under pool->mu */
   uint64_t t_start, t_end; /* uv_hrtime when it started and ended */
   char result_buf[WP__INLINE_RESULT];
   char inline_msg[]; /* the message, when it is small */

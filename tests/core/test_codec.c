@@ -712,6 +712,8 @@ Test(codec, every_truncation_cvalues) {
 }
 
 #define MSG(s) s, sizeof(s) - 1
+/* The size hints of a table, as zeros (they only size what is made). */
+#define NOHINTS "\x00\x00\x00\x00\x00\x00\x00\x00"
 
 Test(codec, handmade_malformed_messages) {
   STATES;
@@ -722,12 +724,22 @@ Test(codec, handmade_malformed_messages) {
   decode_fails(MSG("\x03\x00\x01"), "malformed");
   /* A reference with nothing to refer to, or to a later index. */
   decode_fails(MSG("\x01\x08\x00"), "malformed");
-  decode_fails(MSG("\x01\x06\x08\x05\x02\x07"), "malformed");
+  decode_fails(MSG("\x01\x06" NOHINTS "\x08\x05\x02\x07"), "malformed");
   /* A table with a nil key. */
-  decode_fails(MSG("\x01\x06\x00\x02\x07"), "malformed");
+  decode_fails(MSG("\x01\x06" NOHINTS "\x00\x02\x07"), "malformed");
   /* A table without its end. */
-  decode_fails(MSG("\x01\x06\x00"), "malformed");
-  decode_fails(MSG("\x01\x06"), "malformed");
+  decode_fails(MSG("\x01\x06" NOHINTS "\x00"), "malformed");
+  decode_fails(MSG("\x01\x06" NOHINTS), "malformed");
+  /* Size hints cut short, or promising more pairs than the bytes left can
+   * hold, or more integer keys than pairs. */
+  decode_fails(MSG("\x01\x06\x00\x00\x00"), "malformed");
+  decode_fails(MSG("\x01\x06\xff\xff\xff\x7f\x00\x00\x00\x00\x07"),
+               "malformed");
+  decode_fails(MSG("\x01\x06\x02\x00\x00\x00\x00\x00\x00\x00"
+                   "\x02\x02\x07"),
+               "malformed");
+  decode_fails(MSG("\x01\x06\x00\x00\x00\x00\x01\x00\x00\x00\x07"),
+               "malformed");
   /* A string longer than the message. */
   decode_fails(MSG("\x01\x05\xff\xff\xff\xff\x0f"
                    "abc"),
@@ -808,14 +820,14 @@ Test(codec, bad_names_are_quoted_exactly) {
 Test(codec, nesting_limit_on_decode) {
   STATES;
   /* 100000 nested tables: refused by depth, not by a C stack overflow. */
-  size_t n = 100000, i;
-  char *m = malloc(n + 2);
+  size_t n = 100000, i, len = 1 + n * 9 + 1;
+  char *m = calloc(1, len); /* each table: its tag, then zero size hints */
   cr_assert_not_null(m);
   m[0] = 1;
-  for (i = 1; i <= n; i++)
-    m[i] = (char)WP__T_TABLE;
-  m[n + 1] = (char)WP__T_END;
-  decode_fails(m, n + 2, "malformed");
+  for (i = 0; i < n; i++)
+    m[1 + i * 9] = (char)WP__T_TABLE;
+  m[len - 1] = (char)WP__T_END;
+  decode_fails(m, len, "malformed");
   free(m);
 }
 
