@@ -574,6 +574,32 @@ static int submit_wait_from(lua_State *L, wpl_future *fu) {
   return finish_wait(L, fu->f, pname);
 }
 
+/* Continues pool:map after its Lua half returned: every value on the
+ * stack above the pool's own arguments is a result. */
+static int pool_map_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  return lua_gettop(L);
+}
+
+/* pool:map(task, list [, opts]) -> results | nil, err, code
+ * [-0, +1|3, e] Written in Lua (lua/workerpool/map.lua); called with
+ * lua_callk so that its waits can suspend a host coroutine. */
+static int pool_map(lua_State *L) {
+  int nargs;
+  checkpool(L);
+  nargs = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "workerpool.map");
+  lua_call(L, 1, 1);
+  if (lua_getfield(L, -1, "map") != LUA_TFUNCTION)
+    return luaL_error(L, "workerpool.map has no map function");
+  lua_replace(L, -2);
+  lua_insert(L, 1);
+  lua_callk(L, nargs, LUA_MULTRET, 0, pool_map_k);
+  return pool_map_k(L, LUA_OK, 0);
+}
+
 /* pool:submit_wait(task, ...) -> results... | nil, "stopped" | nil, "full"
  * [-0, +n, e] Raises the task's error, with its worker-side traceback. */
 static int pool_submit_wait(lua_State *L) {
@@ -969,23 +995,16 @@ static const luaL_Reg module_funcs[] = {
     {"set_log_level", wpl_lua_set_log_level},
     {NULL, NULL}};
 
-static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
-                                        {"submit_wait", pool_submit_wait},
-                                        {"post", pool_post},
-                                        {"pause", pool_pause},
-                                        {"resume", pool_resume},
-                                        {"stop", pool_stop},
-                                        {"stop_wait", pool_stop_wait},
-                                        {"stopped", pool_stopped},
-                                        {"waiting", pool_waiting},
-                                        {"running", pool_running},
-                                        {"workers", pool_workers},
-                                        {"size", pool_size},
-                                        {"stats", pool_stats},
-                                        {"use", pool_use},
-                                        {"resize", pool_resize},
-                                        {"name", pool_name},
-                                        {NULL, NULL}};
+static const luaL_Reg pool_methods[] = {
+    {"submit", pool_submit},   {"submit_wait", pool_submit_wait},
+    {"post", pool_post},       {"map", pool_map},
+    {"pause", pool_pause},     {"resume", pool_resume},
+    {"stop", pool_stop},       {"stop_wait", pool_stop_wait},
+    {"stopped", pool_stopped}, {"waiting", pool_waiting},
+    {"running", pool_running}, {"workers", pool_workers},
+    {"size", pool_size},       {"stats", pool_stats},
+    {"use", pool_use},         {"resize", pool_resize},
+    {"name", pool_name},       {NULL, NULL}};
 
 static const luaL_Reg pool_meta[] = {{"__gc", pool_gc},
                                      {"__close", pool_close},

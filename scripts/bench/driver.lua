@@ -64,7 +64,7 @@ local SIZES = opt.quick and {
   W1 = {200000}, W2 = {400, 500000}, W3 = {20000}, W4 = {20000}, W5 = {200000},
   W6 = {300, 50},
 }
-SIZES.W1n, SIZES.W3n, SIZES.W4n = SIZES.W1, SIZES.W3, SIZES.W4
+SIZES.W1n, SIZES.W1m, SIZES.W3n, SIZES.W4n = SIZES.W1, SIZES.W1, SIZES.W3, SIZES.W4
 
 -- Callgrind sizes: two N per workload, differenced to cancel start-up.
 local CG_SIZES = opt.quick and {W1 = {200, 1000}, W3 = {100, 500}, W4 = {50, 250}}
@@ -116,7 +116,7 @@ end
 
 -- Workloads in run order; luv = the luv workload compared against.
 local PLAN = {
-  {w = "W1", luv = "W1"}, {w = "W1n", luv = "W1"},
+  {w = "W1", luv = "W1"}, {w = "W1n", luv = "W1"}, {w = "W1m", luv = "W1"},
   {w = "W2", luv = "W2"},
   {w = "W3", luv = "W3"}, {w = "W3n", luv = "W3"},
   {w = "W4", luv = "W4"}, {w = "W4n", luv = "W4"},
@@ -373,6 +373,8 @@ local ROWS = {
    "tasks/s", "ratio_ge", 3},
   {"W1 tiny tasks, named handler", {"ours", "W1n", "tasks_per_s"}, {"luv", "W1", "tasks_per_s"},
    "tasks/s", "ratio_ge", 3},
+  {"W1 items through pool:map (batched)", {"ours", "W1m", "tasks_per_s"},
+   {"luv", "W1", "tasks_per_s"}, "tasks/s", nil},
   {"W1 Lua function, first round (cold heap)", {"ours", "W1", "tasks_per_s_cold"},
    {"luv", "W1", "tasks_per_s_cold"}, "tasks/s", nil},
   {"W1 named handler, first round (cold heap)", {"ours", "W1n", "tasks_per_s_cold"},

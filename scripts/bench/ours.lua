@@ -1,8 +1,9 @@
 -- ours.lua: the benchmark workloads W1-W6 on wpool's `workerpool` module.
 -- Run by driver.lua, one workload per process:
 --   LUA_CPATH='build/?.so;;' lua5.4 scripts/bench/ours.lua WORKLOAD [sizes...]
--- WORKLOAD is W1 W1n W2 W3 W3n W4 W4n W5 W6 ("n": a named handler defined by
--- init instead of a Lua function shipped with every task).  Prints
+-- WORKLOAD is W1 W1n W1m W2 W3 W3n W4 W4n W5 W6 ("n": a named handler
+-- defined by init instead of a Lua function shipped with every task; "m":
+-- the W1 items through pool:map).  Prints
 -- "metric" and "check" lines (see common.lua); exits 1 on a bad checksum.
 local dir = arg[0]:match("^(.*)/[^/]*$") or "."
 local C = dofile(dir .. "/common.lua")
@@ -68,6 +69,26 @@ local function w1(task)
 end
 W.W1 = function() w1(inc) end
 W.W1n = function() w1("inc") end
+
+-- W1m: the same N items through pool:map, which batches them into chunks
+-- (a few hundred tasks instead of N).
+W.W1m = function()
+  local n = C.args{200000}
+  local pool = new_pool()
+  warm(pool, "inc")
+  local list = {}
+  for i = 1, n do list[i] = i end
+  C.rounds("tasks_per_s", function()
+    local t0 = C.now()
+    local r = pool:map("inc", list)
+    local sum = 0
+    for i = 1, n do sum = sum + r[i] end
+    local dt = C.now() - t0
+    C.check("sum", sum, C.w1_expected(n))
+    return n / dt
+  end)
+  pool:stop_wait()
+end
 
 -- W2: TASKS pure-Lua loops of ITERS steps on 2 workers, against the same
 -- loops run serially in this state: half just before the pool's run and
@@ -261,7 +282,7 @@ end
 
 local which = arg[1]
 if not W[which] then
-  io.stderr:write("usage: ours.lua W1|W1n|W2|W3|W3n|W4|W4n|W5|W6 [sizes...]\n")
+  io.stderr:write("usage: ours.lua W1|W1n|W1m|W2|W3|W3n|W4|W4n|W5|W6 [sizes...]\n")
   os.exit(2)
 end
 W[which]()

@@ -175,6 +175,32 @@ T.test("f:wait in many coroutines: each gets its own future's results", function
   T.eq(pool:stop_wait(), 0)
 end)
 
+T.test("pool:map in a coroutine suspends only that coroutine", function()
+  local pool = wp.new { max_workers = 2 }
+  local ticks = 0
+  local ticker = wp.spawn(function()
+    while ticks < 1000 do
+      ticks = ticks + 1
+      wp.sleep(0.001)
+    end
+  end)
+  local h = wp.spawn(function()
+    local list = {}
+    for i = 1, 8 do list[i] = i end
+    return pool:map(function(x)
+      require("workerpool").sleep(0.05)
+      return x * 10
+    end, list, { chunk = 1 })
+  end)
+  local ok, r = h:join()
+  T.eq(ok, true)
+  T.eq(r[8], 80)
+  T.ok(ticks >= 5, "the loop kept running while map waited (" .. ticks .. " ticks)")
+  ticks = 1000
+  ticker:join()
+  T.eq(pool:stop_wait(), 0)
+end)
+
 -- ---- waits suspend only their coroutine ---------------------------------
 
 T.test("f:wait(timeout) gives nil, 'timeout' and blocks nobody else", function()

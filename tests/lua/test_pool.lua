@@ -1059,6 +1059,117 @@ case("post: a full queue answers nil, \"full\"", function()
   wait_count(d, "finished", 2)
 end)
 
+case("map: results in list order, in ceil(n / chunk) tasks", function()
+  local p = newpool { max_workers = 2, init = "function sq(x) return x * x end" }
+  local list = {}
+  for i = 1, 1000 do list[i] = i end
+  local r = p:map("sq", list)
+  T.eq(#r, 1000)
+  for i = 1, 1000 do T.eq(r[i], i * i, "item " .. i) end
+  local before = p:stats().submitted
+  r = p:map(function(x) return -x end, list, { chunk = 7 })
+  for i = 1, 1000 do T.eq(r[i], -i) end
+  T.eq(p:stats().submitted - before, 143, "ceil(1000 / 7) tasks")
+  before = p:stats().submitted
+  r = p:map(function(x) return x .. "!" end, { "a", "b" }, { chunk = 50 })
+  T.eq(r[1], "a!")
+  T.eq(r[2], "b!")
+  T.eq(p:stats().submitted - before, 1, "one task for a short list")
+  -- Default chunks: 4 per worker, at most 1024 items each.
+  before = p:stats().submitted
+  p:map("sq", list)
+  T.eq(p:stats().submitted - before, 8)
+  local big = {}
+  for i = 1, 20000 do big[i] = i end
+  before = p:stats().submitted
+  T.eq(p:map("sq", big)[20000], 400000000)
+  T.eq(p:stats().submitted - before, 20, "1024 items a task")
+  -- An empty list submits nothing; nil results leave holes.
+  before = p:stats().submitted
+  T.eq(next(p:map("sq", {})), nil)
+  T.eq(p:stats().submitted, before)
+  r = p:map(function(x) if x % 2 == 0 then return x end end, { 1, 2, 3, 4 }, { chunk = 3 })
+  T.eq(r[1], nil)
+  T.eq(r[2], 2)
+  T.eq(r[3], nil)
+  T.eq(r[4], 4)
+  -- Registered C functions and tables cross like any argument.
+  T.eq(p:map(math.sqrt, { 4, 9 })[2], 3.0)
+  T.eq(p:map(function(t) return t.a + t.b end, { { a = 1, b = 2 } })[1], 3)
+end)
+
+case("map: the first failing item raises, named; later chunks are cancelled", function()
+  local d, dn = newdict("map")
+  local p = newpool { max_workers = 1 }
+  local list = {}
+  for i = 1, 40 do list[i] = i end
+  local ok, err = pcall(p.map, p, function(x)
+    if x == 7 or x == 30 then error("bad " .. x) end
+    return x
+  end, list, { chunk = 5 })
+  T.eq(ok, false)
+  T.ok(err:find("^item #7: .*bad 7"), err)
+  T.ok(err:find("stack traceback", 1, true), "with the worker's traceback")
+  -- A non-string error value is raised as it is.
+  ok, err = pcall(p.map, p, function(x)
+    if x == 3 then error({ code = x }) end
+  end, list, { chunk = 2 })
+  T.eq(ok, false)
+  T.eq(type(err), "table")
+  T.eq(err.code, 3)
+  -- Chunks after the failing one are cancelled: the one running is
+  -- interrupted or ends, the queued ones never start.
+  local gate = T.gate
+  ok, err = pcall(p.map, p, function(x)
+    if x == 1 then error("first") end
+    gate(dn, "go") -- gate and dn: upvalues, copied
+    require("workerpool").shared(dn):incr("ran", 1, 0)
+  end, list, { chunk = 1 })
+  T.eq(ok, false)
+  T.ok(err:find("^item #1: "), err)
+  d:set("go", true)
+  T.eq(p:submit_wait(function() return "idle" end), "idle")
+  local ran = d:get("ran") or 0
+  T.ok(ran <= 1, "at most the chunk running then ran (" .. ran .. " did)")
+  -- A missing handler fails its chunks.
+  ok, err = pcall(p.map, p, "nope", { 1, 2 }, { chunk = 2 })
+  T.eq(ok, false)
+  T.ok(err:find("items #1-#2: no handler 'nope'", 1, true), err)
+end)
+
+case("map: bad arguments raise; a stopped or full pool answers nil, err", function()
+  local d, dn = newdict("mapfull")
+  local p = newpool { max_workers = 1, queue_cap = 2 }
+  T.raises(function() p:map(1, {}) end,
+    "bad argument #1 to 'map' (handler name or function expected, got number)")
+  T.raises(function() p:map("f", "list") end, "bad argument #2 to 'map' (table expected")
+  T.raises(function() p:map("f", {}, 5) end, "bad argument #3 to 'map'")
+  T.raises(function() p:map("f", {}, { chunk = 0 }) end, "chunk must be a positive integer")
+  T.raises(function() p:map("f", {}, { chunk = 1.5 }) end, "chunk must be a positive integer")
+  T.raises(function() p:map("f", {}, { size = 1 }) end, "unknown option 'size'")
+  T.raises(function() p:map(function() end, { 1, 2, coroutine.create(print) }, { chunk = 2 }) end,
+    "bad argument #2 to 'map' (items #3-#3: cannot send a thread")
+  T.raises(function() p:map(function() return coroutine.create(print) end, { 1 }) end,
+    "items #1-#1: task result #1 cannot be returned")
+  T.raises(function() p.map({}, "f", {}) end, "workerpool.pool expected")
+  T.eq(p:stats().queued, 0, "nothing was left queued")
+  -- Full: the chunks queued before the refusal are cancelled.
+  T.eq(p:post(blocker, dn), true)
+  wait_count(d, "started", 1)
+  local r, err, code = p:map(function(x) return x end, { 1, 2, 3, 4 }, { chunk = 1 })
+  T.eq(r, nil)
+  T.eq(err, "full")
+  T.eq(code, "EFULL")
+  T.eq(p:waiting(), 0, "the two that fitted were cancelled")
+  d:set("release", true)
+  wait_count(d, "finished", 1)
+  T.eq(p:stop_wait(), 0)
+  r, err, code = p:map("f", { 1 })
+  T.eq(r, nil)
+  T.eq(err, "stopped")
+  T.eq(code, "ESTOPPED")
+end)
+
 case("methods check the class of self: other userdata and tables raise", function()
   local p = newpool { max_workers = 1 }
   local f = p:submit(function() return 1 end)

@@ -1,0 +1,128 @@
+-- workerpool.map: pool:map(task, list [, opts]), one task applied to every
+-- item of a list, in batches.
+--
+--   local squares = pool:map(function(x) return x * x end, {1, 2, 3})
+--
+-- The list is cut into chunks of consecutive items; each chunk is one pool
+-- task that calls `task` on its items in turn, so a list of 200,000 tiny
+-- items costs a few hundred submits, not 200,000.  Results come back in
+-- list order.  Under a host loop (`wpool run`) the waiting suspends only
+-- the calling coroutine.  See docs/api.md.
+local M = {}
+
+local KNOWN = { chunk = true }
+local MAX_CHUNK = 1024   -- items per task when opts.chunk is not given
+local PER_WORKER = 4     -- aim for this many chunks per worker
+
+-- Errors name the line that called pool:map: levels count bad_arg (or
+-- submit_error), check (or M.map), M.map, and the C method pool_map.
+local function bad_arg(n, msg)
+  error(string.format("bad argument #%d to 'map' (%s)", n, msg), 5)
+end
+
+-- Runs in a worker: calls task on items[1..count] and returns the first
+-- result of each.  An error is returned as {index = i, error = value}, i
+-- being the item's place in the chunk, so the caller can name the item.
+local function run_chunk(task, items, count)
+  local fn = task
+  if type(task) == "string" then
+    fn = rawget(_ENV, task)
+    if type(fn) ~= "function" then
+      local W = require "workerpool"
+      error(string.format("no handler '%s' in pool '%s' (the init script "
+        .. "must define a global function of that name)", task,
+        tostring(W.pool_name())), 0)
+    end
+  end
+  local out, at = {}, 0
+  local ok, err = xpcall(function()
+    for i = 1, count do
+      at = i
+      out[i] = (fn(items[i]))
+    end
+  end, debug and debug.traceback or tostring)
+  if not ok then error({ index = at, error = err }, 0) end
+  return out
+end
+
+local function check(task, list, opts)
+  local tt = type(task)
+  if tt ~= "string" and tt ~= "function" then
+    bad_arg(1, "handler name or function expected, got " .. tt)
+  end
+  if type(list) ~= "table" then bad_arg(2, "table expected, got " .. type(list)) end
+  if opts == nil then return nil end
+  if type(opts) ~= "table" then bad_arg(3, "table of options expected, got " .. type(opts)) end
+  for k in pairs(opts) do
+    if not KNOWN[k] then bad_arg(3, string.format("unknown option '%s'", tostring(k))) end
+  end
+  local chunk = opts.chunk
+  if chunk ~= nil and (math.type(chunk) ~= "integer" or chunk < 1) then
+    bad_arg(3, "chunk must be a positive integer")
+  end
+  return chunk
+end
+
+local function cancel_all(futures, from)
+  for k = from, #futures do futures[k]:cancel() end
+end
+
+-- Raises what ended the chunk of items first..last: the error of the item
+-- that raised (a string gets "item #i: " in front), or why it never ran.
+local function chunk_error(first, last, err)
+  if type(err) == "table" and math.type(err.index) == "integer" and err.error ~= nil then
+    local i, e = first + err.index - 1, err.error
+    if type(e) == "string" then error(string.format("item #%d: %s", i, e), 0) end
+    error(e, 0)
+  end
+  error(string.format("items #%d-#%d: %s", first, last, tostring(err)), 0)
+end
+
+-- A submit that raised names its argument #2 (the task) or #3 (the items):
+-- say it in map's terms.
+local function submit_error(msg, first, last)
+  msg = tostring(msg)
+  local which, why = msg:match("^bad argument #(%d) to 'submit' %((.*)%)$")
+  if which == "2" then error(string.format("bad argument #1 to 'map' (%s)", why), 4) end
+  if which == "3" then
+    error(string.format("bad argument #2 to 'map' (items #%d-#%d: %s)", first, last, why), 4)
+  end
+  error(msg, 0)
+end
+
+function M.map(pool, task, list, opts)
+  local chunk = check(task, list, opts)
+  local n = #list
+  local results = {}
+  if n == 0 then return results end
+  chunk = chunk or math.max(1, math.min(MAX_CHUNK, -(-n // (pool:size() * PER_WORKER))))
+  local futures, firsts = {}, {}
+  for first = 1, n, chunk do
+    local last = math.min(first + chunk - 1, n)
+    local items = table.move(list, first, last, 1, {})
+    local ok, f, err, code = pcall(pool.submit, pool, run_chunk, task, items, last - first + 1)
+    if not ok then -- nothing of this call runs
+      cancel_all(futures, 1)
+      submit_error(f, first, last)
+    end
+    if not f then
+      cancel_all(futures, 1)
+      return nil, err, code
+    end
+    local k = #futures + 1
+    futures[k], firsts[k] = f, first
+  end
+  for k, f in ipairs(futures) do
+    local first = firsts[k]
+    local last = math.min(first + chunk - 1, n)
+    local ok, out = f:wait()
+    if not ok then
+      cancel_all(futures, k + 1)
+      chunk_error(first, last, out)
+    end
+    table.move(out, 1, last - first + 1, first, results)
+  end
+  return results
+end
+
+return M
