@@ -165,8 +165,7 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
   p->queued_bytes -= f->msg_len;
   if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
   now = uv_hrtime();
-  wp__hist_add(&p->c.dwell, now - f->t_submit);
-  f->t_start = now;
+  f->t_start = now; /* run_locked records the dwell, outside the lock */
   f->worker = w;
   w->cur = f;
   w->started = now;
@@ -218,10 +217,11 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
                       char *err, size_t errlen) {
   int failed = 0, stuck;
   wp_status st;
-  uint64_t started = w->started;
+  uint64_t started = w->started, end;
   p->nrunning++;
   p->last_active = started;
   uv_mutex_unlock(&p->mu);
+  wp__hist_add(&p->c.dwell, started - f->t_submit);
   if (*openerr || (w->L == NULL && wp__worker_open(w, err, errlen))) {
     char msg[2100];
     snprintf(msg, sizeof msg, "worker init failed: %s", err);
@@ -231,8 +231,10 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   } else {
     st = wp__worker_run(w, f);
   }
+  /* f->t_end is this worker's to read when it ended the task itself. */
+  end = st != WP_PENDING ? f->t_end : uv_hrtime();
   if (st != WP_PENDING)
-    wp__pool_count_end(p, st, (double)(uv_hrtime() - started) / 1e9);
+    wp__pool_count_end(p, st, (double)(end - started) / 1e9);
   if (f->msg_owned) { /* only this worker ever reads it */
     free(f->msg);
     f->msg = NULL;
@@ -250,7 +252,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   } else {
     p->nrunning--;
   }
-  p->last_active = uv_hrtime();
+  p->last_active = end;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   return failed || stuck || p->nworkers > p->max_workers;
 }
@@ -503,7 +505,9 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   *out = NULL;
   if (errlen) errbuf[0] = '\0';
   if ((bad = check_options(o)) != NULL) return bad_option(errbuf, errlen, bad);
-  if ((p = calloc(1, sizeof *p)) == NULL) return WP_ENOMEM;
+  /* Aligned for its cache-line groups (see wp_internal.h). */
+  if (posix_memalign((void **)&p, WP__CACHE_LINE, sizeof *p)) return WP_ENOMEM;
+  memset(p, 0, sizeof *p);
   atomic_init(&p->refs, 1);
   atomic_init(&p->mrefs, 1);
   p->max_workers = o->max_workers;
@@ -598,6 +602,7 @@ static int wait_room_locked(wp_pool *p) {
 int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   wp__worker *closed = NULL;
   int r = 0, wake = 0;
+  f->t_submit = uv_hrtime(); /* read before the lock, to hold it less */
   uv_mutex_lock(&p->mu);
   if (p->state == WP__RUNNING && p->queue_cap && p->nqueued >= p->queue_cap)
     r = nowait ? WP_EFULL : wait_room_locked(p);
@@ -620,7 +625,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   p->nqueued++;
   atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->queued_bytes += f->msg_len;
-  p->last_active = f->t_submit = uv_hrtime();
+  p->last_active = f->t_submit;
   if (!p->paused) {
     if (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
         p->nworkers < p->max_workers)

@@ -262,9 +262,11 @@ enum {
 };
 
 typedef struct wp__counters {
-  atomic_uint_fast64_t submitted;
-  atomic_uint_fast64_t ended[WP_TIMEOUT + 1]; /* by wp_status */
+  /* Bumped by the threads submitting. */
+  _Alignas(64) atomic_uint_fast64_t submitted;
   atomic_uint_fast64_t dropped[WP__NDROPS];
+  /* Bumped by the workers. */
+  _Alignas(64) atomic_uint_fast64_t ended[WP_TIMEOUT + 1]; /* by wp_status */
   atomic_uint_fast64_t memory_limit_hits;
   atomic_uint_fast64_t stuck_total;
   wp__hist duration, dwell;
@@ -277,6 +279,12 @@ WP_HIDDEN void wp__count_drop(wp_pool *p, int reason, uint64_t n);
 
 enum { WP__RUNNING, WP__DRAINING, WP__STOPPING, WP__STOPPED };
 
+/* Fields are grouped by who writes them, so that the thread submitting
+ * and the workers do not make each other's cache lines bounce: the queue
+ * lock with what it guards on the hot path, then the counters the
+ * submitter bumps, then those the workers bump. */
+#define WP__CACHE_LINE 64
+
 struct wp_pool {
   atomic_int refs;    /* handles; the last one stops the pool */
   atomic_int mrefs;   /* memory: all handles count one, futures and
@@ -286,46 +294,50 @@ struct wp_pool {
   wp_pool *reg_next;  /* registry list, under the registry lock */
   int registered;     /* under the registry lock */
   wp__pool_init in;   /* what new worker states are made from */
-  uv_mutex_t mu;
-  uv_cond_t work_cv;        /* idle workers wait for tasks here */
-  uv_cond_t state_cv;       /* pause, stop and join waiters */
-  uv_cond_t space_cv;       /* submitters waiting for room in the queue */
-  uv_mutex_t done_mu;       /* threads waiting for a future of this pool */
-  uv_cond_t done_cv;        /* sleep here; see future.c */
-  wp_future *qhead, *qtail; /* FIFO of queued futures */
-  size_t nqueued;
-  atomic_size_t nqueued_hint; /* nqueued, for spinning workers */
-  size_t queued_bytes;        /* message bytes of the queued futures */
-  int max_workers, min_workers;
-  int64_t idle_ns;       /* reaping period; < 0: never reap */
-  uint64_t last_active;  /* when a task was last submitted, taken or done */
-  uint64_t last_reap;    /* when a worker was last reaped */
-  int nworkers;          /* worker threads that count toward max_workers */
-  int nidle;             /* workers waiting on work_cv */
-  int nwaking;           /* of those, signalled and not yet awake */
-  int nspinning;         /* workers spinning before they wait (at most 1):
-                            they take new work without a signal */
-  int nrunning;          /* tasks executing (stuck ones excluded) */
-  int nstuck;            /* workers declared stuck, still running */
-  int nclosed;           /* exited workers still in the list, to join */
-  int nspace_waiters;    /* submitters waiting on space_cv */
-  int next_id;           /* id of the next worker */
-  uint64_t task_counter; /* numbers running tasks for interrupts */
-  wp__worker *workers;   /* every started, not yet joined worker */
-  wp__worker *spare;     /* the state wp_pool_new made, not yet started */
-  int state;             /* WP__RUNNING ... WP__STOPPED */
-  int joiner;            /* a stopping thread is joining the workers */
-  int paused;
-  uint64_t pause_seq; /* while paused, tasks after this wait */
-  uint64_t next_seq;  /* sequence number of the last submission */
-  int nwaiters;       /* threads waiting on state_cv */
-  /* Guards. */
+  /* Set at creation, then read-only (resize changes max_workers under
+   * mu). */
   size_t queue_cap; /* 0: unbounded */
   int block_when_full;
   int64_t submit_timeout_ns; /* < 0: wait without limit */
   int64_t task_timeout_ns;   /* 0: none */
   int64_t stuck_grace_ns;
   int64_t slow_ns; /* 0: no slow-task events */
+  int64_t idle_ns; /* reaping period; < 0: never reap */
+  /* The queue lock and the state it guards that every task touches. */
+  _Alignas(WP__CACHE_LINE) uv_mutex_t mu;
+  wp_future *qhead, *qtail; /* FIFO of queued futures */
+  size_t nqueued;
+  size_t queued_bytes;   /* message bytes of the queued futures */
+  uint64_t last_active;  /* when a task was last submitted, taken or done */
+  uint64_t next_seq;     /* sequence number of the last submission */
+  uint64_t task_counter; /* numbers running tasks for interrupts */
+  int max_workers, min_workers;
+  int nworkers;       /* worker threads that count toward max_workers */
+  int nidle;          /* workers waiting on work_cv */
+  int nwaking;        /* of those, signalled and not yet awake */
+  int nspinning;      /* workers spinning before they wait (at most 1):
+                         they take new work without a signal */
+  int nrunning;       /* tasks executing (stuck ones excluded) */
+  int nspace_waiters; /* submitters waiting on space_cv */
+  int nwaiters;       /* threads waiting on state_cv */
+  int nclosed;        /* exited workers still in the list, to join */
+  int state;          /* WP__RUNNING ... WP__STOPPED */
+  int paused;
+  uint64_t pause_seq; /* while paused, tasks after this wait */
+  /* Under mu, off the hot path. */
+  uint64_t last_reap;  /* when a worker was last reaped */
+  int nstuck;          /* workers declared stuck, still running */
+  int next_id;         /* id of the next worker */
+  int joiner;          /* a stopping thread is joining the workers */
+  wp__worker *workers; /* every started, not yet joined worker */
+  wp__worker *spare;   /* the state wp_pool_new made, not yet started */
+  uv_cond_t work_cv;   /* idle workers wait for tasks here */
+  uv_cond_t state_cv;  /* pause, stop and join waiters */
+  uv_cond_t space_cv;  /* submitters waiting for room in the queue */
+  /* nqueued, for spinning workers: written by the thread queueing. */
+  _Alignas(WP__CACHE_LINE) atomic_size_t nqueued_hint;
+  uv_mutex_t done_mu; /* threads waiting for a future of this pool */
+  uv_cond_t done_cv;  /* sleep here; see future.c */
   /* The watchdog (watchdog.c). */
   uv_thread_t dog;
   uv_cond_t dog_cv;
