@@ -221,7 +221,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   p->nrunning++;
   p->last_active = started;
   uv_mutex_unlock(&p->mu);
-  wp__hist_add(&p->c.dwell, started - f->t_submit);
+  wp__hist_add(&WP__STRIPE(p, w->id)->dwell, started - f->t_submit);
   if (*openerr || (w->L == NULL && wp__worker_open(w, err, errlen))) {
     char msg[2100];
     snprintf(msg, sizeof msg, "worker init failed: %s", err);
@@ -234,7 +234,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   /* f->t_end is this worker's to read when it ended the task itself. */
   end = st != WP_PENDING ? f->t_end : uv_hrtime();
   if (st != WP_PENDING)
-    wp__pool_count_end(p, st, (double)(end - started) / 1e9);
+    wp__pool_count_end(p, w->id, st, (double)(end - started) / 1e9);
   if (f->msg_owned) { /* only this worker ever reads it */
     free(f->msg);
     f->msg = NULL;

@@ -2,7 +2,8 @@
  * stats.c: a pool's metrics and the process-wide event sink.
  *
  * Counters and histograms are atomics updated with relaxed operations, so
- * the task path takes no lock for them; wp_pool_get_stats reads them next
+ * the task path takes no lock for them; what workers count is striped by
+ * worker id (see wp__stripe); wp_pool_get_stats reads them next
  * to a snapshot of the gauges taken under the pool's lock.  Events go to one
  * handler installed by the embedder (the Lua bindings turn them into JSON
  * log lines).
@@ -40,12 +41,13 @@ void wp__hist_add(wp__hist *h, uint64_t ns) {
   add(&h->sum_ns, ns);
 }
 
-static void hist_read(wp__hist *h, wp_hist *out) {
+/* Adds histogram h to out; sum_ns sums the nanoseconds. */
+static void hist_add_to(wp__hist *h, wp_hist *out, uint64_t *sum_ns) {
   int k;
   for (k = 0; k < WP_HIST_BUCKETS; k++)
-    out->buckets[k] = get(&h->buckets[k]);
-  out->count = get(&h->count);
-  out->sum = (double)get(&h->sum_ns) / 1e9;
+    out->buckets[k] += get(&h->buckets[k]);
+  out->count += get(&h->count);
+  *sum_ns += get(&h->sum_ns);
 }
 
 void wp__count_drop(wp_pool *p, int reason, uint64_t n) {
@@ -56,19 +58,32 @@ void wp_pool_count_drop(wp_pool *p, wp_drop_reason why) {
   wp__count_drop(p, why == WP_DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY, 1);
 }
 
-void wp__pool_count_end(wp_pool *p, wp_status status, double seconds) {
+void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
+                        double seconds) {
+  wp__stripe *s = WP__STRIPE(p, stripe);
   if (status == WP_DISCARDED) {
     wp__count_drop(p, WP__DROP_DISCARDED, 1);
     return;
   }
   if (status < WP_OK || status > WP_TIMEOUT) return;
-  add(&p->c.ended[status], 1);
-  if (seconds >= 0) wp__hist_add(&p->c.duration, (uint64_t)(seconds * 1e9));
+  add(&s->ended[status], 1);
+  if (seconds >= 0) wp__hist_add(&s->duration, (uint64_t)(seconds * 1e9));
+}
+
+/* Adds up a counter over the stripes. */
+static uint64_t ended(wp_pool *p, wp_status st) {
+  uint64_t n = 0;
+  int i;
+  for (i = 0; i < WP__NSTRIPES; i++)
+    n += get(&p->c.stripes[i].ended[st]);
+  return n;
 }
 
 void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
   wp__worker *w;
   size_t mem = 0;
+  uint64_t duration_ns = 0, dwell_ns = 0;
+  int i;
   memset(s, 0, sizeof *s);
   uv_mutex_lock(&p->mu);
   s->queued = p->nqueued;
@@ -87,16 +102,20 @@ void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
   uv_mutex_unlock(&p->mu);
   s->memory = mem;
   s->submitted = get(&p->c.submitted);
-  s->ok = get(&p->c.ended[WP_OK]);
-  s->error = get(&p->c.ended[WP_ERROR]);
-  s->timeout = get(&p->c.ended[WP_TIMEOUT]);
-  s->cancelled = get(&p->c.ended[WP_CANCELLED]);
+  s->ok = ended(p, WP_OK);
+  s->error = ended(p, WP_ERROR);
+  s->timeout = ended(p, WP_TIMEOUT);
+  s->cancelled = ended(p, WP_CANCELLED);
   s->dropped_full = get(&p->c.dropped[WP__DROP_FULL]);
   s->dropped_stopped = get(&p->c.dropped[WP__DROP_STOPPED]);
   s->dropped_discarded = get(&p->c.dropped[WP__DROP_DISCARDED]);
   s->dropped_policy = get(&p->c.dropped[WP__DROP_POLICY]);
   s->memory_limit_hits = get(&p->c.memory_limit_hits);
   s->stuck_total = get(&p->c.stuck_total);
-  hist_read(&p->c.duration, &s->duration);
-  hist_read(&p->c.dwell, &s->dwell);
+  for (i = 0; i < WP__NSTRIPES; i++) {
+    hist_add_to(&p->c.stripes[i].duration, &s->duration, &duration_ns);
+    hist_add_to(&p->c.stripes[i].dwell, &s->dwell, &dwell_ns);
+  }
+  s->duration.sum = (double)duration_ns / 1e9;
+  s->dwell.sum = (double)dwell_ns / 1e9;
 }

@@ -120,7 +120,7 @@ static void dog_main(void *arg) {
       uv_mutex_unlock(&p->mu);
       for (i = 0; i < ps.nstuck; i++) {
         if (wp__future_fail(ps.stuck[i], WP_TIMEOUT, "timeout"))
-          wp__pool_count_end(p, WP_TIMEOUT, -1);
+          wp__pool_count_end(p, 0, WP_TIMEOUT, -1);
         wp_future_release(ps.stuck[i]);
       }
       for (i = 0; i < ps.n; i++)

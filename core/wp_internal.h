@@ -225,8 +225,13 @@ WP_HIDDEN void wp__worker_bind(wp__worker *w);
 WP_HIDDEN void wp__emit(const wp_event *ev);
 
 /* Records that f ended with status after running `seconds` (or was
- * dropped unstarted when seconds < 0). */
-WP_HIDDEN void wp__pool_count_end(wp_pool *p, wp_status status, double seconds);
+ * dropped unstarted when seconds < 0), in stripe `stripe` (any int: a
+ * worker's id, or 0). */
+WP_HIDDEN void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
+                                  double seconds);
+
+/* The stripe of counters for stripe number n. */
+#define WP__STRIPE(p, n) (&(p)->c.stripes[(unsigned)(n) % WP__NSTRIPES])
 
 WP_HIDDEN void wp__worker_close(wp__worker *w);
 
@@ -261,15 +266,23 @@ enum {
   WP__NDROPS
 };
 
+/* What a task's end is counted in.  Workers count in the stripe of their
+ * id, so two workers never bump the same cache line; readers add the
+ * stripes up. */
+#define WP__NSTRIPES 8
+
+typedef struct wp__stripe {
+  _Alignas(64) atomic_uint_fast64_t ended[WP_TIMEOUT + 1]; /* by wp_status */
+  wp__hist duration, dwell;
+} wp__stripe;
+
 typedef struct wp__counters {
   /* Bumped by the threads submitting. */
   _Alignas(64) atomic_uint_fast64_t submitted;
   atomic_uint_fast64_t dropped[WP__NDROPS];
-  /* Bumped by the workers. */
-  _Alignas(64) atomic_uint_fast64_t ended[WP_TIMEOUT + 1]; /* by wp_status */
   atomic_uint_fast64_t memory_limit_hits;
   atomic_uint_fast64_t stuck_total;
-  wp__hist duration, dwell;
+  wp__stripe stripes[WP__NSTRIPES];
 } wp__counters;
 
 WP_HIDDEN void wp__hist_add(wp__hist *h, uint64_t ns);
