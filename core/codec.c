@@ -48,21 +48,40 @@ static int put_tag(wp__buf *b, int tag) {
   return put_bytes(b, &c, 1);
 }
 
+/* Strings and numbers reserve their room once: they are most of what a
+ * message holds. */
 static int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
-  int r = put_tag(b, tag);
-  if (!r) r = wp__put_varint(b, len);
-  if (!r) r = put_bytes(b, s, len);
-  return r;
+  int r = len > WP_MAX_MSG ? WP_ETOOBIG : wp__buf_reserve(b, 1 + 10 + len);
+  uint64_t v = len;
+  char *p;
+  if (r) return r;
+  p = b->data + b->len;
+  *p++ = (char)tag;
+  while (v >= 0x80) { /* as wp__put_varint */
+    *p++ = (char)(v | 0x80);
+    v >>= 7;
+  }
+  *p++ = (char)v;
+  memcpy(p, s, len);
+  b->len = (size_t)(p - b->data) + len;
+  return 0;
+}
+
+static int put_tagged8(wp__buf *b, int tag, const void *v) {
+  int r = wp__buf_reserve(b, 9);
+  if (r) return r;
+  b->data[b->len] = (char)tag;
+  memcpy(b->data + b->len + 1, v, 8);
+  b->len += 9;
+  return 0;
 }
 
 static int put_int(wp__buf *b, int64_t i) {
-  int r = put_tag(b, WP__T_INT);
-  return r ? r : put_bytes(b, &i, 8);
+  return put_tagged8(b, WP__T_INT, &i);
 }
 
 static int put_flt(wp__buf *b, double n) {
-  int r = put_tag(b, WP__T_FLT);
-  return r ? r : put_bytes(b, &n, 8);
+  return put_tagged8(b, WP__T_FLT, &n);
 }
 
 int wp__put_cvalue(wp__buf *b, const wp_value *v) {

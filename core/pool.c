@@ -176,7 +176,7 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
     w->deadline = now + (uint64_t)p->task_timeout_ns;
   else
     w->deadline = 0;
-  atomic_store(&w->run_seq, ++p->task_counter);
+  atomic_store_explicit(&w->run_seq, ++p->task_counter, memory_order_release);
   if (w->deadline || p->slow_ns) wp__watchdog_poke(p);
   return f;
 }
@@ -246,7 +246,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   stuck = w->stuck;
   w->cur = NULL;
   w->deadline = 0;
-  atomic_store(&w->run_seq, 0);
+  atomic_store_explicit(&w->run_seq, 0, memory_order_release);
   if (stuck) {
     p->nstuck--;
   } else {
