@@ -25,25 +25,34 @@ end
 
 local W = {}
 
+-- One throughput round of W1 / W4: queues work_fn(i) for i = 1..n (with
+-- make_arg, work_fn(make_arg(i))), runs the loop until every
+-- after-callback ran, and checks the count and the sum.  Returns tasks/s.
+local function queue_round(work_fn, n, make_arg, expected)
+  local sum, got = 0, 0
+  local work = uv.new_work(work_fn, function(v)
+    sum = sum + v
+    got = got + 1
+  end)
+  local t0 = C.now()
+  if make_arg then
+    for i = 1, n do work:queue(make_arg(i)) end
+  else
+    for i = 1, n do work:queue(i) end
+  end
+  uv.run()
+  local dt = C.now() - t0
+  C.check("count", got, n)
+  C.check("sum", sum, expected)
+  return n / dt
+end
+
 -- W1: N tiny tasks queued at once, every result collected, in rounds
 -- (see C.rounds).
 W.W1 = function()
   local n = C.args{200000}
   warm(inc)
-  C.rounds("tasks_per_s", function()
-    local sum, got = 0, 0
-    local work = uv.new_work(inc, function(v)
-      sum = sum + v
-      got = got + 1
-    end)
-    local t0 = C.now()
-    for i = 1, n do work:queue(i) end
-    uv.run()
-    local dt = C.now() - t0
-    C.check("count", got, n)
-    C.check("sum", sum, C.w1_expected(n))
-    return n / dt
-  end)
+  C.rounds("tasks_per_s", function() return queue_round(inc, n, nil, C.w1_expected(n)) end)
 end
 
 -- W2: the same loops as ours.lua on 2 threads, bracketed by the serial
@@ -119,18 +128,8 @@ W.W4 = function()
   local n = C.args{20000}
   warm(inc)
   C.rounds("tasks_per_s", function()
-    local sum, got = 0, 0
-    local work = uv.new_work(unpack_sum, function(v)
-      sum = sum + v
-      got = got + 1
-    end)
-    local t0 = C.now()
-    for t = 1, n do work:queue(pack(C.w4_table(t))) end
-    uv.run()
-    local dt = C.now() - t0
-    C.check("count", got, n)
-    C.check("sum", sum, C.w4_expected(n))
-    return n / dt
+    return queue_round(unpack_sum, n, function(t) return pack(C.w4_table(t)) end,
+      C.w4_expected(n))
   end)
 end
 

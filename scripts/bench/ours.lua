@@ -45,6 +45,28 @@ end
 
 local W = {}
 
+-- One throughput round of W1 / W4: submits task(i) for i = 1..n (with
+-- make_arg, task(make_arg(i))), then waits for every future and checks the
+-- sum of the results.  Returns tasks/s.
+local function submit_round(pool, task, n, make_arg, expected)
+  local fs = {}
+  for i = 1, n do fs[i] = false end
+  local t0 = C.now()
+  if make_arg then
+    for i = 1, n do fs[i] = pool:submit(task, make_arg(i)) end
+  else
+    for i = 1, n do fs[i] = pool:submit(task, i) end
+  end
+  local sum = 0
+  for i = 1, n do
+    local ok, v = fs[i]:wait()
+    if ok then sum = sum + v end
+  end
+  local dt = C.now() - t0
+  C.check("sum", sum, expected)
+  return n / dt
+end
+
 -- W1: N tiny tasks submitted at once, then every result collected, in
 -- rounds (see C.rounds): the first on a cold heap, the rest reusing it.
 local function w1(task)
@@ -52,18 +74,7 @@ local function w1(task)
   local pool = new_pool()
   warm(pool, task)
   C.rounds("tasks_per_s", function()
-    local fs = {}
-    for i = 1, n do fs[i] = false end
-    local t0 = C.now()
-    for i = 1, n do fs[i] = pool:submit(task, i) end
-    local sum = 0
-    for i = 1, n do
-      local ok, v = fs[i]:wait()
-      if ok then sum = sum + v end
-    end
-    local dt = C.now() - t0
-    C.check("sum", sum, C.w1_expected(n))
-    return n / dt
+    return submit_round(pool, task, n, nil, C.w1_expected(n))
   end)
   pool:stop_wait()
 end
@@ -147,18 +158,7 @@ local function w4(task)
   local pool = new_pool()
   warm(pool, task == "sum_values" and "inc" or inc)
   C.rounds("tasks_per_s", function()
-    local fs = {}
-    for i = 1, n do fs[i] = false end
-    local t0 = C.now()
-    for t = 1, n do fs[t] = pool:submit(task, C.w4_table(t)) end
-    local sum = 0
-    for t = 1, n do
-      local ok, v = fs[t]:wait()
-      if ok then sum = sum + v end
-    end
-    local dt = C.now() - t0
-    C.check("sum", sum, C.w4_expected(n))
-    return n / dt
+    return submit_round(pool, task, n, C.w4_table, C.w4_expected(n))
   end)
   pool:stop_wait()
 end
