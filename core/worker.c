@@ -298,9 +298,12 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
       task_event(w, f, WP_EV_TASK_TIMEOUT, NULL,
                  (double)(w->deadline - w->started) / 1e9, 0);
   } else if (st == LUA_OK) {
-    status = run.status;
-    done = wp__future_complete(f, status, w->out.data, w->out.len);
-    if (done && status == WP_ERROR) error_event(w, f);
+    done = wp__future_complete(f, run.status, w->out.data, w->out.len);
+    status = done ? wp_future_status(f) : run.status;
+    if (done && status == WP_ERROR && run.status == WP_OK) /* no memory */
+      task_event(w, f, WP_EV_TASK_ERROR, "not enough memory", 0, 0);
+    else if (done && status == WP_ERROR)
+      error_event(w, f);
   } else {
     const char *msg = w->limit_hit          ? "memory limit exceeded"
                       : st == LUA_ERRMEM    ? "not enough memory"
