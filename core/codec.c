@@ -107,7 +107,8 @@ int wp__put_cvalue(wp__buf *b, const wp_value *v) {
 typedef struct enc {
   lua_State *L;
   wp__buf *b;
-  int seen;   /* stack slot: table of value -> index, or nil until needed */
+  int seen;   /* stack slot: nil, the one table or function numbered so
+                 far, or a table of value -> index once there are two */
   int loaded; /* stack slot: package.loaded, or nil until needed */
   int nextid; /* index of the next table or function */
   const char *what;
@@ -134,23 +135,36 @@ static void enc_check(enc *e, int r) {
 
 static void enc_value(enc *e, int idx, int depth);
 
-/* [-0, +0, m] Index of idx in the seen table, or -1. */
+/* [-0, +0, m] Index of idx among the values numbered so far, or -1. */
 static int enc_seen(enc *e, int idx) {
   lua_State *L = e->L;
   lua_Integer id = -1;
-  if (lua_isnil(L, e->seen)) {
-    lua_newtable(L);
-    lua_replace(L, e->seen);
-  }
+  if (e->nextid == 0) return -1;
+  if (e->nextid == 1) return lua_rawequal(L, e->seen, idx) ? 0 : -1;
   lua_pushvalue(L, idx);
   if (lua_rawget(L, e->seen) == LUA_TNUMBER) id = lua_tointeger(L, -1);
   lua_pop(L, 1);
   return (int)id;
 }
 
-/* [-0, +0, m] Gives idx the next index, as the decoder will. */
+/* [-0, +0, m] Gives idx the next index, as the decoder will.  Most
+ * messages number one table or function at most, and need no table of
+ * them. */
 static void enc_record(enc *e, int idx) {
   lua_State *L = e->L;
+  if (e->nextid == 0) {
+    lua_pushvalue(L, idx);
+    lua_replace(L, e->seen);
+    e->nextid++;
+    return;
+  }
+  if (e->nextid == 1) { /* the second: the first moves into a table */
+    lua_createtable(L, 0, 4);
+    lua_pushvalue(L, e->seen);
+    lua_pushinteger(L, 0);
+    lua_rawset(L, -3);
+    lua_replace(L, e->seen);
+  }
   lua_pushvalue(L, idx);
   lua_pushinteger(L, e->nextid++);
   lua_rawset(L, e->seen);
@@ -603,7 +617,9 @@ int wp__get_cvalue(wp__reader *r, wp_value *out) {
 typedef struct dec {
   lua_State *L;
   wp__reader *r;
-  int refs; /* stack slot: index -> table or function, or nil */
+  int refs; /* stack slot: nil (nothing numbered yet), the one table or
+               function numbered so far, or a table of them all (number n
+               at index n + 1) once there are two */
 
   int nextid;
   int cache; /* stack index of the compiled-function cache, or 0 */
@@ -614,15 +630,25 @@ static _Noreturn void dec_bad(dec *d) {
   abort(); /* not reached */
 }
 
-/* [-1, +1, m] Records the value at the top under the next index. */
+/* [-1, +1, m] Records the value at the top under the next index.  Most
+ * messages number one table or function at most, and need no table of
+ * them. */
 static void dec_register(dec *d) {
   lua_State *L = d->L;
-  if (lua_isnil(L, d->refs)) {
-    lua_newtable(L);
+  if (d->nextid == 0) {
+    lua_pushvalue(L, -1);
     lua_replace(L, d->refs);
+  } else {
+    if (d->nextid == 1) { /* the second: number 0 moves into a table */
+      lua_createtable(L, 4, 0);
+      lua_pushvalue(L, d->refs);
+      lua_rawseti(L, -2, 1);
+      lua_replace(L, d->refs);
+    }
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, d->refs, d->nextid + 1);
   }
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, d->refs, d->nextid++);
+  d->nextid++;
 }
 
 static void dec_value(dec *d, int depth);
@@ -764,10 +790,11 @@ static void dec_value(dec *d, int depth) {
     lua_pushglobaltable(L);
     break;
   case WP__T_REF:
-    if (wp__get_varint(r, &id) || id >= (uint64_t)d->nextid ||
-        !lua_istable(L, d->refs))
-      dec_bad(d);
-    lua_rawgeti(L, d->refs, (lua_Integer)id);
+    if (wp__get_varint(r, &id) || id >= (uint64_t)d->nextid) dec_bad(d);
+    if (d->nextid == 1)
+      lua_pushvalue(L, d->refs);
+    else
+      lua_rawgeti(L, d->refs, (lua_Integer)id + 1);
     break;
   case WP__T_CFUNC:
     if (get_lstring(r, &s, &len)) dec_bad(d);

@@ -261,6 +261,25 @@ T.test("shared sub-tables stay shared", function()
   T.eq(pool:submit_wait(function(x, y) return rawequal(x, y) end, a, a), true)
 end)
 
+T.test("references to the first table of a message, before and after others", function()
+  -- The decoder keeps the first table or function of a message apart until
+  -- a second one appears: references to it must resolve both ways.
+  local first = { "first" }
+  local r1, r2, r3 = echo(first, first, { first, { first } })
+  T.ok(rawequal(r1, r2), "referenced while it is the only one")
+  T.ok(rawequal(r3[1], r1), "referenced after a second table")
+  T.ok(rawequal(r3[2][1], r1), "referenced after a third")
+  local f = function() return "f" end
+  local g1, g2, t = echo(f, f, { f })
+  T.ok(rawequal(g1, g2), "one function passed twice")
+  T.ok(rawequal(t[1], g1), "and once more inside a table")
+  T.eq(g1(), "f")
+  local cyc = {}
+  cyc[1] = { cyc }
+  local c = echo(cyc)
+  T.ok(rawequal(c[1][1], c), "a cycle through a second table")
+end)
+
 T.test("a cycle is not too deep", function()
   local t = {}
   for i = 1, 1000 do t[i] = t end
