@@ -586,8 +586,14 @@ static int pool_map_k(lua_State *L, int status, lua_KContext ctx) {
  * [-0, +1|3, e] Written in Lua (lua/workerpool/map.lua); called with
  * lua_callk so that its waits can suspend a host coroutine. */
 static int pool_map(lua_State *L) {
+  wpl_pool *u = checkpool(L);
   int nargs;
-  checkpool(L);
+  if (wp_state_pool(L) == u->p)
+    return luaL_error(L,
+                      "map from a task of pool '%s' would deadlock (the "
+                      "task would wait for workers of its own pool); use "
+                      "another pool",
+                      wp_pool_name(u->p));
   nargs = lua_gettop(L);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "workerpool.map");

@@ -1190,17 +1190,19 @@ case("methods check the class of self: other userdata and tables raise", functio
   T.eq(p:submit_wait(function() return 2 end), 2, "p unharmed")
 end)
 
-case("own worker: submit_wait, stop, stop_wait and pause raise", function()
+case("own worker: submit_wait, stop, stop_wait, pause and map raise", function()
   local d, dn = newdict("own")
   local pool = newpool { max_workers = 2 }
   local res = { pool:submit_wait(function(dname)
     local W = require "workerpool"
     local p = assert(W.get(W.pool_name()))
     local out = {}
-    for _, m in ipairs { "submit_wait", "stop", "stop_wait", "pause" } do
+    for _, m in ipairs { "submit_wait", "stop", "stop_wait", "pause", "map" } do
       local ok, err
       if m == "submit_wait" then
         ok, err = pcall(p.submit_wait, p, function() end)
+      elseif m == "map" then
+        ok, err = pcall(p.map, p, function(x) return x end, { 1 })
       else
         ok, err = pcall(p[m], p)
       end
@@ -1213,13 +1215,13 @@ case("own worker: submit_wait, stop, stop_wait and pause raise", function()
     end, dname) and "submitted" or "submit failed"
     return table.unpack(out)
   end, dn) }
-  local methods = { "submit_wait", "stop", "stop_wait", "pause" }
+  local methods = { "submit_wait", "stop", "stop_wait", "pause", "map" }
   for i, m in ipairs(methods) do
     T.ok(res[i]:find("deadlock", 1, true), m .. ": " .. res[i])
     T.ok(res[i]:find(m, 1, true), m .. " named: " .. res[i])
   end
-  T.eq(res[5], "resumed")
-  T.eq(res[6], "submitted")
+  T.eq(res[6], "resumed")
+  T.eq(res[7], "submitted")
   T.eq(pool:stopped(), false, "the pool still runs")
   T.eq(pool:submit_wait(function() return 1 end), 1)
   T.eq(pool:stop_wait(), 0)
