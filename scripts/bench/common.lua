@@ -101,6 +101,30 @@ function M.rss_kib()
 end
 
 -- Reads the numeric command-line arguments from index 2 on, with defaults.
+-- W2's frame, the same for every engine: TASKS loops of ITERS steps run
+-- serially in this state, half just before the engine's parallel run and
+-- half just after, so drift in the machine's speed hits both alike.
+-- parallel(ntasks, iters) runs every loop on the engine and returns the
+-- sum of their results and the seconds the timed part took.  Efficiency =
+-- serial / (2 x parallel).
+function M.w2(parallel)
+  local ntasks, iters = M.args{400, 500000}
+  local lcg, half = M.lcg, ntasks // 2
+  local serial_sum = 0
+  local t0 = M.now()
+  for s = 1, half do serial_sum = serial_sum + lcg(s, iters) end
+  local serial = M.now() - t0
+  local sum, parallel_s = parallel(ntasks, iters)
+  t0 = M.now()
+  for s = half + 1, ntasks do serial_sum = serial_sum + lcg(s, iters) end
+  serial = serial + (M.now() - t0)
+  M.metric("serial_s", serial)
+  M.metric("parallel_s", parallel_s)
+  M.metric("efficiency", serial / (2 * parallel_s))
+  M.check("sum", sum, serial_sum)
+  M.metric("checksum", sum)
+end
+
 function M.args(defaults)
   local out = {}
   for i = 1, #defaults do out[i] = math.tointeger(tonumber(arg[i + 1])) or defaults[i] end

@@ -102,36 +102,23 @@ W.W1m = function()
 end
 
 -- W2: TASKS pure-Lua loops of ITERS steps on 2 workers, against the same
--- loops run serially in this state: half just before the pool's run and
--- half just after, so drift in the machine's speed hits both alike.
--- Efficiency = serial / (2 x parallel).
+-- loops run serially in this state (see C.w2).
 W.W2 = function()
-  local ntasks, iters = C.args{400, 500000}
-  local lcg, half = C.lcg, ntasks // 2
-  local serial_sum = 0
-  local t0 = C.now()
-  for s = 1, half do serial_sum = serial_sum + lcg(s, iters) end
-  local serial = C.now() - t0
-  local pool = new_pool()
-  warm(pool, inc)
-  t0 = C.now()
-  local fs = {}
-  for s = 1, ntasks do fs[s] = pool:submit(lcg, s, iters) end
-  local sum = 0
-  for s = 1, ntasks do
-    local ok, v = fs[s]:wait()
-    if ok then sum = sum + v end
-  end
-  local parallel = C.now() - t0
-  pool:stop_wait()
-  t0 = C.now()
-  for s = half + 1, ntasks do serial_sum = serial_sum + lcg(s, iters) end
-  serial = serial + (C.now() - t0)
-  C.metric("serial_s", serial)
-  C.metric("parallel_s", parallel)
-  C.metric("efficiency", serial / (2 * parallel))
-  C.check("sum", sum, serial_sum)
-  C.metric("checksum", sum)
+  C.w2(function(ntasks, iters)
+    local pool = new_pool()
+    warm(pool, inc)
+    local t0 = C.now()
+    local fs = {}
+    for s = 1, ntasks do fs[s] = pool:submit(C.lcg, s, iters) end
+    local sum = 0
+    for s = 1, ntasks do
+      local ok, v = fs[s]:wait()
+      if ok then sum = sum + v end
+    end
+    local dt = C.now() - t0
+    pool:stop_wait()
+    return sum, dt
+  end)
 end
 
 -- W3: N sequential submit-and-wait round trips.
