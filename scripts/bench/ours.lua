@@ -45,6 +45,16 @@ end
 
 local W = {}
 
+-- Waits for futures fs[1..n] and returns the sum of their first results.
+local function sum_results(fs, n)
+  local sum = 0
+  for i = 1, n do
+    local ok, v = fs[i]:wait()
+    if ok then sum = sum + v end
+  end
+  return sum
+end
+
 -- One throughput round of W1 / W4: submits task(i) for i = 1..n (with
 -- make_arg, task(make_arg(i))), then waits for every future and checks the
 -- sum of the results.  Returns tasks/s.
@@ -57,11 +67,7 @@ local function submit_round(pool, task, n, make_arg, expected)
   else
     for i = 1, n do fs[i] = pool:submit(task, i) end
   end
-  local sum = 0
-  for i = 1, n do
-    local ok, v = fs[i]:wait()
-    if ok then sum = sum + v end
-  end
+  local sum = sum_results(fs, n)
   local dt = C.now() - t0
   C.check("sum", sum, expected)
   return n / dt
@@ -110,11 +116,7 @@ W.W2 = function()
     local t0 = C.now()
     local fs = {}
     for s = 1, ntasks do fs[s] = pool:submit(C.lcg, s, iters) end
-    local sum = 0
-    for s = 1, ntasks do
-      local ok, v = fs[s]:wait()
-      if ok then sum = sum + v end
-    end
+    local sum = sum_results(fs, ntasks)
     local dt = C.now() - t0
     pool:stop_wait()
     return sum, dt
@@ -180,12 +182,7 @@ local function w5_round(pool, n, kind)
   C.check("queued_" .. kind, pool:waiting(), n)
   pool:resume()
   if kind == "keep" then
-    local sum = 0
-    for i = 1, n do
-      local ok, v = fs[i]:wait()
-      if ok then sum = sum + v end
-    end
-    C.check("sum_" .. kind, sum, C.w1_expected(n))
+    C.check("sum_" .. kind, sum_results(fs, n), C.w1_expected(n))
   else
     local shared = workerpool.shared("bench.w5")
     while pool:waiting() + pool:running() > 0 do workerpool.sleep(0.001) end
@@ -250,11 +247,7 @@ W.W6 = function()
   end
   local fs = {}
   for i = 1, idle do fs[i] = pool:submit(barrier, idle) end
-  local ran = 0
-  for i = 1, idle do
-    local ok, v = fs[i]:wait()
-    if ok then ran = ran + v end
-  end
+  local ran = sum_results(fs, idle)
   fs = nil -- luacheck: ignore 311
   collectgarbage()
   collectgarbage()
