@@ -45,6 +45,17 @@ WPL_HIDDEN void wpl_log_set_level(int level);
 /* Appends to path from now on (NULL: back to stderr); 0 or an errno. */
 WPL_HIDDEN int wpl_log_set_file(const char *path);
 WPL_HIDDEN int wpl_lua_log(lua_State *L);
+/* Bytes of the valid UTF-8 sequence (RFC 3629: no overlongs, surrogates or
+ * code points past U+10FFFF) at the start of s, which holds n > 0 bytes;
+ * 0 when none starts there.  Any thread; no Lua. */
+WPL_HIDDEN size_t wpl_utf8_len(const char *s, size_t n);
+/* Whether s (n bytes) is valid UTF-8.  Any thread; no Lua. */
+WPL_HIDDEN int wpl_utf8_valid(const char *s, size_t n);
+/* A new JSON string of s (len bytes) with every byte that is not part of a
+ * valid UTF-8 sequence replaced by '?'; NULL only out of memory.  Any
+ * thread; no Lua.  wpl_json_str takes a C string (NULL gives "?"). */
+WPL_HIDDEN json_t *wpl_json_text(const char *s, size_t len);
+WPL_HIDDEN json_t *wpl_json_str(const char *s);
 /* Turns a core event into a log line (the core's event handler). */
 WPL_HIDDEN void wpl_log_event(const wp_event *ev);
 WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);

@@ -5,7 +5,9 @@
  * "event", then the event's own fields.  Lines go to stderr unless a file
  * was set, are written whole under one mutex, and may come from any
  * thread.  A line that cannot be built (out of memory) is dropped: logging
- * never fails its caller.  docs/logging.md lists the events.
+ * never fails its caller.  Text goes in as valid UTF-8, with '?' for each
+ * byte that is not part of a valid sequence.  docs/logging.md lists the
+ * events.
  */
 #include <errno.h>
 #include <math.h>
@@ -120,9 +122,9 @@ void wpl_log_event(const wp_event *ev) {
   if ((unsigned)ev->type >= sizeof kinds / sizeof *kinds ||
       !wpl_log_enabled(kinds[ev->type].level))
     return;
-  f = json_pack("{s:s}", "pool", ev->pool ? ev->pool : "?");
-  if (f == NULL) return;
-  if (ev->task) json_object_set_new(f, "task", json_string(ev->task));
+  if ((f = json_object()) == NULL) return;
+  json_object_set_new(f, "pool", wpl_json_str(ev->pool));
+  if (ev->task) json_object_set_new(f, "task", wpl_json_str(ev->task));
   if (ev->worker) json_object_set_new(f, "worker", json_integer(ev->worker));
   switch (ev->type) {
   case WP_EV_POOL_CREATED:
@@ -140,8 +142,7 @@ void wpl_log_event(const wp_event *ev) {
     json_object_set_new(f, "dropped", json_integer(ev->n));
     break;
   case WP_EV_TASK_ERROR:
-    json_object_set_new(f, "error",
-                        json_string(ev->message ? ev->message : "?"));
+    json_object_set_new(f, "error", wpl_json_str(ev->message));
     break;
   case WP_EV_TASK_SLOW:
     json_object_set_new(f, "running_s", json_real(ev->seconds));
@@ -158,9 +159,9 @@ void wpl_log_event(const wp_event *ev) {
   case WP_EV_DROPPED:
     snprintf(msg, sizeof msg, "dropped %lld tasks in the last %g s, reason=%s",
              (long long)ev->n, ev->seconds, ev->reason ? ev->reason : "?");
-    json_object_set_new(f, "msg", json_string(msg));
+    json_object_set_new(f, "msg", wpl_json_str(msg));
     json_object_set_new(f, "dropped", json_integer(ev->n));
-    json_object_set_new(f, "reason", json_string(ev->reason));
+    json_object_set_new(f, "reason", wpl_json_str(ev->reason));
     json_object_set_new(f, "interval_s", json_real(ev->seconds));
     break;
   default:
@@ -169,85 +170,232 @@ void wpl_log_event(const wp_event *ev) {
   wpl_log(kinds[ev->type].level, kinds[ev->type].name, f);
 }
 
-/* ---- from Lua -------------------------------------------------------- */
+/* ---- text for JSON ---------------------------------------------------- */
 
-typedef struct conv {
-  json_t *root; /* owned here until handed to wpl_log */
-} conv;
+size_t wpl_utf8_len(const char *s, size_t n) {
+  const unsigned char *u = (const unsigned char *)s;
+  unsigned char lo = 0x80, hi = 0xBF;
+  size_t need, i;
+  if (u[0] < 0x80) return 1;
+  if (u[0] < 0xC2) return 0; /* a continuation byte, or overlong */
+  if (u[0] < 0xE0) {
+    need = 2;
+  } else if (u[0] < 0xF0) {
+    need = 3;
+    if (u[0] == 0xE0) lo = 0xA0; /* overlong */
+    if (u[0] == 0xED) hi = 0x9F; /* surrogates */
+  } else if (u[0] < 0xF5) {
+    need = 4;
+    if (u[0] == 0xF0) lo = 0x90; /* overlong */
+    if (u[0] == 0xF4) hi = 0x8F; /* past U+10FFFF */
+  } else {
+    return 0;
+  }
+  if (n < need || u[1] < lo || u[1] > hi) return 0;
+  for (i = 2; i < need; i++)
+    if (u[i] < 0x80 || u[i] > 0xBF) return 0;
+  return need;
+}
 
-/* A JSON string of s with every non-ASCII byte replaced by '?'. */
-static json_t *ascii_copy(const char *s, size_t len) {
-  char *copy = malloc(len ? len : 1);
+int wpl_utf8_valid(const char *s, size_t n) {
+  size_t k;
+  for (; n > 0; s += k, n -= k)
+    if ((k = wpl_utf8_len(s, n)) == 0) return 0;
+  return 1;
+}
+
+/* Copies at most max bytes of s (len bytes) to dst, which has room for
+ * len bytes, replacing each byte that is not part of a valid UTF-8
+ * sequence with '?', and NUL too when nul.  Never splits a sequence.
+ * Returns the bytes written; *cut tells whether s did not fit. */
+static size_t clean_text(char *dst, const char *s, size_t len, size_t max,
+                         int nul, int *cut) {
+  size_t i = 0, k;
+  while (i < len) {
+    k = wpl_utf8_len(s + i, len - i);
+    if (i + (k ? k : 1) > max) break;
+    if (k == 0 || (nul && s[i] == '\0')) {
+      dst[i] = '?';
+      k = 1;
+    } else {
+      memcpy(dst + i, s + i, k);
+    }
+    i += k;
+  }
+  *cut = i < len;
+  return i;
+}
+
+/* Whether s (len bytes) goes into JSON as it is. */
+static int is_clean(const char *s, size_t len, size_t max, int nul) {
+  return len <= max && wpl_utf8_valid(s, len) && (!nul || !memchr(s, 0, len));
+}
+
+json_t *wpl_json_text(const char *s, size_t len) {
+  char *copy;
   json_t *j;
-  size_t i;
-  if (copy == NULL) return NULL;
-  for (i = 0; i < len; i++)
-    copy[i] = (unsigned char)s[i] < 0x80 ? s[i] : '?';
-  j = json_stringn(copy, len);
+  int cut;
+  if (is_clean(s, len, len, 0)) return json_stringn_nocheck(s, len);
+  if ((copy = malloc(len)) == NULL) return NULL;
+  j = json_stringn_nocheck(copy, clean_text(copy, s, len, len, 0, &cut));
   free(copy);
   return j;
 }
 
-/* [-0, +0, m] The value at idx as JSON (NULL when out of memory). */
-static json_t *to_json(lua_State *L, int idx, int depth) {
-  switch (lua_type(L, idx)) {
-  case LUA_TNIL:
-    return json_null();
-  case LUA_TBOOLEAN:
-    return json_boolean(lua_toboolean(L, idx));
-  case LUA_TNUMBER:
-    if (lua_isinteger(L, idx)) return json_integer(lua_tointeger(L, idx));
-    if (!isfinite(lua_tonumber(L, idx))) return json_null();
-    return json_real(lua_tonumber(L, idx));
-  case LUA_TSTRING: {
-    size_t len;
-    const char *s = lua_tolstring(L, idx, &len);
-    json_t *j = json_stringn(s, len);
-    if (j == NULL) j = ascii_copy(s, len); /* not UTF-8 */
-    return j;
+json_t *wpl_json_str(const char *s) {
+  return wpl_json_text(s ? s : "?", s ? strlen(s) : 1);
+}
+
+/* ---- from Lua -------------------------------------------------------- */
+
+/* Bounds on what one workerpool.log call turns into JSON. */
+#define LOG_MAX_DEPTH 8      /* levels of nested tables; deeper: tostring */
+#define LOG_MAX_ENTRIES 1000 /* table entries per line; the rest left out */
+#define LOG_MAX_STRING 8192  /* bytes per string; longer ones are cut */
+
+typedef struct conv {
+  json_t *root;  /* the line's fields; everything built hangs from it */
+  int entries;   /* table entries converted so far */
+  int truncated; /* entries were left out */
+} conv;
+
+/* [-0, +1, m] Pushes the string at absolute index idx as clean JSON text
+ * (see clean_text; nul: NUL becomes '?' too, for keys), cut to
+ * LOG_MAX_STRING bytes plus "..." when longer.  Returns it. */
+static const char *push_clean(lua_State *L, int idx, int nul) {
+  size_t len, n;
+  const char *s = lua_tolstring(L, idx, &len);
+  luaL_Buffer b;
+  char *p;
+  int cut;
+  if (is_clean(s, len, LOG_MAX_STRING, nul)) {
+    lua_pushvalue(L, idx);
+    return s;
   }
-  case LUA_TTABLE:
-    if (depth < 8) {
-      json_t *obj = json_object();
-      luaL_checkstack(L, 3, NULL);
-      lua_pushnil(L);
-      while (obj && lua_next(L, idx)) {
-        const char *k;
-        json_t *v;
-        lua_pushvalue(L, -2);
-        k = luaL_tolstring(L, -1, NULL);
-        v = to_json(L, lua_gettop(L) - 2, depth + 1); /* the value */
-        if (v == NULL || json_object_set_new(obj, k, v)) {
-          json_decref(obj);
-          obj = NULL;
-        }
-        lua_pop(L, 3);
-      }
-      return obj;
+  p = luaL_buffinitsize(L, &b,
+                        (len < LOG_MAX_STRING ? len : LOG_MAX_STRING) + 3);
+  n = clean_text(p, s, len, LOG_MAX_STRING, nul, &cut);
+  if (cut) {
+    memcpy(p + n, "...", 3);
+    n += 3;
+  }
+  luaL_pushresultsize(&b, n);
+  return lua_tostring(L, -1);
+}
+
+/* [-1, +1, e] tostring of argument 1. */
+static int tostring_p(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+/* [-0, +1, m] Pushes tostring of the value at idx.  A metamethod runs
+ * protected; when it fails, the value is "(<__name or type>: tostring
+ * failed)". */
+static void push_tostring(lua_State *L, int idx) {
+  int t;
+  idx = lua_absindex(L, idx);
+  if (!lua_getmetatable(L, idx)) {
+    luaL_tolstring(L, idx, NULL); /* only memory errors */
+    return;
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, tostring_p);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    lua_pop(L, 1);
+    if ((t = luaL_getmetafield(L, idx, "__name")) != LUA_TSTRING) {
+      if (t != LUA_TNIL) lua_pop(L, 1);
+      lua_pushstring(L, luaL_typename(L, idx));
     }
-    return json_string(luaL_tolstring(L, idx, NULL)); /* too deep */
-  default:
-    return json_string(luaL_tolstring(L, idx, NULL));
+    lua_pushfstring(L, "(%s: tostring failed)", lua_tostring(L, -1));
+    lua_remove(L, -2);
   }
 }
 
-/* [-3, +0, m] fields table (or nil) at 3, message at 2. */
+static void put_table(lua_State *L, conv *c, json_t *obj, int idx, int depth);
+
+/* [-0, +0, m] Sets obj[key] to the value at idx, where obj hangs from
+ * c->root (an error leaves nothing unowned) and key is clean text.  Tables
+ * up to LOG_MAX_DEPTH become objects; other values that are not JSON
+ * become their tostring. */
+static void put(lua_State *L, conv *c, json_t *obj, const char *key, int idx,
+                int depth) {
+  json_t *v;
+  int top = lua_gettop(L);
+  if (lua_type(L, idx) == LUA_TTABLE && depth <= LOG_MAX_DEPTH) {
+    if ((v = json_object()) != NULL &&
+        json_object_set_new_nocheck(obj, key, v) == 0)
+      put_table(L, c, v, idx, depth); /* v is owned by obj now */
+    return;
+  }
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL:
+    v = json_null();
+    break;
+  case LUA_TBOOLEAN:
+    v = json_boolean(lua_toboolean(L, idx));
+    break;
+  case LUA_TNUMBER:
+    if (lua_isinteger(L, idx))
+      v = json_integer(lua_tointeger(L, idx));
+    else if (isfinite(lua_tonumber(L, idx)))
+      v = json_real(lua_tonumber(L, idx));
+    else
+      v = json_null();
+    break;
+  default: /* strings, and tostring of the rest (tables too deep) */
+    if (lua_type(L, idx) == LUA_TSTRING)
+      lua_pushvalue(L, idx);
+    else
+      push_tostring(L, idx);
+    push_clean(L, lua_gettop(L), 0);
+    v = json_stringn_nocheck(lua_tostring(L, -1), lua_rawlen(L, -1));
+    lua_settop(L, top);
+  }
+  if (v) json_object_set_new_nocheck(obj, key, v);
+}
+
+/* [-0, +0, m] Adds the entries of the table at idx to obj (hanging from
+ * c->root), keys by their tostring, until LOG_MAX_ENTRIES. */
+static void put_table(lua_State *L, conv *c, json_t *obj, int idx, int depth) {
+  int top;
+  idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 8, NULL);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    top = lua_gettop(L); /* key at top - 1, value at top */
+    if (c->entries++ >= LOG_MAX_ENTRIES) {
+      c->truncated = 1;
+      lua_pop(L, 2);
+      return;
+    }
+    if (lua_type(L, top - 1) == LUA_TSTRING)
+      lua_pushvalue(L, top - 1);
+    else
+      push_tostring(L, top - 1);
+    put(L, c, obj, push_clean(L, top + 1, 1), top, depth + 1);
+    lua_settop(L, top - 1);
+  }
+}
+
+/* [-3, +0, m] Under lua_pcall: builds c->root (light userdata at 1) from
+ * the message at 2 and the fields (a table, or nil) at 3. */
 static int log_pmain(lua_State *L) {
   conv *c = lua_touserdata(L, 1);
-  json_t *msg;
-  if (lua_istable(L, 3)) c->root = to_json(L, 3, 1);
-  if (c->root == NULL) c->root = json_object();
-  if (c->root == NULL) return 0;
-  /* Invalid UTF-8 in a message is kept, escaped byte by byte. */
-  msg = to_json(L, 2, 0);
-  if (msg) json_object_set_new(c->root, "msg", msg);
+  if ((c->root = json_object()) == NULL) return 0;
+  if (lua_istable(L, 3)) put_table(L, c, c->root, 3, 1);
+  put(L, c, c->root, "msg", 2, 1);
+  if (c->truncated) json_object_set_new(c->root, "truncated", json_true());
   return 0;
 }
 
-/* workerpool.log(level, msg [, fields])   [-0, +0, e] Any state. */
+/* workerpool.log(level, msg [, fields])   [-0, +0, e] Any state.  Raises
+ * on a bad level or fields that are not a table; otherwise never fails: a
+ * line that cannot be built is dropped. */
 int wpl_lua_log(lua_State *L) {
   int level = wpl_log_level_parse(luaL_checkstring(L, 1));
-  conv c = {NULL};
+  conv c = {NULL, 0, 0};
   luaL_argcheck(L, level >= 0 && level != WPL_OFF, 1,
                 "level must be debug, info, warn or error");
   luaL_checkany(L, 2);
@@ -258,10 +406,11 @@ int wpl_lua_log(lua_State *L) {
   lua_insert(L, 1);
   lua_pushlightuserdata(L, &c);
   lua_insert(L, 2);
-  lua_remove(L, 3); /* the level */
-  if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+  lua_remove(L, 3);                      /* the level */
+  if (lua_pcall(L, 3, 0, 0) != LUA_OK) { /* out of memory */
     json_decref(c.root);
-    return lua_error(L);
+    if (wp_interrupted()) return lua_error(L); /* the task is stopping */
+    return 0;
   }
   wpl_log(level, "log", c.root);
   return 0;

@@ -245,8 +245,7 @@ static int run_done(lua_State *L) {
       lua_pushnumber(L, duration);
       if (lua_pcall(L, 4, 0, 0) != LUA_OK) {
         wpl_log(WPL_ERROR, "policy.error",
-                json_pack("{s:s}", "error",
-                          lua_tostring(L, -1) ? lua_tostring(L, -1) : "?"));
+                json_pack("{s:o}", "error", wpl_json_str(lua_tostring(L, -1))));
         lua_pop(L, 1);
       }
     } else {
@@ -345,9 +344,9 @@ void wpl_policy_poll(lua_State *L) {
         lua_pushnil(L);
         lua_rawsetp(L, -3, v[i]);
         if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
-          wpl_log(WPL_ERROR, "policy.error",
-                  json_pack("{s:s}", "error",
-                            lua_tostring(L, -1) ? lua_tostring(L, -1) : "?"));
+          wpl_log(
+              WPL_ERROR, "policy.error",
+              json_pack("{s:o}", "error", wpl_json_str(lua_tostring(L, -1))));
           lua_pop(L, 1);
         }
       } else {

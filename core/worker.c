@@ -268,9 +268,15 @@ static void error_event(wp__worker *w, wp_future *f) {
   if (wp__get_varint(&r, &n) || n < 1 || wp__get_cvalue(&r, &v) ||
       v.type != WP_TSTRING)
     snprintf(msg, sizeof msg, "(error object is not a string)");
-  else
-    snprintf(msg, sizeof msg, "%.*s",
-             (int)(v.u.s.len < 4000 ? v.u.s.len : 4000), v.u.s.ptr);
+  else {
+    size_t cut = v.u.s.len < 4000 ? v.u.s.len : 4000;
+    /* Never split a UTF-8 character: back off over continuation bytes. */
+    for (int i = 0; i < 3 && cut < v.u.s.len &&
+                    ((unsigned char)v.u.s.ptr[cut] & 0xC0) == 0x80;
+         i++)
+      cut--;
+    snprintf(msg, sizeof msg, "%.*s", (int)cut, v.u.s.ptr);
+  }
   task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
 }
 
