@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "lbind.h"
@@ -165,7 +166,12 @@ static char *read_file(const char *path, size_t *len) {
   char *buf = NULL, *nb;
   size_t cap = 0, n = 0, got;
   int saved;
+  struct stat st;
   if (fp == NULL) return NULL;
+  if (fstat(fileno(fp), &st) == 0 && S_ISDIR(st.st_mode)) {
+    errno = EISDIR; /* fopen opens a directory; reading it fails with EIO */
+    goto err;
+  }
   do {
     if (cap - n < 4096) {
       cap = cap ? cap * 2 : 8192;
@@ -250,6 +256,13 @@ static int wpl_new(lua_State *L) {
   o.name = str_option(L, 1, "name");         /* 2 */
   o.init = str_option(L, 1, "init");         /* 3 */
   init_file = str_option(L, 1, "init_file"); /* 4 */
+  /* A name shows in logs and metric labels, which hold only UTF-8. */
+  if (o.name && strlen(o.name) != lua_rawlen(L, 2))
+    luaL_argerror(L, 1, "name must not contain '\\0'");
+  if (o.name && !wpl_utf8_valid(o.name, lua_rawlen(L, 2)))
+    luaL_argerror(L, 1, "name must be valid UTF-8");
+  if (init_file && strlen(init_file) != lua_rawlen(L, 4))
+    luaL_argerror(L, 1, "init_file must not contain '\\0'");
   if (o.init && init_file)
     luaL_error(L, "workerpool.new: init and init_file are mutually "
                   "exclusive");
@@ -291,13 +304,16 @@ static int wpl_new(lua_State *L) {
 
 /* workerpool.get(name) -> pool | nil   [-0, +1, e] */
 static int wpl_get(lua_State *L) {
-  const char *name = luaL_checkstring(L, 1);
+  size_t len;
+  const char *name = luaL_checklstring(L, 1, &len);
   wpl_pool *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->cls = pool_class;
   u->p = NULL;
   u->owner = 0;
   luaL_setmetatable(L, WPL_POOL_MT);
-  if ((u->p = wp_pool_find(name)) == NULL) lua_pushnil(L);
+  /* No pool name holds '\0': "a\0b" is not pool "a". */
+  if (strlen(name) != len || (u->p = wp_pool_find(name)) == NULL)
+    lua_pushnil(L);
   return 1;
 }
 
@@ -312,10 +328,34 @@ static int desc_error(lua_State *L, const char *what, const char *msg) {
   return luaL_error(L, "bad argument #1 to '%s' (%s)", what, msg);
 }
 
+/* [-0, +0, e] Reads descriptor field k of the table at 2 (through any
+ * __index) into the private copy at the top, as a string without '\0'
+ * when it is one of name and tenant; returns the string, anchored in the
+ * copy, or NULL when the field is absent. */
+static const char *desc_string(lua_State *L, const char *what, const char *k) {
+  size_t len;
+  const char *s;
+  if (lua_getfield(L, 2, k) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pushfstring(L, "%s must be a string", k);
+    desc_error(L, what, lua_tostring(L, -1));
+  }
+  s = lua_tolstring(L, -1, &len);
+  if (strlen(s) != len) {
+    lua_pushfstring(L, "%s must not contain '\\0'", k);
+    desc_error(L, what, lua_tostring(L, -1));
+  }
+  lua_setfield(L, -2, k); /* the copy keeps s alive */
+  return s;
+}
+
 /* [-0, +0|1, e] When the task at 2 is a descriptor table, reads it into o,
- * moves the table below self (index 1, keeping its strings anchored) and
- * puts its function or handler name in its place.  Returns the index of
- * self afterwards. */
+ * puts a private copy of it below self (index 1: the copy anchors o's
+ * strings, and no Lua code can change it) and its function or handler name
+ * in its place.  Returns the index of self afterwards. */
 static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
   int i, has_fn, has_handler;
   memset(o, 0, sizeof *o);
@@ -332,6 +372,7 @@ static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
       return desc_error(L, what, lua_tostring(L, -1));
     }
   }
+  lua_createtable(L, 0, 4); /* the copy */
   has_fn = lua_getfield(L, 2, "fn") != LUA_TNIL;
   has_handler = lua_getfield(L, 2, "handler") != LUA_TNIL;
   if (has_fn == has_handler)
@@ -340,19 +381,12 @@ static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
     return desc_error(L, what, "fn must be a Lua function");
   if (has_handler && lua_type(L, -1) != LUA_TSTRING)
     return desc_error(L, what, "handler must be a string");
-  if (has_fn) lua_pop(L, 1); /* the task is now at the top */
-  if (lua_getfield(L, 2, "name") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TSTRING)
-      return desc_error(L, what, "name must be a string");
-    o->name = lua_tostring(L, -1); /* anchored in the table */
-  }
-  lua_pop(L, 1);
-  if (lua_getfield(L, 2, "tenant") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TSTRING)
-      return desc_error(L, what, "tenant must be a string");
-    o->tenant = lua_tostring(L, -1);
-  }
-  lua_pop(L, 1);
+  lua_remove(L, has_fn ? -1 : -2); /* the nil one: the task is on top */
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, has_fn ? "fn" : "handler");
+  lua_insert(L, -2); /* the copy on top, the task below it */
+  o->name = desc_string(L, what, "name");
+  o->tenant = desc_string(L, what, "tenant");
   if (lua_getfield(L, 2, "timeout") != LUA_TNIL) {
     double t = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : NAN;
     if (!(t > 0))
@@ -360,10 +394,11 @@ static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
                         "timeout must be a positive number of "
                         "seconds");
     o->timeout = isinf(t) ? -1 : t; /* math.huge: no deadline */
+    lua_setfield(L, -2, "timeout");
+  } else {
+    lua_pop(L, 1);
   }
-  lua_pop(L, 1);
-  lua_pushvalue(L, 2);
-  lua_insert(L, 1);  /* the descriptor, below self */
+  lua_insert(L, 1);  /* the copy, below self */
   lua_replace(L, 3); /* the function or handler, where the table was */
   return 2;
 }

@@ -109,16 +109,25 @@ static void adds(sbuf *b, const char *s) {
   add(b, s, strlen(s));
 }
 
+/* Appends v as a label value: backslash, quote and newline escaped, and
+ * each byte that is not part of a valid UTF-8 sequence as '?' (the format
+ * holds only UTF-8; workerpool.new refuses such names, C hosts may not). */
 static void add_label(sbuf *b, const char *v) {
-  for (; *v; v++) {
-    if (*v == '\\')
+  size_t n = strlen(v), k;
+  for (; n > 0; v += k, n -= k) {
+    k = wpl_utf8_len(v, n);
+    if (k == 0) {
+      adds(b, "?");
+      k = 1;
+    } else if (*v == '\\') {
       adds(b, "\\\\");
-    else if (*v == '"')
+    } else if (*v == '"') {
       adds(b, "\\\"");
-    else if (*v == '\n')
+    } else if (*v == '\n') {
       adds(b, "\\n");
-    else
-      add(b, v, 1);
+    } else {
+      add(b, v, k);
+    }
   }
 }
 

@@ -173,6 +173,89 @@ function T.policy_helpers(prefix)
   return fresh, newpool
 end
 
+-- ---- child processes ------------------------------------------------------
+
+-- io.popen and os.execute start /bin/sh, which crashes with the TSan
+-- runtime preloaded (as TSan runs of the suite do): cases that start
+-- processes skip that part there.
+T.can_spawn = not (os.getenv("LD_PRELOAD") or ""):find("tsan", 1, true)
+
+function T.skip(what)
+  print("SKIP " .. what .. ": cannot start processes under TSan")
+end
+
+-- Runs a shell command with the sanitizer runtime (if the suite preloads
+-- one) kept out of it; returns true when it exited 0, and its output.
+function T.sh(cmd)
+  local p = assert(io.popen("env -u LD_PRELOAD " .. cmd .. " 2>&1"))
+  local out = p:read("a")
+  local ok = p:close()
+  return ok == true, out
+end
+
+-- Runs Lua source src in a child lua5.4 (with the sanitizer runtime, which
+-- the module needs) with its stderr in file errf (or discarded); returns
+-- true when it exited 0 (under ASan: without a leak), and its stdout.
+function T.child(src, errf)
+  local script = os.tmpname()
+  local fh = assert(io.open(script, "w"))
+  fh:write(src)
+  fh:close()
+  local preload = os.getenv("LD_PRELOAD")
+  local ok, out = T.sh(string.format("sh -c 'exec env %s %s %s 2> %s'",
+    preload and ("LD_PRELOAD=" .. preload) or "", arg and arg[-1] or "lua5.4",
+    script, errf or "/dev/null"))
+  os.remove(script)
+  return ok, out
+end
+
+-- Checks text with `promtool check metrics`: true, or false and why.
+function T.promtool(text)
+  local path = os.tmpname()
+  local fh = assert(io.open(path, "wb"))
+  fh:write(text)
+  fh:close()
+  local ok, out = T.sh("promtool check metrics < " .. path)
+  os.remove(path)
+  return ok, out
+end
+
+-- JSON null in what T.read_log returns.
+T.null = setmetatable({}, { __tostring = function() return "null" end })
+
+-- Reads a file of JSON lines, each checked by python3's strict parser (and
+-- required to be ASCII, as the log writes it), into a list of tables.
+-- Raises naming the first bad line.
+function T.read_log(path)
+  local py = os.tmpname()
+  local fh = assert(io.open(py, "w"))
+  fh:write([[
+import json, sys
+def lua(v):
+    if v is None: return "NULL"
+    if v is True: return "true"
+    if v is False: return "false"
+    if isinstance(v, (int, float)): return repr(v)
+    if isinstance(v, str):
+        return '"' + "".join("\\%d" % b for b in v.encode("utf-8")) + '"'
+    if isinstance(v, list): return "{" + ",".join(lua(x) for x in v) + "}"
+    return "{" + ",".join("[%s]=%s" % (lua(k), lua(x)) for k, x in v.items()) + "}"
+out = []
+for n, line in enumerate(open(sys.argv[1], "rb"), 1):
+    try:
+        line.decode("ascii")
+        out.append(lua(json.loads(line)))
+    except Exception as e:
+        sys.exit("line %d: %s: %r" % (n, e, line[:300]))
+print("local NULL = ...; return {" + ",\n".join(out) + "}")
+]])
+  fh:close()
+  local ok, out = T.sh(string.format("python3 %s %s", py, path))
+  os.remove(py)
+  if not ok then error("bad log lines: " .. out, 2) end
+  return assert(load(out, "=log"))(T.null)
+end
+
 -- Packs a call's values, keeping trailing nils.
 function T.pack(...) return { n = select("#", ...), ... } end
 
