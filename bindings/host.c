@@ -252,8 +252,7 @@ static void host_call(wpool_host *h, lua_CFunction fn, void *ud) {
   lua_pushlightuserdata(L, ud);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
     wpl_log(WPL_ERROR, "host.error",
-            json_pack("{s:s}", "error",
-                      lua_tostring(L, -1) ? lua_tostring(L, -1) : "?"));
+            json_pack("{s:o}", "error", wpl_json_str(lua_tostring(L, -1))));
   }
   lua_settop(L, top);
 }
@@ -306,7 +305,7 @@ static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
       uv_stop(h->loop);
     } else {
       wpl_log(WPL_ERROR, "coroutine.error",
-              json_pack("{s:s}", "error", lua_tostring(co, -1)));
+              json_pack("{s:o}", "error", wpl_json_str(lua_tostring(co, -1))));
     }
   }
   lua_rawgetp(L, LUA_REGISTRYINDEX, &cos_key);

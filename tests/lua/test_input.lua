@@ -251,6 +251,32 @@ function()
   end
 end)
 
+-- The wpool command of this build, beside the module (LUA_CPATH).
+local function wpool_bin()
+  local dir = (os.getenv("LUA_CPATH") or ""):match("^([^;]*)/%?%.so")
+  local path = dir and dir .. "/wpool"
+  local fh = path and io.open(path)
+  if fh then fh:close() end
+  return fh and path
+end
+
+case("logs: coroutine.error keeps an error that is not UTF-8", function()
+  if not T.can_spawn then return T.skip("wpool") end
+  local wpool = T.ok(wpool_bin(), "wpool next to the module")
+  local script, logf = os.tmpname(), os.tmpname()
+  local fh = assert(io.open(script, "w"))
+  fh:write([[require("workerpool").spawn(function() error("co \xff", 0) end)]])
+  fh:close()
+  local ok, out = T.sh(string.format("%s run --log-file %s %s", wpool, logf,
+    script))
+  T.ok(ok, "wpool ran: " .. out)
+  local lines = T.read_log(logf)
+  os.remove(script)
+  os.remove(logf)
+  local l = T.ok(find(lines, { event = "coroutine.error" }), "the line")
+  T.ok(l.error:find("^co %?"), l.error)
+end)
+
 -- ---- logs: every kind of value -----------------------------------------------
 
 case("logs: functions, userdata, threads, cycles, deep and huge tables",
