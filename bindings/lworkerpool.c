@@ -169,7 +169,7 @@ static char *read_file(const char *path, size_t *len) {
   struct stat st;
   if (fp == NULL) return NULL;
   if (fstat(fileno(fp), &st) == 0 && S_ISDIR(st.st_mode)) {
-    errno = EISDIR; /* fopen opens a directory; reading it fails with EIO */
+    errno = EISDIR; /* fopen opens a directory; reading it reports EIO */
     goto err;
   }
   do {
@@ -328,10 +328,10 @@ static int desc_error(lua_State *L, const char *what, const char *msg) {
   return luaL_error(L, "bad argument #1 to '%s' (%s)", what, msg);
 }
 
-/* [-0, +0, e] Reads descriptor field k of the table at 2 (through any
- * __index) into the private copy at the top, as a string without '\0'
- * when it is one of name and tenant; returns the string, anchored in the
- * copy, or NULL when the field is absent. */
+/* [-0, +0, e] Copies string field k (name or tenant) of the descriptor at
+ * 2, read through any __index, into the private copy at the top; returns
+ * it, anchored there, or NULL when absent.  Raises when it is not a string
+ * or holds '\0'. */
 static const char *desc_string(lua_State *L, const char *what, const char *k) {
   size_t len;
   const char *s;
