@@ -205,7 +205,7 @@ int wpl_utf8_valid(const char *s, size_t n) {
 }
 
 /* Copies at most max bytes of s (len bytes) to dst, which has room for
- * len bytes, replacing each byte that is not part of a valid UTF-8
+ * that many, replacing each byte that is not part of a valid UTF-8
  * sequence with '?', and NUL too when nul.  Never splits a sequence.
  * Returns the bytes written; *cut tells whether s did not fit. */
 static size_t clean_text(char *dst, const char *s, size_t len, size_t max,
