@@ -266,10 +266,13 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
     f->msg_len = 0;
     f->msg_owned = 0;
   }
-  wp_future_release(f);
   uv_mutex_lock(&p->mu);
   stuck = w->stuck;
   w->cur = NULL;
+  f->worker = NULL; /* w may be freed once it exits: cancel must not see it */
+  /* The queue's reference goes only now: the watchdog reads w->cur under
+   * mu (its name, or a reference to resolve it as stuck). */
+  wp_future_release(f);
   w->deadline = 0;
   atomic_store_explicit(&w->run_seq, 0, memory_order_release);
   if (stuck) {
