@@ -99,11 +99,16 @@ static uint64_t look_locked(wp_pool *p, pass *ps, uint64_t now) {
     if (p->hard_at && (deadline == 0 || p->hard_at < deadline))
       deadline = p->hard_at;
     if (deadline) {
-      uint64_t seq = atomic_load(&w->run_seq);
-      uint64_t stuck_at = deadline + (uint64_t)p->stuck_grace_ns;
+      uint64_t seq = atomic_load(&w->run_seq), stuck_at;
       if (now >= deadline && atomic_load(&w->kill_seq) != seq)
         wp__worker_interrupt(
             w, seq, deadline == w->deadline ? WP_TIMEOUT : WP_CANCELLED);
+      /* The grace runs from the interrupt, which a watchdog woken late
+       * (on a loaded machine) sends after the deadline. */
+      stuck_at = deadline;
+      if (atomic_load(&w->kill_seq) == seq && w->kill_at > stuck_at)
+        stuck_at = w->kill_at;
+      stuck_at += (uint64_t)p->stuck_grace_ns;
       if (now >= stuck_at && ps->nstuck < MAX_EVENTS &&
           (ev = new_event(ps, p, WP_EV_WORKER_STUCK, w)) != NULL) {
         ev->seconds = (double)(now - deadline) / 1e9;

@@ -87,6 +87,7 @@ static void install_handler(void) {
 void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason) {
   static uv_once_t once = UV_ONCE_INIT;
   uv_once(&once, install_handler);
+  if (atomic_load(&w->kill_seq) != seq) w->kill_at = uv_hrtime();
   atomic_store(&w->kill_reason, reason);
   atomic_store(&w->kill_seq, seq);
   pthread_kill(w->tid, WP_INTERRUPT_SIGNAL);

@@ -196,6 +196,7 @@ struct wp__worker {
   wp_future *cur;                /* NULL when idle */
   uint64_t started;              /* uv_hrtime when cur started */
   uint64_t deadline;             /* uv_hrtime of cur's deadline, or 0 */
+  uint64_t kill_at;              /* uv_hrtime of cur's first interrupt */
   int slow_reported;             /* a slow-task event was sent for cur */
   int stuck;                     /* abandoned: its thread exits after cur
                                     (or after closing L, see close_stuck) */

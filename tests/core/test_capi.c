@@ -1377,6 +1377,35 @@ Test(capi, tiny_durations_are_not_off) {
   wp_pool_release(p);
 }
 
+static void slow_event_stalls(const wp_event *ev) {
+  if (ev->type == WP_EV_TASK_SLOW) uv_sleep(600);
+}
+
+/* A watchdog that wakes late (a loaded machine; here an event handler that
+ * blocks it) interrupts a task after its deadline: the task still gets
+ * stuck_grace from the interrupt to unwind before it is declared stuck. */
+Test(capi, late_watchdog_still_gives_the_grace) {
+  wp_options o;
+  wp_pool *p;
+  wp_future *f;
+  wp_pool_stats st;
+  test_options(&o, "capi-late-dog", 1, NULL);
+  o.slow_task = 0.1; /* its event stalls the watchdog past the deadline */
+  o.task_timeout = 0.2;
+  o.stuck_grace = 0.3;
+  wp_set_event_handler(slow_event_stalls);
+  p = make_pool_opts(&o);
+  f = submit_str(p, "spin", "late.never");
+  cr_assert_eq(wp_future_wait(f, 30), 0);
+  cr_assert_eq(wp_future_status(f), WP_TIMEOUT);
+  cr_assert_eq(wp_pool_stop(p), 0);
+  wp_set_event_handler(NULL);
+  wp_pool_get_stats(p, &st);
+  cr_assert_eq(st.stuck_total, 0, "interrupted, not declared stuck");
+  wp_future_release(f);
+  wp_pool_release(p);
+}
+
 Test(capi, worker_states_know_their_pool) {
   wp_pool *p = make_pool("capi-whoami", 1);
   const char *fns[] = {"whoami", "init_id"};

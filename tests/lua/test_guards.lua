@@ -342,10 +342,11 @@ case("stop() joins a stuck worker that has returned", function()
   if not before then return print("SKIP no /proc/self/status") end
   local d, dn = newdict("stuckjoin")
   -- stuck_grace also bounds how long closing a state may take: it must
-  -- exceed the close below, even under a sanitizer on a loaded machine
-  local p = newpool { max_workers = 1, stuck_grace = 3,
+  -- exceed the close below, even under TSan on a loaded machine
+  local p = newpool { max_workers = 1, stuck_grace = TSAN and 6 or 3,
     -- a state that takes a while to close
-    init = "KEEP = {} for i = 1, 500000 do KEEP[i] = 's' .. i end" }
+    init = string.format("KEEP = {} for i = 1, %d do KEEP[i] = 's' .. i end",
+      TSAN and 100000 or 500000) }
   local f = p:submit({ timeout = 0.1, fn = function(dname)
     local dd = require("workerpool").shared(dname)
     coroutine.wrap(function() while dd:get("release") == nil do end end)()
