@@ -367,6 +367,30 @@ static int json_decode(lua_State *L) {
   return 1;
 }
 
+/* workerpool["pipeline.log"](level, event, fields): one JSON log line
+ * whose event is `event` (workerpool.log writes event "log"); fields must
+ * encode as a JSON object.  For the pipeline runner.   [-0, +0, e] */
+static int pipeline_log(lua_State *L) {
+  static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
+  int level = luaL_checkoption(L, 1, NULL, levels);
+  const char *event = luaL_checkstring(L, 2);
+  json_t *fields = NULL;
+  if (!wpl_log_enabled(level)) return 0;
+  if (!lua_isnoneornil(L, 3)) {
+    lua_pushcfunction(L, json_encode);
+    lua_pushvalue(L, 3);
+    lua_call(L, 1, 2);
+    if (lua_isnil(L, -2)) return luaL_error(L, "pipeline.log: %s", lua_tostring(L, -1));
+    fields = json_loads(lua_tostring(L, -2), 0, NULL);
+    if (fields && !json_is_object(fields)) {
+      json_decref(fields);
+      fields = NULL;
+    }
+  }
+  wpl_log(level, event, fields); /* steals fields; no Lua call after */
+  return 0;
+}
+
 static const luaL_Reg json_funcs[] = {
     {"encode", json_encode}, {"decode", json_decode}, {NULL, NULL}};
 
@@ -385,4 +409,6 @@ void wpl_json_open(lua_State *L) {
     lua_pushcfunction(L, all[i].func);
     lua_setfield(L, -2, name + sizeof "workerpool");
   }
+  lua_pushcfunction(L, pipeline_log);
+  lua_setfield(L, -2, "pipeline.log");
 }
