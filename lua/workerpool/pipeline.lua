@@ -862,6 +862,16 @@ function M.run(config, opts)
     local ok, a, b, e3 = part.fut:wait(0)
     if ok == nil then return false end
     local idx = part.idx
+    if ok and not idx and not u.res and not part.one and #u.parts == 1 then
+      -- The common case: the whole batch ran, no item failed.
+      if st.kind == "reduce" and a == nil then
+        u.fast = true
+        return true
+      elseif st.kind == "map" and e3 == nil then
+        u.fast, u.fouts, u.ffrom = true, a, b
+        return true
+      end
+    end
     local function gi(k) return idx and idx[k] or k end
     local res = item_res(u)
     local att = u.att
@@ -966,6 +976,20 @@ function M.run(config, opts)
   -- Outputs of a finished unit, in item order.
   local function unit_outputs(st, u)
     local c, res = st.c, u.res
+    if u.fast then
+      c.ok = c.ok + u.n
+      if st.kind == "reduce" then return nil, nil, 0 end
+      local outs, from, useqs = u.fouts, u.ffrom, u.seqs
+      local n, seqs, distinct, last = #outs, {}, 0, nil
+      for k = 1, n do
+        local i = from[k]
+        seqs[k] = useqs[i]
+        if i ~= last then distinct, last = distinct + 1, i end
+      end
+      c.dropped = c.dropped + u.n - distinct
+      c.out = c.out + n
+      return outs, seqs, n
+    end
     local outs, seqs, n = {}, {}, 0
     for i = 1, u.n do
       local r = res[i]
