@@ -120,7 +120,13 @@ end
 -- Validates cfg; returns a normalized plan or nil and the list of errors.
 local function validate(cfg, base, fname)
   local errs = {}
-  local function err(ptr, msg) errs[#errs + 1] = string.format("%s: %s: %s", fname, ptr, msg) end
+  local function err(ptr, msg)
+    if ptr == "" then
+      errs[#errs + 1] = string.format("%s: %s", fname, msg)
+    else
+      errs[#errs + 1] = string.format("%s: %s: %s", fname, ptr, msg)
+    end
+  end
   local function keys(t, known, ptr)
     local list = {}
     for k in pairs(t) do list[#list + 1] = k end
