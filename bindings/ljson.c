@@ -9,7 +9,7 @@
  * Decoding is jansson's (json_loadb): integers become Lua integers, reals
  * floats, objects and arrays tables, null the json.null sentinel, so that
  * nulls keep their place in arrays and their key in objects.  Encoding
- * walks the Lua value straight into a luaL_Buffer: a table whose keys are
+ * walks the Lua value straight into a byte buffer (wpl_wbuf): a table whose keys are
  * exactly 1..n is an array (the empty table is `[]`), any other needs
  * string keys; floats are written with the fewest digits that read back
  * bit for bit and always look like floats (`1.0`); strings must be UTF-8.
@@ -33,25 +33,67 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "lbind.h"
+#include "lpipeline.h"
 
 #define JSON_DEPTH 1000 /* most nested tables encode accepts */
 
 /* The null sentinel.  Calling it returns it.  [-0, +1, -] */
-static int ljson_null(lua_State *L) {
-  lua_pushcfunction(L, ljson_null);
+int wpl_json_null(lua_State *L) {
+  lua_pushcfunction(L, wpl_json_null);
   return 1;
+}
+#define ljson_null wpl_json_null
+
+/* ---- the byte buffer (lpipeline.h) ------------------------------------ */
+
+void wpl_wbuf_init(lua_State *L, wpl_wbuf *b) {
+  b->L = L;
+  b->cap = 256;
+  b->n = 0;
+  b->p = lua_newuserdatauv(L, b->cap, 0);
+  b->idx = lua_gettop(L);
+}
+
+char *wpl_wbuf_reserve(wpl_wbuf *b, size_t n) {
+  if (b->cap - b->n < n) {
+    size_t cap = b->cap;
+    char *p;
+    while (cap - b->n < n) {
+      if (cap > ((size_t)1 << 40)) luaL_error(b->L, "buffer too large");
+      cap *= 2;
+    }
+    p = lua_newuserdatauv(b->L, cap, 0);
+    memcpy(p, b->p, b->n);
+    lua_replace(b->L, b->idx);
+    b->p = p;
+    b->cap = cap;
+  }
+  return b->p + b->n;
+}
+
+void wpl_wbuf_add(wpl_wbuf *b, const void *s, size_t n) {
+  memcpy(wpl_wbuf_reserve(b, n), s, n);
+  b->n += n;
 }
 
 /* ---- encode ---------------------------------------------------------- */
 
 typedef struct enc {
   lua_State *L;
-  luaL_Buffer *b;
+  wpl_wbuf *b;
   int seen;       /* stack index of the set of tables being encoded */
   char err[768];  /* first error, with its path */
   char path[512]; /* path of the value being encoded, for messages */
 } enc;
+
+static void addc(wpl_wbuf *b, char c) {
+  if (b->n == b->cap) wpl_wbuf_reserve(b, 1);
+  b->p[b->n++] = c;
+}
+
+static void adds(wpl_wbuf *b, const char *s) {
+  wpl_wbuf_add(b, s, strlen(s));
+}
 
 static int utf8_valid(const unsigned char *s, size_t n) {
   size_t i = 0;
@@ -99,33 +141,33 @@ static int enc_string(enc *e, const char *s, size_t n) {
   size_t i;
   if (!utf8_valid((const unsigned char *)s, n))
     return enc_fail(e, "invalid UTF-8 in string");
-  luaL_addchar(e->b, '"');
+  addc(e->b, '"');
   for (i = 0; i < n; i++) {
     unsigned char c = (unsigned char)s[i];
     if (c == '"' || c == '\\') {
-      luaL_addchar(e->b, '\\');
-      luaL_addchar(e->b, (char)c);
+      addc(e->b, '\\');
+      addc(e->b, (char)c);
     } else if (c < 0x20) {
       switch (c) {
       case '\n':
-        luaL_addstring(e->b, "\\n");
+        adds(e->b, "\\n");
         break;
       case '\t':
-        luaL_addstring(e->b, "\\t");
+        adds(e->b, "\\t");
         break;
       case '\r':
-        luaL_addstring(e->b, "\\r");
+        adds(e->b, "\\r");
         break;
       default: {
         char u[7] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15], 0};
-        luaL_addstring(e->b, u);
+        adds(e->b, u);
       }
       }
     } else {
-      luaL_addchar(e->b, (char)c);
+      addc(e->b, (char)c);
     }
   }
-  luaL_addchar(e->b, '"');
+  addc(e->b, '"');
   return 0;
 }
 
@@ -139,7 +181,7 @@ static int enc_float(enc *e, double d) {
     if (strtod(buf, NULL) == d) break;
   }
   if (strpbrk(buf, ".eE") == NULL) strcat(buf, ".0");
-  luaL_addstring(e->b, buf);
+  adds(e->b, buf);
   return 0;
 }
 
@@ -190,9 +232,9 @@ static int enc_table(enc *e, int idx, int depth) {
     }
   }
   if (array) {
-    luaL_addchar(e->b, '[');
+    addc(e->b, '[');
     for (i = 1; i <= n; i++) {
-      if (i > 1) luaL_addchar(e->b, ',');
+      if (i > 1) addc(e->b, ',');
       lua_pushinteger(L, i);
       plen = path_push(e, L, lua_gettop(L));
       lua_pop(L, 1);
@@ -201,9 +243,9 @@ static int enc_table(enc *e, int idx, int depth) {
       lua_pop(L, 1);
       e->path[plen] = '\0';
     }
-    luaL_addchar(e->b, ']');
+    addc(e->b, ']');
   } else {
-    luaL_addchar(e->b, '{');
+    addc(e->b, '{');
     lua_pushnil(L);
     while (lua_next(L, idx)) {
       int k = lua_gettop(L) - 1;
@@ -216,16 +258,16 @@ static int enc_table(enc *e, int idx, int depth) {
         return enc_fail(e, msg);
       }
       plen = path_push(e, L, k);
-      if (!first) luaL_addchar(e->b, ',');
+      if (!first) addc(e->b, ',');
       first = 0;
       ks = lua_tolstring(L, k, &kl);
       if (enc_string(e, ks, kl)) return -1;
-      luaL_addchar(e->b, ':');
+      addc(e->b, ':');
       if (enc_value(e, lua_gettop(L), depth + 1)) return -1;
       lua_pop(L, 1);
       e->path[plen] = '\0';
     }
-    luaL_addchar(e->b, '}');
+    addc(e->b, '}');
   }
   lua_pushvalue(L, idx);
   lua_pushnil(L);
@@ -241,15 +283,15 @@ static int enc_value(enc *e, int idx, int depth) {
   const char *s;
   switch (lua_type(L, idx)) {
   case LUA_TNIL:
-    luaL_addstring(e->b, "null");
+    adds(e->b, "null");
     return 0;
   case LUA_TBOOLEAN:
-    luaL_addstring(e->b, lua_toboolean(L, idx) ? "true" : "false");
+    adds(e->b, lua_toboolean(L, idx) ? "true" : "false");
     return 0;
   case LUA_TNUMBER:
     if (lua_isinteger(L, idx)) {
       snprintf(buf, sizeof buf, LUA_INTEGER_FMT, lua_tointeger(L, idx));
-      luaL_addstring(e->b, buf);
+      adds(e->b, buf);
       return 0;
     }
     return enc_float(e, (double)lua_tonumber(L, idx));
@@ -260,7 +302,7 @@ static int enc_value(enc *e, int idx, int depth) {
     return enc_table(e, idx, depth);
   case LUA_TFUNCTION:
     if (lua_tocfunction(L, idx) == ljson_null) {
-      luaL_addstring(e->b, "null");
+      adds(e->b, "null");
       return 0;
     }
     /* fall through */
@@ -274,23 +316,23 @@ static int enc_value(enc *e, int idx, int depth) {
 
 /* json.encode(v) -> string | nil, message   [-0, +1|2, m] */
 static int json_encode(lua_State *L) {
-  luaL_Buffer b;
+  wpl_wbuf b;
   enc e;
   luaL_checkany(L, 1);
   lua_settop(L, 1);
   lua_newtable(L); /* 2: tables on the current path */
+  wpl_wbuf_init(L, &b); /* 3 */
   e.L = L;
   e.b = &b;
   e.seen = 2;
   e.err[0] = '\0';
   strcpy(e.path, "$");
-  luaL_buffinit(L, &b); /* the buffer's box may sit above index 2 */
   if (enc_value(&e, 1, 0) != 0) {
     lua_pushnil(L);
     lua_pushstring(L, e.err);
     return 2;
   }
-  luaL_pushresult(&b);
+  lua_pushlstring(L, b.p, b.n);
   return 1;
 }
 
@@ -411,4 +453,5 @@ void wpl_json_open(lua_State *L) {
   }
   lua_pushcfunction(L, pipeline_log);
   lua_setfield(L, -2, "pipeline.log");
+  wpl_pack_open(L);
 }

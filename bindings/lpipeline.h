@@ -8,6 +8,31 @@
 
 #include "lbind.h"
 
+/* A growable byte buffer kept in a userdata at a fixed stack index, so
+ * that the stack may be used freely between writes (luaL_Buffer wants its
+ * box on top) and nothing leaks when a memory error unwinds. */
+typedef struct wpl_wbuf {
+  lua_State *L;
+  int idx;      /* stack index of the userdata holding the bytes */
+  char *p;      /* its bytes */
+  size_t n, cap;
+} wpl_wbuf;
+
+/* [-0, +1, m] Pushes the buffer's userdata. */
+WPL_HIDDEN void wpl_wbuf_init(lua_State *L, wpl_wbuf *b);
+/* [-0, +0, m] Room for n more bytes; returns where they go. */
+WPL_HIDDEN char *wpl_wbuf_reserve(wpl_wbuf *b, size_t n);
+/* [-0, +0, m] Appends n bytes. */
+WPL_HIDDEN void wpl_wbuf_add(wpl_wbuf *b, const void *s, size_t n);
+
+/* The json.null sentinel (a light C function). */
+WPL_HIDDEN int wpl_json_null(lua_State *L);
+
+/* [-0, +0, m] Sets pack and unpack (lpack.c) in the module table at the
+ * top of the stack, under the raw keys "pipeline.pack", "pipeline.unpack".
+ */
+WPL_HIDDEN void wpl_pack_open(lua_State *L);
+
 /* [-0, +0, m] Sets workerpool.json in the module table at the top of the
  * stack, and registers its functions so that they cross states by name. */
 WPL_HIDDEN void wpl_json_open(lua_State *L);

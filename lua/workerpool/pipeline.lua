@@ -359,6 +359,7 @@ end
 local WORKER_CODE = [==[
 local wp = require "workerpool"
 local m, tb, select, xpcall = __wp_m, debug.traceback, select, xpcall
+local pack, unpack = wp["pipeline.pack"], wp["pipeline.unpack"]
 local outs, from, errs, no
 local function put(i, ok, ...)
   if not ok then
@@ -377,12 +378,24 @@ local function put(i, ok, ...)
     end
   end
 end
-function __wp_map(name, items)
+-- items: a list, or a string packed by the stage before.  Returns the
+-- outputs (packed when packout and they are plain data), the index of the
+-- input each came from (nil when it is output k from input k, all kept),
+-- and the errors by input index.
+function __wp_map(name, items, packout)
+  if type(items) == "string" then items = unpack(items) end
   local h = m[name]
+  local n = #items
   outs, from, errs, no = {}, {}, nil, 0
-  for i = 1, #items do put(i, xpcall(h, tb, items[i])) end
+  for i = 1, n do put(i, xpcall(h, tb, items[i])) end
   local o, f, e = outs, from, errs
   outs, from, errs = nil, nil, nil
+  if no == n then
+    local same = true
+    for k = 1, n do if f[k] ~= k then same = false break end end
+    if same then f = nil end
+  end
+  if packout then o = pack(o, no) or o end
   return o, f, e
 end
 function __wp_one(name, item)
@@ -390,6 +403,7 @@ function __wp_one(name, item)
 end
 local acc
 function __wp_add(items, key)
+  if type(items) == "string" then items = unpack(items) end
   local add, e = m[__wp_fns.add], nil
   local d = key and wp.shared("wpool.pipeline")
   if acc == nil then acc = m[__wp_fns.init]() end
@@ -658,15 +672,21 @@ function M.run(config, opts)
       if discard then p:stop() else p:stop_wait() end
     end
   end
-  for _, st in ipairs(stages) do
+  for si, st in ipairs(stages) do
     st.c = new_counts()
     st.units = {}
     st.h, st.t = 1, 0           -- FIFO of batches in flight: units[h..t]
-    st.pend, st.pseq = {}, {}   -- outputs of the stage before, waiting to enter
-    st.np = 0
+    st.chunks, st.ch, st.ct = {}, 1, 0 -- what waits to enter: chunks[ch..ct]
+    st.np = 0                          -- items in those chunks
+    st.queue = math.max(st.queue, st.batch)
     st.cap = math.max(1, (st.queue + st.batch - 1) // st.batch) + st.workers
     st.busy = 0.0
     if st.policies then st.batch = 1 end
+    -- Outputs cross to the next stage packed (one string the host does
+    -- not open) unless the host needs the items: the sink, or a stage
+    -- whose policies read the tenant.
+    local nxt = stages[si + 1]
+    st.pack_out = nxt ~= nil and nxt.policies == nil
     local ok, pool = pcall(workerpool.new, {
       name = P .. "." .. st.name, max_workers = st.workers,
       min_workers = st.kind == "reduce" and st.workers or 0,
@@ -783,7 +803,10 @@ function M.run(config, opts)
         local u = st.units[st.h]
         if u.seqs[1] < m then m = u.seqs[1] end
       end
-      if st.np > 0 and st.pseq[1] < m then m = st.pseq[1] end
+      if st.ct >= st.ch then
+        local q = st.chunks[st.ch]
+        if q.seqs[1] < m then m = q.seqs[1] end
+      end
     end
     return m - 1
   end
@@ -797,15 +820,22 @@ function M.run(config, opts)
   end
 
   -- Submitting a part of a unit (a batch or a subset of it).
+  local unpack = workerpool["pipeline.unpack"]
+  local function items_of(u)
+    if not u.items then u.items = unpack(u.blob) end
+    return u.items
+  end
+
   local function submit_part(st, u, idx)
     local items
     if idx then
       items = {}
-      for k = 1, #idx do items[k] = u.items[idx[k]] end
+      local all = items_of(u)
+      for k = 1, #idx do items[k] = all[idx[k]] end
     else
-      items = u.items
+      items = u.blob or u.items
     end
-    local n = #items
+    local n = idx and #idx or u.n
     local f, e
     if st.kind == "reduce" then
       local key
@@ -817,7 +847,7 @@ function M.run(config, opts)
                             items, key)
       if f then return { fut = f, idx = idx, key = key, n = n } end
     elseif st.policies then
-      local item = items[1]
+      local item = items_of(u)[idx and idx[1] or 1]
       local tenant = type(item) == "table" and item[st.tenant] or nil
       tenant = tenant ~= nil and tostring(tenant) or nil
       local desc = { handler = "__wp_one", timeout = st.timeout, tenant = tenant }
@@ -831,7 +861,7 @@ function M.run(config, opts)
       if f then return { fut = f, idx = idx, n = n, one = true } end
     else
       f, e = st.pool:submit({ handler = "__wp_map", timeout = st.timeout and st.timeout * n },
-                            st.handler, items)
+                            st.handler, items, st.pack_out)
       if f then return { fut = f, idx = idx, n = n } end
     end
     abort = true
@@ -839,8 +869,8 @@ function M.run(config, opts)
   end
 
   -- A unit: seqs[i] and items[i] for i = 1..n, parts in flight, results.
-  local function make_unit(st, items, seqs)
-    local u = { items = items, seqs = seqs, n = #items, parts = {}, waiting = nil }
+  local function make_unit(st, q)
+    local u = { items = q.items, blob = q.blob, seqs = q.seqs, n = q.n, parts = {} }
     st.c["in"] = st.c["in"] + u.n
     local part, e = submit_part(st, u, nil)
     if part then
@@ -889,7 +919,7 @@ function M.run(config, opts)
         u.retry[#u.retry + 1] = i
       else
         res[i] = false
-        item_failed(st, c, u.seqs[i], att[i], msg, u.items[i])
+        item_failed(st, c, u.seqs[i], att[i], msg, items_of(u)[i])
       end
     end
     if ok then
@@ -905,12 +935,13 @@ function M.run(config, opts)
         res[i] = r
       else
         local outs, from, errs = a, b, e3
+        if type(outs) == "string" then outs = unpack(outs) end
         for k = 1, part.n do
           local i = gi(k)
           if errs and errs[k] then err_item(i, errs[k]) else res[i] = res[i] or {} end
         end
         for k = 1, #outs do
-          local r = res[gi(from[k])]
+          local r = res[gi(from and from[k] or k)]
           r[#r + 1] = outs[k]
         end
       end
@@ -986,7 +1017,11 @@ function M.run(config, opts)
       c.ok = c.ok + u.n
       if st.kind == "reduce" then return nil, nil, 0 end
       local outs, from, useqs = u.fouts, u.ffrom, u.seqs
-      local n, seqs, distinct, last = #outs, {}, 0, nil
+      if not from then -- output k from input k, none dropped
+        c.out = c.out + u.n
+        return outs, useqs, u.n
+      end
+      local n, seqs, distinct, last = #from, {}, 0, nil
       for k = 1, n do
         local i = from[k]
         seqs[k] = useqs[i]
@@ -1016,12 +1051,16 @@ function M.run(config, opts)
   -- Hands outputs to stage k (or the sink when k > nst).
   local function push(k, outs, seqs, n)
     if n == 0 then return end
-    if k > nst then return to_sink(outs, seqs, n) end
+    if k > nst then
+      if type(outs) == "string" then outs = unpack(outs) end
+      return to_sink(outs, seqs, n)
+    end
     local st = stages[k]
-    local np = st.np
-    local pend, pseq = st.pend, st.pseq
-    for i = 1, n do pend[np + i] = outs[i]; pseq[np + i] = seqs[i] end
-    st.np = np + n
+    local q = { n = n, seqs = seqs }
+    if type(outs) == "string" then q.blob = outs else q.items = outs end
+    st.ct = st.ct + 1
+    st.chunks[st.ct] = q
+    st.np = st.np + n
   end
 
   local function room(k)
@@ -1030,17 +1069,24 @@ function M.run(config, opts)
     return st.np < st.queue
   end
 
-  -- Moves pending items of stage k into units while it has room.
-  local function feed(k, flush)
+  -- Moves waiting chunks of stage k into units while it has room: a
+  -- packed chunk as it is, a list cut into batches.
+  local function feed(k)
     local st = stages[k]
-    while st.np > 0 and (st.t - st.h + 1) < st.cap and not abort do
-      if st.np < st.batch and not flush and st.t >= st.h then break end
-      local n = math.min(st.batch, st.np)
-      local items, seqs = table.move(st.pend, 1, n, 1, {}), table.move(st.pseq, 1, n, 1, {})
-      table.move(st.pend, n + 1, st.np + n, 1)
-      table.move(st.pseq, n + 1, st.np + n, 1)
-      st.np = st.np - n
-      make_unit(st, items, seqs)
+    while st.ct >= st.ch and (st.t - st.h + 1) < st.cap and not abort do
+      local q = st.chunks[st.ch]
+      if q.blob or q.n <= st.batch then
+        st.chunks[st.ch] = nil
+        st.ch = st.ch + 1
+      else
+        local b = st.batch
+        local rest = { n = q.n - b, items = table.move(q.items, b + 1, q.n, 1, {}),
+                       seqs = table.move(q.seqs, b + 1, q.n, 1, {}) }
+        st.chunks[st.ch] = rest
+        q = { n = b, items = table.move(q.items, 1, b, 1, {}), seqs = table.move(q.seqs, 1, b, 1, {}) }
+      end
+      st.np = st.np - q.n
+      make_unit(st, q)
     end
   end
 
@@ -1048,8 +1094,9 @@ function M.run(config, opts)
   local src_c = new_counts()
   local function read_source()
     local st = stages[1]
-    local want = st.queue - st.np
+    local want = (st.queue - st.np) // st.batch * st.batch
     local got = 0
+    local items, seqs = {}, {}
     while got < want do
       local ok, v = pcall(source.read)
       if not ok then failure = failure or tostring(v); eof = true; return got end
@@ -1065,12 +1112,12 @@ function M.run(config, opts)
         end
         v = d
       end
-      st.np = st.np + 1
-      st.pend[st.np] = v
-      st.pseq[st.np] = seq
       got = got + 1
+      items[got] = v
+      seqs[got] = seq
       ::continue::
     end
+    if got > 0 then push(1, items, seqs, got) end
     return got
   end
 
@@ -1078,7 +1125,7 @@ function M.run(config, opts)
     if k == 1 then return eof or stop_reading end
     for j = 1, k - 1 do
       local s = stages[j]
-      if s.t >= s.h or s.np > 0 or s.kind == "reduce" and not s.finished then return false end
+      if s.t >= s.h or s.ct >= s.ch or s.kind == "reduce" and not s.finished then return false end
     end
     return eof or stop_reading
   end
@@ -1185,9 +1232,9 @@ function M.run(config, opts)
     for k = 1, nst do
       local st = stages[k]
       local before = st.t
-      feed(k, upstream_idle(k))
+      feed(k)
       if st.t ~= before then progressed = true end
-      if st.kind == "reduce" and not st.finished and st.t < st.h and st.np == 0
+      if st.kind == "reduce" and not st.finished and st.t < st.h and st.ct < st.ch
          and upstream_idle(k) and not stop_reading then
         finish_reduce(st, k)
         progressed = true
@@ -1197,12 +1244,12 @@ function M.run(config, opts)
     -- The source.
     if not eof and not stop_reading and stages[1].np < stages[1].queue then
       if read_source() > 0 then progressed = true end
-      feed(1, eof)
+      feed(1)
     end
     -- Done?
     local busy = false
     for _, st in ipairs(stages) do
-      if st.t >= st.h or st.np > 0 or (st.kind == "reduce" and not st.finished and not stop_reading) then
+      if st.t >= st.h or st.ct >= st.ch or (st.kind == "reduce" and not st.finished and not stop_reading) then
         busy = true
         break
       end
@@ -1219,7 +1266,7 @@ function M.run(config, opts)
         if st.t >= st.h then
           local u = st.units[st.h]
           if u.parts[1] and room(k + 1) then
-            u.parts[1].fut:wait(0.05)
+            u.parts[1].fut:wait(0.001)
             waited = true
             break
           end
