@@ -56,6 +56,16 @@ T.test("arrays, objects, empty tables", function()
 end)
 
 
+T.test("large values: the buffer grows while tables sit on the stack", function()
+  local t = {}
+  for i = 1, 5000 do t[i] = { name = string.rep("x", 50), v = i, sub = { 1, 2, { k = "v" } } } end
+  local s = json.encode(t)
+  T.ok(#s > 300000, "encoded " .. #s .. " bytes")
+  local back = json.decode(s)
+  T.eq(#back, 5000)
+  T.eq(back[4321].sub[3].k, "v")
+end)
+
 T.test("a null crosses states as json.null", function()
   local pool = workerpool.new{max_workers = 1}
   local v, text, isnull = pool:submit_wait(function(s)

@@ -96,7 +96,9 @@ T.test("JSON values round-trip through a jsonl -> identity -> jsonl pipeline", f
   write("in.jsonl", table.concat(inputs, "\n") .. "\n")
   local rep = assert(pipeline.run(cfg{
     source = { type = "jsonl", path = dir .. "/in.jsonl" },
-    stages = { stage{ name = "id", handler = "id", workers = 2, batch = 2 } },
+    -- two stages: the first hands its outputs to the second packed
+    stages = { stage{ name = "id", handler = "id", workers = 2, batch = 2 },
+               stage{ name = "id2", handler = "id", workers = 2, batch = 3 } },
     sink = { type = "jsonl", path = dir .. "/out.jsonl" }, ordered = true }))
   T.eq(rep.status, "done")
   local out = lines_of("out.jsonl")
@@ -229,6 +231,34 @@ T.test("lua source and lua sink run on the host", function()
   _ = m; _ = seen
   T.eq(rep.written, 5)
   T.eq(table.concat(_G.PIPE_SEEN, ","), "1,2,3,4,5")
+end)
+
+T.test("packed hand-off: plain data packs, anything else falls back", function()
+  local pack, unpack = workerpool["pipeline.pack"], workerpool["pipeline.unpack"]
+  local v = { 1, 2.0, "s\0", true, json.null, { a = { false }, [3] = 4, [1.5] = "f" } }
+  local back, n = unpack(assert(pack(v)))
+  T.eq(n, 6)
+  T.eq(math.type(back[1]), "integer")
+  T.eq(math.type(back[2]), "float")
+  T.eq(back[3], "s\0")
+  T.ok(back[5] == json.null, "null")
+  T.eq(back[6].a[1], false)
+  T.eq(back[6][3], 4)
+  T.eq(back[6][1.5], "f")
+  local c = {}
+  c.c = c
+  T.eq(pack({ c }), nil)
+  T.eq(pack({ print }), nil)
+  T.raises(function() unpack("\3Tzz") end, "malformed")
+  T.raises(function() unpack("\255\255\255\255\255\255\255\255\255\255") end, "malformed")
+  -- a stage whose outputs cannot be packed still hands them on
+  numbers(20)
+  write("fn.lua", "return { f = function(x) return { x = x, fn = print } end, g = function(t) return t.x end }")
+  local rep = assert(pipeline.run(cfg{
+    stages = { { name = "f", module = dir .. "/fn.lua", handler = "f", batch = 4 },
+               { name = "g", module = dir .. "/fn.lua", handler = "g", batch = 4 } }, ordered = true }))
+  T.eq(rep.written, 20)
+  T.eq(lines_of("out.txt")[20], "20")
 end)
 
 T.test("check returns every error; run refuses a bad config before reading", function()
