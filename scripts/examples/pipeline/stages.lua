@@ -19,6 +19,12 @@ function M.keep(req)
   return req
 end
 
+-- parse_keep(line): parse and keep in one stage (access-2stage.json), so
+-- that requests cross between stages once instead of twice.
+function M.parse_keep(line)
+  return M.keep(M.parse(line))
+end
+
 -- The reduce stage: an accumulator per worker, merged at the end.
 function M.zero() return {} end
 
