@@ -9,19 +9,22 @@ local workerpool = require "workerpool"
 local pipeline = workerpool.pipeline
 local json = workerpool.json
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir))
+-- Files live beside a fresh temporary name (no child process: under the
+-- sanitizers a shell started by os.execute would load their runtime).
+local base = os.tmpname()
+local made = { base }
+local function F(name) return base .. "_" .. name end
 
 local function write(name, text)
-  local f = assert(io.open(dir .. "/" .. name, "wb"))
+  local f = assert(io.open(F(name), "wb"))
   f:write(text)
   f:close()
-  return dir .. "/" .. name
+  made[#made + 1] = F(name)
+  return F(name)
 end
 local function lines_of(name)
   local t = {}
-  for l in io.lines(dir .. "/" .. name) do t[#t + 1] = l end
+  for l in io.lines(F(name)) do t[#t + 1] = l end
   return t
 end
 
@@ -70,13 +73,13 @@ end
 
 local function cfg(t)
   t.name = t.name or "t"
-  t.source = t.source or { type = "lines", path = dir .. "/in.txt" }
-  t.sink = t.sink or { type = "lines", path = dir .. "/out.txt" }
+  t.source = t.source or { type = "lines", path = F"in.txt" }
+  t.sink = t.sink or { type = "lines", path = F"out.txt" }
   return t
 end
 
 local function stage(t)
-  t.module = dir .. "/m.lua"
+  t.module = F"m.lua"
   return t
 end
 
@@ -95,11 +98,11 @@ T.test("JSON values round-trip through a jsonl -> identity -> jsonl pipeline", f
   }
   write("in.jsonl", table.concat(inputs, "\n") .. "\n")
   local rep = assert(pipeline.run(cfg{
-    source = { type = "jsonl", path = dir .. "/in.jsonl" },
+    source = { type = "jsonl", path = F"in.jsonl" },
     -- two stages: the first hands its outputs to the second packed
     stages = { stage{ name = "id", handler = "id", workers = 2, batch = 2 },
                stage{ name = "id2", handler = "id", workers = 2, batch = 3 } },
-    sink = { type = "jsonl", path = dir .. "/out.jsonl" }, ordered = true }))
+    sink = { type = "jsonl", path = F"out.jsonl" }, ordered = true }))
   T.eq(rep.status, "done")
   local out = lines_of("out.jsonl")
   T.eq(#out, #inputs)
@@ -163,7 +166,7 @@ T.test("dead letters: exact fields, retries, attempts", function()
   numbers(5)
   local rep = assert(pipeline.run(cfg{
     stages = { stage{ name = "flaky", handler = "flaky", retries = 2, batch = 5 } },
-    dead_letter = { type = "jsonl", path = dir .. "/dead.jsonl" } }))
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" } }))
   T.eq(rep.status, "done")
   T.eq(rep.exit_code, 0)
   local s = rep.stages[1]
@@ -208,7 +211,7 @@ T.test("timeout: the pool's deadline stops a hanging item; the batch is split", 
   numbers(6)
   local rep = assert(pipeline.run(cfg{
     stages = { stage{ name = "h", handler = "hang", timeout = 0.2 * T.time_scale, batch = 6 } },
-    dead_letter = { type = "jsonl", path = dir .. "/dead.jsonl" }, ordered = true }))
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
   T.eq(rep.status, "done")
   T.eq(table.concat(lines_of("out.txt"), " "), "1 2 4 5 6")
   local d = json.decode(lines_of("dead.jsonl")[1])
@@ -219,9 +222,9 @@ end)
 
 T.test("lua source and lua sink run on the host", function()
   local seen = {}
-  local m = dofile(dir .. "/m.lua")
+  local m = dofile(F"m.lua")
   local rep = assert(pipeline.run(cfg{
-    source = { type = "lua", module = dir .. "/m.lua", ["function"] = "gen" },
+    source = { type = "lua", module = F"m.lua", ["function"] = "gen" },
     stages = { stage{ name = "id", handler = "id" } },
     sink = { type = "lua", module = write("sink.lua", [[
       local M = {}
@@ -255,8 +258,8 @@ T.test("packed hand-off: plain data packs, anything else falls back", function()
   numbers(20)
   write("fn.lua", "return { f = function(x) return { x = x, fn = print } end, g = function(t) return t.x end }")
   local rep = assert(pipeline.run(cfg{
-    stages = { { name = "f", module = dir .. "/fn.lua", handler = "f", batch = 4 },
-               { name = "g", module = dir .. "/fn.lua", handler = "g", batch = 4 } }, ordered = true }))
+    stages = { { name = "f", module = F"fn.lua", handler = "f", batch = 4 },
+               { name = "g", module = F"fn.lua", handler = "g", batch = 4 } }, ordered = true }))
   T.eq(rep.written, 20)
   T.eq(lines_of("out.txt")[20], "20")
 end)
@@ -276,7 +279,7 @@ end)
 T.test("a completed checkpoint makes resume a no-op", function()
   numbers(10)
   local c = cfg{ stages = { stage{ name = "id", handler = "id" } },
-                 checkpoint = dir .. "/cp.json" }
+                 checkpoint = F"cp.json" }
   local rep = assert(pipeline.run(c))
   T.eq(rep.checkpoint.complete, true)
   T.eq(rep.checkpoint.seq, 10)
@@ -291,7 +294,7 @@ T.test("resume skips the checkpointed items and appends", function()
   write("cp2.json", '{"pipeline": "t", "seq": 6, "complete": false}\n')
   write("out.txt", "1\n2\n3\n4\n5\n6\n")
   local rep = assert(pipeline.run(cfg{ stages = { stage{ name = "id", handler = "id" } },
-                                       checkpoint = dir .. "/cp2.json" }, { resume = true }))
+                                       checkpoint = F"cp2.json" }, { resume = true }))
   T.eq(rep.read, 4)
   T.eq(rep.resumed_from, 6)
   T.eq(table.concat(lines_of("out.txt"), " "), "1 2 3 4 5 6 7 8 9 10")
@@ -303,7 +306,7 @@ T.test("policies: refused items wait and are retried; breaker fallback", functio
   write("t.jsonl", table.concat(items, "\n") .. "\n")
   local rep = assert(pipeline.run(cfg{
     name = "pol",
-    source = { type = "jsonl", path = dir .. "/t.jsonl" },
+    source = { type = "jsonl", path = F"t.jsonl" },
     stages = { stage{ name = "limited", handler = "by_tenant", tenant = "customer", workers = 2,
                       policies = { { use = "tenant.bucket", rate = 200, burst = 5 },
                                    { use = "tenant.concurrency", limit = 1 } } } },
@@ -313,11 +316,11 @@ T.test("policies: refused items wait and are retried; breaker fallback", functio
   for i = 1, 30 do T.eq(out[i], tostring(i)) end
   rep = assert(pipeline.run(cfg{
     name = "brk",
-    source = { type = "jsonl", path = dir .. "/t.jsonl" },
+    source = { type = "jsonl", path = F"t.jsonl" },
     stages = { stage{ name = "down", handler = "fails", queue = 1,
                       policies = { { use = "breaker", consecutive_failures = 3, open_timeout = 60,
                                      fallback = "degraded" } } } },
-    dead_letter = { type = "jsonl", path = dir .. "/dead.jsonl" }, ordered = true }))
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
   -- Items admitted before the breaker saw 3 failures fail too; every
   -- later one goes to the fallback while the breaker is open.
   local dl = rep.stages[1].dead_lettered
@@ -329,4 +332,5 @@ T.test("policies: refused items wait and are retried; breaker fallback", functio
 end)
 
 T.run()
-os.execute("rm -rf " .. dir)
+for _, f in ipairs(made) do os.remove(f) end
+for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json" } do os.remove(F(f)) end
