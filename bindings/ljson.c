@@ -9,8 +9,8 @@
  * Decoding is jansson's (json_loadb): integers become Lua integers, reals
  * floats, objects and arrays tables, null the json.null sentinel, so that
  * nulls keep their place in arrays and their key in objects.  Encoding
- * walks the Lua value straight into a byte buffer (wpl_wbuf): a table whose keys are
- * exactly 1..n is an array (the empty table is `[]`), any other needs
+ * walks the Lua value straight into a byte buffer (wpl_wbuf): a table whose
+ * keys are exactly 1..n is an array (the empty table is `[]`), any other needs
  * string keys; floats are written with the fewest digits that read back
  * bit for bit and always look like floats (`1.0`); strings must be UTF-8.
  * Cycles, nesting deeper than JSON_DEPTH, NaN and infinities, non-string
@@ -253,8 +253,10 @@ static int enc_table(enc *e, int idx, int depth) {
       const char *ks;
       if (lua_type(L, k) != LUA_TSTRING) {
         char msg[96];
-        snprintf(msg, sizeof msg, "cannot encode a %s key (object keys are "
-                 "strings)", luaL_typename(L, k));
+        snprintf(msg, sizeof msg,
+                 "cannot encode a %s key (object keys are "
+                 "strings)",
+                 luaL_typename(L, k));
         return enc_fail(e, msg);
       }
       plen = path_push(e, L, k);
@@ -320,7 +322,7 @@ static int json_encode(lua_State *L) {
   enc e;
   luaL_checkany(L, 1);
   lua_settop(L, 1);
-  lua_newtable(L); /* 2: tables on the current path */
+  lua_newtable(L);      /* 2: tables on the current path */
   wpl_wbuf_init(L, &b); /* 3 */
   e.L = L;
   e.b = &b;
@@ -422,7 +424,8 @@ static int pipeline_log(lua_State *L) {
     lua_pushcfunction(L, json_encode);
     lua_pushvalue(L, 3);
     lua_call(L, 1, 2);
-    if (lua_isnil(L, -2)) return luaL_error(L, "pipeline.log: %s", lua_tostring(L, -1));
+    if (lua_isnil(L, -2))
+      return luaL_error(L, "pipeline.log: %s", lua_tostring(L, -1));
     fields = json_loads(lua_tostring(L, -2), 0, NULL);
     if (fields && !json_is_object(fields)) {
       json_decref(fields);

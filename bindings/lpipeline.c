@@ -242,7 +242,8 @@ int wpl_pipeline_main(int argc, char **argv) {
       return usage_error("unknown option '%s'", opt);
     }
   }
-  if (o.file == NULL) return usage_error("pipeline %s needs FILE.json", argv[1]);
+  if (o.file == NULL)
+    return usage_error("pipeline %s needs FILE.json", argv[1]);
   if (check) return do_check(o.file);
   if (o.progress < 0) o.progress = isatty(2) ? 1 : -1;
   return do_run(&o);

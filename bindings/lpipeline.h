@@ -13,8 +13,8 @@
  * box on top) and nothing leaks when a memory error unwinds. */
 typedef struct wpl_wbuf {
   lua_State *L;
-  int idx;      /* stack index of the userdata holding the bytes */
-  char *p;      /* its bytes */
+  int idx; /* stack index of the userdata holding the bytes */
+  char *p; /* its bytes */
   size_t n, cap;
 } wpl_wbuf;
 

@@ -78,7 +78,9 @@ local function suggest(key, known)
 end
 
 local function is_int(v) return math.type(v) == "integer" end
-local function is_num(v) return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge end
+local function is_num(v)
+  return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
+end
 
 -- ---- configuration ------------------------------------------------------
 
@@ -94,7 +96,8 @@ local SINKS = { lines = { path = true }, jsonl = { path = true },
                 lua = { module = true, ["function"] = true }, null = {} }
 local DEAD = { jsonl = { path = true } }
 local POLICIES = {
-  ["tenant.bucket"] = { rate = true, burst = true, overrides = true, default = true, capacity = true },
+  ["tenant.bucket"] = { rate = true, burst = true, overrides = true, default = true,
+                        capacity = true },
   ["tenant.concurrency"] = { limit = true, overrides = true, capacity = true },
   breaker = { name = true, consecutive_failures = true, window = true, failure_rate = true,
               min_calls = true, slow_call_s = true, slow_call_rate = true, open_timeout = true,
@@ -145,19 +148,23 @@ local function validate(cfg, base, fname)
       if required then err(ptr, string.format("missing required key %q", k)) end
       return nil
     end
-    if type(v) ~= "string" or v == "" then err(ptr .. "/" .. k, "must be a non-empty string") return nil end
+    if type(v) ~= "string" or v == "" then
+      err(ptr .. "/" .. k, "must be a non-empty string")
+      return nil
+    end
     return v
   end
   local function posint(t, k, ptr, default, zero_ok)
     local v = t[k]
+    local what = zero_ok and "must be a non-negative integer" or "must be a positive integer"
     if v == nil then return default end
     if not is_int(v) and not (is_num(v) and v == math.floor(v) and math.abs(v) < 2^53) then
-      err(ptr .. "/" .. k, zero_ok and "must be a non-negative integer" or "must be a positive integer")
+      err(ptr .. "/" .. k, what)
       return default
     end
     v = math.tointeger(v)
     if v < (zero_ok and 0 or 1) then
-      err(ptr .. "/" .. k, zero_ok and "must be a non-negative integer" or "must be a positive integer")
+      err(ptr .. "/" .. k, what)
       return default
     end
     return v
@@ -172,9 +179,13 @@ local function validate(cfg, base, fname)
   if plan.name and not plan.name:match("^[%w_%-]+$") then
     err("/name", "must be letters, digits, '_' or '-'")
   end
-  if cfg.ordered ~= nil and type(cfg.ordered) ~= "boolean" then err("/ordered", "must be true or false") end
+  if cfg.ordered ~= nil and type(cfg.ordered) ~= "boolean" then
+    err("/ordered", "must be true or false")
+  end
   plan.ordered = cfg.ordered == true
-  if cfg.description ~= nil and type(cfg.description) ~= "string" then err("/description", "must be a string") end
+  if cfg.description ~= nil and type(cfg.description) ~= "string" then
+    err("/description", "must be a string")
+  end
   local cp = str(cfg, "checkpoint", "", false)
   plan.checkpoint = cp and resolve(base, cp)
   local function endpoint(t, ptr, types, what, required)
@@ -261,7 +272,10 @@ local function validate(cfg, base, fname)
             if s[k] ~= nil then err(ptr .. "/" .. k, 'only reduce stages take "' .. k .. '"') end
           end
         else
-          if s.handler ~= nil then err(ptr .. "/handler", 'a reduce stage takes init, add, merge and finish, not "handler"') end
+          if s.handler ~= nil then
+            err(ptr .. "/handler",
+              'a reduce stage takes init, add, merge and finish, not "handler"')
+          end
           for _, k in ipairs(REDUCE_FNS) do
             if s[k] == nil then
               err(ptr, string.format('a reduce stage needs "%s"', k))
@@ -476,7 +490,8 @@ local function check_modules(plan, errs)
     if cache[module] == nil then
       local ok, p = pcall(workerpool.new, { max_workers = 1, init = init_code(plan, module) })
       if not ok then
-        cache[module] = { err = (tostring(p):gsub("^workerpool.new: init failed: ", ""):gsub("\n.*", "")) }
+        local msg = tostring(p):gsub("^workerpool.new: init failed: ", ""):gsub("\n.*", "")
+        cache[module] = { err = msg }
       else
         local ok2, t = pcall(p.submit_wait, p, "__wp_fields")
         p:stop()
@@ -516,9 +531,12 @@ local function host_function(plan, e, ptr)
   package.path = dir .. "/?.lua;" .. plan.base .. "/?.lua;" .. package.path
   local ok, m = pcall(dofile, e.module)
   package.path = saved
-  if not ok then return nil, string.format("%s: %s/module: cannot load: %s", plan.file, ptr, tostring(m)) end
+  if not ok then
+    return nil, string.format("%s: %s/module: cannot load: %s", plan.file, ptr, tostring(m))
+  end
   if type(m) ~= "table" then
-    return nil, string.format("%s: %s/module: the module must return a table of functions", plan.file, ptr)
+    return nil, string.format("%s: %s/module: the module must return a table of functions",
+      plan.file, ptr)
   end
   if type(m[e.fn]) ~= "function" then
     return nil, string.format("%s: %s/function: the module %q defines no function %q",
@@ -559,7 +577,9 @@ local function open_source(plan, skip)
   if src.type == "lua" then
     local ok, it = pcall(src.call)
     if not ok then return nil, "source: " .. tostring(it) end
-    if type(it) ~= "function" then return nil, "source: the function must return an iterator function" end
+    if type(it) ~= "function" then
+      return nil, "source: the function must return an iterator function"
+    end
     local n = 0
     local function read()
       local ok2, v = pcall(it)
@@ -637,7 +657,9 @@ function M.run(config, opts)
   -- Checkpoint and resume.
   local skip = 0
   if opts.resume then
-    if not plan.checkpoint then return nil, plan.file .. ': --resume needs "checkpoint" in the config' end
+    if not plan.checkpoint then
+      return nil, plan.file .. ': --resume needs "checkpoint" in the config'
+    end
     local c = read_checkpoint(plan.checkpoint)
     if c and c.complete then
       local rep = { pipeline = P, status = "done", exit_code = 0, resumed_from = c.seq,
@@ -714,8 +736,8 @@ function M.run(config, opts)
         end
       end
       if st.fallback then
-        local fb = workerpool.new{ name = P .. "." .. st.name .. ".fallback", max_workers = st.workers,
-                                   init = init_code(plan, st.module, "") }
+        local fb = workerpool.new{ name = P .. "." .. st.name .. ".fallback",
+                                   max_workers = st.workers, init = init_code(plan, st.module, "") }
         made[#made + 1] = fb
         st.fbpool = fb
       end
@@ -934,11 +956,11 @@ function M.run(config, opts)
         for k = 1, a.n do if a[k] ~= nil then r[#r + 1] = a[k] end end
         res[i] = r
       else
-        local outs, from, errs = a, b, e3
+        local outs, from, ierrs = a, b, e3
         if type(outs) == "string" then outs = unpack(outs) end
         for k = 1, part.n do
           local i = gi(k)
-          if errs and errs[k] then err_item(i, errs[k]) else res[i] = res[i] or {} end
+          if ierrs and ierrs[k] then err_item(i, ierrs[k]) else res[i] = res[i] or {} end
         end
         for k = 1, #outs do
           local r = res[gi(from and from[k] or k)]
@@ -958,7 +980,8 @@ function M.run(config, opts)
       u.split = u.split or {}
       for k = from_k, part.n do u.split[#u.split + 1] = gi(k) end
     else
-      local msg = a == "timeout" and string.format("timeout (%gs per item)", st.timeout) or tostring(a)
+      local msg = a == "timeout" and string.format("timeout (%gs per item)", st.timeout)
+                  or tostring(a)
       for k = 1, part.n do err_item(gi(k), msg) end
     end
     if part.key then shared:set(part.key, nil) end
@@ -1083,7 +1106,8 @@ function M.run(config, opts)
         local rest = { n = q.n - b, items = table.move(q.items, b + 1, q.n, 1, {}),
                        seqs = table.move(q.seqs, b + 1, q.n, 1, {}) }
         st.chunks[st.ch] = rest
-        q = { n = b, items = table.move(q.items, 1, b, 1, {}), seqs = table.move(q.seqs, 1, b, 1, {}) }
+        q = { n = b, items = table.move(q.items, 1, b, 1, {}),
+              seqs = table.move(q.seqs, 1, b, 1, {}) }
       end
       st.np = st.np - q.n
       make_unit(st, q)
@@ -1142,7 +1166,10 @@ function M.run(config, opts)
     local accs = {}
     for w = 1, st.workers do
       local ok, a = fs[w]:wait()
-      if not ok then failure = failure or string.format("stage %s: %s", st.name, tostring(a)) return end
+      if not ok then
+        failure = failure or string.format("stage %s: %s", st.name, tostring(a))
+        return
+      end
       if a ~= nil then accs[#accs + 1] = a end
     end
     shared:set(key, nil)
@@ -1165,7 +1192,8 @@ function M.run(config, opts)
   local function stage_stats(st, dt)
     return { stage = st.name, ["in"] = st.c["in"], out = st.c.out, errors = st.c.errors,
              items_per_s = dt > 0 and st.c["in"] / dt or 0.0,
-             queue = (st.t - st.h + 1) * st.batch + st.np, queue_cap = st.queue + st.workers * st.batch }
+             queue = (st.t - st.h + 1) * st.batch + st.np,
+             queue_cap = st.queue + st.workers * st.batch }
   end
   local function show_progress(final)
     local t = now()
@@ -1177,7 +1205,8 @@ function M.run(config, opts)
       if drawn > 0 then lines[1] = string.format("\27[%dF", drawn) end
       for _, st in ipairs(stages) do
         local s = stage_stats(st, dt)
-        lines[#lines + 1] = string.format("\27[K%-12s in %10d  out %10d  %9.0f/s  errors %6d  queue %5d/%d\n",
+        lines[#lines + 1] = string.format(
+          "\27[K%-12s in %10d  out %10d  %9.0f/s  errors %6d  queue %5d/%d\n",
           s.stage, s["in"], s.out, s.items_per_s, s.errors, s.queue, s.queue_cap)
       end
       io.stderr:write(table.concat(lines))
@@ -1200,14 +1229,15 @@ function M.run(config, opts)
       if not eof then
         stop_reading = true
         drain_start = now()
-        log("info", "pipeline.draining", { pipeline = P, reason = "signal", read = next_seq - 1 - skip,
-                                           deadline_s = drain_timeout })
+        log("info", "pipeline.draining", { pipeline = P, reason = "signal",
+                                           read = next_seq - 1 - skip, deadline_s = drain_timeout })
       end
     end
     if irq >= 2 or (drain_start and now() - drain_start > drain_timeout) then
       hard = true
-      log("warn", "pipeline.drain_deadline", { pipeline = P, reason = irq >= 2 and "second signal" or "deadline",
-                                               deadline_s = drain_timeout })
+      log("warn", "pipeline.drain_deadline", {
+        pipeline = P, reason = irq >= 2 and "second signal" or "deadline",
+        deadline_s = drain_timeout })
       break
     end
     if failure or abort then break end
@@ -1249,7 +1279,8 @@ function M.run(config, opts)
     -- Done?
     local busy = false
     for _, st in ipairs(stages) do
-      if st.t >= st.h or st.ct >= st.ch or (st.kind == "reduce" and not st.finished and not stop_reading) then
+      if st.t >= st.h or st.ct >= st.ch
+         or (st.kind == "reduce" and not st.finished and not stop_reading) then
         busy = true
         break
       end

@@ -221,8 +221,6 @@ T.test("timeout: the pool's deadline stops a hanging item; the batch is split", 
 end)
 
 T.test("lua source and lua sink run on the host", function()
-  local seen = {}
-  local m = dofile(F"m.lua")
   local rep = assert(pipeline.run(cfg{
     source = { type = "lua", module = F"m.lua", ["function"] = "gen" },
     stages = { stage{ name = "id", handler = "id" } },
@@ -231,7 +229,6 @@ T.test("lua source and lua sink run on the host", function()
       M.items = {}
       function M.put(x) _G.PIPE_SEEN = _G.PIPE_SEEN or {}; table.insert(_G.PIPE_SEEN, x.n) end
       return M]]), ["function"] = "put" } }))
-  _ = m; _ = seen
   T.eq(rep.written, 5)
   T.eq(table.concat(_G.PIPE_SEEN, ","), "1,2,3,4,5")
 end)
@@ -256,7 +253,8 @@ T.test("packed hand-off: plain data packs, anything else falls back", function()
   T.raises(function() unpack("\255\255\255\255\255\255\255\255\255\255") end, "malformed")
   -- a stage whose outputs cannot be packed still hands them on
   numbers(20)
-  write("fn.lua", "return { f = function(x) return { x = x, fn = print } end, g = function(t) return t.x end }")
+  write("fn.lua", "return { f = function(x) return { x = x, fn = print } end,\n" ..
+                  "         g = function(t) return t.x end }")
   local rep = assert(pipeline.run(cfg{
     stages = { { name = "f", module = F"fn.lua", handler = "f", batch = 4 },
                { name = "g", module = F"fn.lua", handler = "g", batch = 4 } }, ordered = true }))
@@ -265,11 +263,13 @@ T.test("packed hand-off: plain data packs, anything else falls back", function()
 end)
 
 T.test("check returns every error; run refuses a bad config before reading", function()
-  local ok, errs = pipeline.check{ name = "x", stages = { { name = "a" }, { name = "a", wokers = 1 } },
-                                   source = { type = "lines", path = "-" }, sink = { type = "nul" } }
+  local ok, errs = pipeline.check{
+    name = "x", stages = { { name = "a" }, { name = "a", wokers = 1 } },
+    source = { type = "lines", path = "-" }, sink = { type = "nul" } }
   T.eq(ok, nil)
   T.ok(#errs >= 4, table.concat(errs, "\n"))
-  T.ok(table.concat(errs, "\n"):find('config: /stages/1: unknown key "wokers" (did you mean "workers"?)', 1, true))
+  T.ok(table.concat(errs, "\n"):find(
+    'config: /stages/1: unknown key "wokers" (did you mean "workers"?)', 1, true))
   local rep, msg = pipeline.run{ name = "x" }
   T.eq(rep, nil)
   T.ok(msg:find('missing required key "stages"', 1, true), msg)
@@ -302,7 +302,9 @@ end)
 
 T.test("policies: refused items wait and are retried; breaker fallback", function()
   local items = {}
-  for i = 1, 30 do items[i] = json.encode{ id = tostring(i), customer = i % 2 == 0 and "a" or "b" } end
+  for i = 1, 30 do
+    items[i] = json.encode{ id = tostring(i), customer = i % 2 == 0 and "a" or "b" }
+  end
   write("t.jsonl", table.concat(items, "\n") .. "\n")
   local rep = assert(pipeline.run(cfg{
     name = "pol",
@@ -333,4 +335,6 @@ end)
 
 T.run()
 for _, f in ipairs(made) do os.remove(f) end
-for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json" } do os.remove(F(f)) end
+for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json" } do
+  os.remove(F(f))
+end

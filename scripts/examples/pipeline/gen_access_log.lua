@@ -11,7 +11,8 @@ local statuses = { 200, 200, 200, 200, 200, 201, 204, 301, 304, 400, 404, 404, 5
 local agents = { "Mozilla/5.0 (X11; Linux x86_64)", "curl/7.88.1", "Go-http-client/1.1" }
 local buf = {}
 for i = 1, n do
-  local ip = string.format("10.%d.%d.%d", math.random(0, 255), math.random(0, 255), math.random(1, 254))
+  local ip = string.format("10.%d.%d.%d", math.random(0, 255), math.random(0, 255),
+                           math.random(1, 254))
   local path = paths[math.random(#paths)]
   if math.random() < 0.3 then path = path .. "?id=" .. math.random(1, 99999) end
   buf[#buf + 1] = string.format(

@@ -17,6 +17,7 @@ local out = assert(io.open(arg[2], "wb"))
 local encode = ok_json and workerpool.json.encode
 for _, e in ipairs{ S.finish(acc) } do
   out:write(encode and encode(e) or
-    string.format('{"status":%d,"path":%q,"requests":%d,"bytes":%d}', e.status, e.path, e.requests, e.bytes), "\n")
+    string.format('{"status":%d,"path":%q,"requests":%d,"bytes":%d}',
+                  e.status, e.path, e.requests, e.bytes), "\n")
 end
 out:close()
