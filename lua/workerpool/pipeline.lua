@@ -783,6 +783,7 @@ function M.run(config, opts)
   end
 
   local sink_st = { name = "sink", on_error = plan.dead_letter and "dead_letter" or "fail" }
+  local source_st = { name = "source", on_error = sink_st.on_error }
   local function to_sink(items, seqs, n)
     sink_c["in"] = sink_c["in"] + n
     local t = sink.type
@@ -1131,7 +1132,7 @@ function M.run(config, opts)
       if source.jsonl then
         local d, e = json.decode(v)
         if d == nil then
-          item_failed(sink_st, src_c, seq, 1, "jsonl source: " .. e, v)
+          item_failed(source_st, src_c, seq, 1, "jsonl source: " .. e, v)
           goto continue
         end
         v = d

@@ -220,6 +220,30 @@ T.test("timeout: the pool's deadline stops a hanging item; the batch is split", 
   check_counts(rep)
 end)
 
+T.test("bad jsonl lines and items the sink cannot write are dead-lettered", function()
+  write("bad.jsonl", '1\n{"a":\n\n"x"\n{"t": 1}\n')
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "jsonl", path = F"bad.jsonl" },
+    stages = { stage{ name = "id", handler = "id" } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+  T.eq(rep.exit_code, 0)
+  T.eq(rep.read, 4) -- the blank line is not an item
+  T.eq(table.concat(lines_of("out.txt"), " "), "1 x")
+  local dead = lines_of("dead.jsonl")
+  T.eq(#dead, 2)
+  local a, b = json.decode(dead[1]), json.decode(dead[2])
+  T.eq(a.stage, "source")
+  T.eq(a.seq, 2)
+  T.eq(a.item, '{"a":')
+  T.ok(a.error:match("^jsonl source: 1:%d+: "), a.error)
+  T.eq(b.stage, "sink")
+  T.eq(b.seq, 4)
+  T.eq(b.item.t, 1)
+  T.eq(rep.totals.source_errors, 1)
+  T.eq(rep.totals.sink_errors, 1)
+  T.eq(rep.totals.dead_lettered, 2)
+end)
+
 T.test("lua source and lua sink run on the host", function()
   local rep = assert(pipeline.run(cfg{
     source = { type = "lua", module = F"m.lua", ["function"] = "gen" },

@@ -76,6 +76,25 @@ if grep -q "^bad.json:2:0: " err.txt; then pass "syntax error position"; else fa
 expect_rc "usage error" 2 $?
 "$wpool" --help | grep -q "wpool pipeline run" && pass "--help lists pipeline" || fail "--help"
 
+# ---- progress lines and the metrics endpoint -----------------------------
+conf prog slow out.txt
+rm -f prog.cp
+port=$((20000 + RANDOM % 20000))
+"$wpool" pipeline run --progress --metrics-addr 127.0.0.1:$port prog.json 2>prog.txt &
+pid=$!
+metrics=""
+for _ in $(seq 1 $((40 * scale))); do
+  metrics=$(curl -s "http://127.0.0.1:$port/metrics" 2>/dev/null)
+  printf '%s' "$metrics" | grep -q 'pool="prog.s"' && break
+  sleep 0.05
+done
+wait $pid
+expect_rc "run with --progress and --metrics-addr" 0 $?
+if printf '%s' "$metrics" | grep -q 'pool="prog.s"'; then pass "the stage's pool is in /metrics"
+else fail "no prog.s metrics: $(printf '%s' "$metrics" | head -3)"; fi
+if grep -q "$(printf '\033')\[K.*s  *in  *[0-9]* *out" prog.txt; then pass "live progress lines"
+else fail "no progress lines: $(head -c 300 prog.txt)"; fi
+
 # ---- SIGTERM: drain, checkpoint, resume ----------------------------------
 conf drain slow out.txt
 rm -f out.txt drain.cp
