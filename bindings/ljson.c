@@ -46,9 +46,9 @@ int wpl_json_null(lua_State *L) {
 
 /* ---- the byte buffer (lpipeline.h) ------------------------------------ */
 
-void wpl_wbuf_init(lua_State *L, wpl_wbuf *b) {
+void wpl_wbuf_init(lua_State *L, wpl_wbuf *b, size_t cap) {
   b->L = L;
-  b->cap = 256;
+  b->cap = cap < 16 ? 16 : cap;
   b->n = 0;
   b->p = lua_newuserdatauv(L, b->cap, 0);
   b->idx = lua_gettop(L);
@@ -323,7 +323,7 @@ static int json_encode(lua_State *L) {
   luaL_checkany(L, 1);
   lua_settop(L, 1);
   lua_newtable(L);      /* 2: tables on the current path */
-  wpl_wbuf_init(L, &b); /* 3 */
+  wpl_wbuf_init(L, &b, 256); /* 3 */
   e.L = L;
   e.b = &b;
   e.seen = 2;

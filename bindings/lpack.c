@@ -139,7 +139,7 @@ static int pack(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   n = luaL_optinteger(L, 2, (lua_Integer)lua_rawlen(L, 1));
   lua_settop(L, 1);
-  wpl_wbuf_init(L, &b); /* 2 */
+  wpl_wbuf_init(L, &b, 64 * (size_t)n + 16); /* 2 */
   k.L = L;
   k.b = &b;
   k.why = NULL;

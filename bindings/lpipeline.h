@@ -18,8 +18,8 @@ typedef struct wpl_wbuf {
   size_t n, cap;
 } wpl_wbuf;
 
-/* [-0, +1, m] Pushes the buffer's userdata. */
-WPL_HIDDEN void wpl_wbuf_init(lua_State *L, wpl_wbuf *b);
+/* [-0, +1, m] Pushes the buffer's userdata, with room for cap bytes. */
+WPL_HIDDEN void wpl_wbuf_init(lua_State *L, wpl_wbuf *b, size_t cap);
 /* [-0, +0, m] Room for n more bytes; returns where they go. */
 WPL_HIDDEN char *wpl_wbuf_reserve(wpl_wbuf *b, size_t n);
 /* [-0, +0, m] Appends n bytes. */
