@@ -322,7 +322,7 @@ static int json_encode(lua_State *L) {
   enc e;
   luaL_checkany(L, 1);
   lua_settop(L, 1);
-  lua_newtable(L);      /* 2: tables on the current path */
+  lua_newtable(L);           /* 2: tables on the current path */
   wpl_wbuf_init(L, &b, 256); /* 3 */
   e.L = L;
   e.b = &b;

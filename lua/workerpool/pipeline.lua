@@ -670,6 +670,10 @@ function M.run(config, opts)
     skip = c and c.seq or 0
   end
 
+  if plan.checkpoint and not write_checkpoint(plan.checkpoint, P, skip, false) then
+    return nil, "cannot write checkpoint " .. plan.checkpoint
+  end
+
   -- Sinks first: an unwritable sink fails before any input is read.
   local append = opts.resume and skip > 0
   local sink = plan.sink
@@ -1308,8 +1312,18 @@ function M.run(config, opts)
     end
   end
 
-  -- Ending: a failure or a hard stop discards what is left.
+  -- Ending: a failure or a hard stop discards what is left, and cancels
+  -- what runs (a running task is interrupted at its next instruction), so
+  -- that stopping the pools cannot wait on a handler that never returns.
+  local function cancel_all()
+    for _, st in ipairs(stages) do
+      for h = st.h, st.t do
+        for _, part in ipairs(st.units[h].parts) do part.fut:cancel() end
+      end
+    end
+  end
   local status, exit_code = "done", 0
+  if failure or hard or abort then cancel_all() end
   if failure then
     status, exit_code = "failed", 1
     stop_all(true)
