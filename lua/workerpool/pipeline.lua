@@ -704,10 +704,9 @@ function M.run(config, opts)
     st.h, st.t = 1, 0           -- FIFO of batches in flight: units[h..t]
     st.chunks, st.ch, st.ct = {}, 1, 0 -- what waits to enter: chunks[ch..ct]
     st.np = 0                          -- items in those chunks
+    if st.policies then st.batch = 1 end -- one item per task: one tenant
     st.queue = math.max(st.queue, st.batch)
     st.cap = math.max(1, (st.queue + st.batch - 1) // st.batch) + st.workers
-    st.busy = 0.0
-    if st.policies then st.batch = 1 end
     -- Outputs cross to the next stage packed (one string the host does
     -- not open) unless the host needs the items: the sink, or a stage
     -- whose policies read the tenant.
@@ -740,8 +739,14 @@ function M.run(config, opts)
         end
       end
       if st.fallback then
-        local fb = workerpool.new{ name = P .. "." .. st.name .. ".fallback",
-                                   max_workers = st.workers, init = init_code(plan, st.module, "") }
+        local fok, fb = pcall(workerpool.new, {
+          name = P .. "." .. st.name .. ".fallback", max_workers = st.workers,
+          init = init_code(plan, st.module, "") })
+        if not fok then
+          stop_all(true)
+          source.close()
+          return nil, string.format("stage %s: fallback: %s", st.name, tostring(fb))
+        end
         made[#made + 1] = fb
         st.fbpool = fb
       end
@@ -766,7 +771,7 @@ function M.run(config, opts)
       line = json.encode{ pipeline = P, stage = stage, seq = seq or null, attempts = attempts,
                           error = msg, item = null, item_text = tostring(item) }
     end
-    dl_fh:write(line, "\n")
+    if not dl_fh:write(line, "\n") then failure = failure or "cannot write a dead letter" end
   end
 
   -- An item failed for good: on_error decides.
@@ -811,7 +816,10 @@ function M.run(config, opts)
         if not ok then e = tostring(r) else line = true end
       end
       if line then
-        if t ~= "lua" then out_fh:write(line, "\n") end
+        if t ~= "lua" and not out_fh:write(line, "\n") then
+          failure = failure or "cannot write to the sink"
+          return
+        end
         sink_c.ok = sink_c.ok + 1
         written = written + 1
       else

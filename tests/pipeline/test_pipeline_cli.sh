@@ -122,7 +122,11 @@ conf crash slower out.txt
 rm -f out.txt crash.cp
 "$wpool" pipeline run --no-progress crash.json 2>/dev/null &
 pid=$!
-for _ in $(seq 1 $((100 * scale))); do [ -s crash.cp ] && break; sleep 0.05; done
+# The checkpoint is written at the start (0) and then every second.
+for _ in $(seq 1 $((100 * scale))); do
+  grep -q '"seq":[1-9]' crash.cp 2>/dev/null && break
+  sleep 0.05
+done
 sleep 0.3
 kill -9 $pid
 wait $pid 2>/dev/null
