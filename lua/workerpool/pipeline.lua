@@ -1206,7 +1206,7 @@ function M.run(config, opts)
     return { stage = st.name, ["in"] = st.c["in"], out = st.c.out, errors = st.c.errors,
              items_per_s = dt > 0 and st.c["in"] / dt or 0.0,
              queue = (st.t - st.h + 1) * st.batch + st.np,
-             queue_cap = st.queue + st.workers * st.batch }
+             queue_cap = st.queue + st.cap * st.batch }
   end
   local function show_progress(final)
     local t = now()

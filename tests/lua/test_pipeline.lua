@@ -244,6 +244,18 @@ T.test("bad jsonl lines and items the sink cannot write are dead-lettered", func
   T.eq(rep.totals.dead_lettered, 2)
 end)
 
+T.test("a stage module can require a sibling module", function()
+  local name = F"helper":match("[^/]*$")
+  write("helper.lua", "return { twice = function(s) return s .. s end }")
+  write("uses.lua", string.format(
+    "local h = require(%q)\nreturn { run = function(x) return h.twice(x) end }", name))
+  numbers(3)
+  local rep = assert(pipeline.run(cfg{
+    stages = { { name = "u", module = F"uses.lua", handler = "run" } }, ordered = true }))
+  T.eq(rep.status, "done")
+  T.eq(table.concat(lines_of("out.txt"), " "), "11 22 33")
+end)
+
 T.test("lua source and lua sink run on the host", function()
   local rep = assert(pipeline.run(cfg{
     source = { type = "lua", module = F"m.lua", ["function"] = "gen" },
