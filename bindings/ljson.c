@@ -22,7 +22,12 @@
  * it crosses states by name like the standard library's functions and
  * arrives as the receiver's json.null (docs/values.md): a null survives a
  * trip through a pool.  The module table keeps it (and encode, decode)
- * under the raw key "json.null" for that lookup.
+ * under the raw keys "json.null" (...) for that lookup.
+ *
+ * Also here, for the pipeline runner (lua/workerpool/pipeline.lua): the
+ * byte buffer both encoders write into (wpl_wbuf, lpipeline.h) and
+ * workerpool["pipeline.log"](level, event, fields), which logs a JSON line
+ * with its own event name.
  *
  * The jansson tree of a decode is C memory: it is converted to Lua inside
  * lua_pcall of a C function and freed whatever the outcome (the pmain
