@@ -88,7 +88,8 @@ local TOP = { name = true, source = true, stages = true, sink = true, dead_lette
               ordered = true, checkpoint = true, description = true }
 local STAGE = { name = true, kind = true, module = true, handler = true, init = true, add = true,
                 merge = true, finish = true, workers = true, queue = true, batch = true,
-                timeout = true, retries = true, on_error = true, policies = true, tenant = true }
+                timeout = true, retries = true, on_error = true, policies = true, tenant = true,
+                fuse = true }
 local REDUCE_FNS = { "init", "add", "merge", "finish" }
 local SOURCES = { lines = { path = true }, jsonl = { path = true },
                   lua = { module = true, ["function"] = true } }
@@ -360,8 +361,37 @@ local function validate(cfg, base, fname)
             end
           end
         end
+        if s.fuse ~= nil and type(s.fuse) ~= "boolean" then
+          err(ptr .. "/fuse", "must be true or false")
+        end
+        st.fuse = s.fuse == true
+        st.raw = s
         plan.stages[i] = st
       end
+    end
+    -- Fusion: a stage with "fuse" runs in the tasks of the stage before it.
+    for i, st in ipairs(plan.stages) do
+      local prev = plan.stages[i - 1]
+      if st.fuse then
+        if not prev then
+          err(st.ptr .. "/fuse", "the first stage has no stage before it to fuse with")
+        elseif prev.kind ~= "map" then
+          err(st.ptr .. "/fuse", "cannot fuse with a reduce stage")
+        elseif prev.policies or st.policies then
+          err(st.ptr .. "/fuse", "stages with policies cannot be fused")
+        end
+        for _, k in ipairs{ "workers", "queue", "batch" } do
+          if st.raw[k] ~= nil then
+            err(st.ptr .. "/" .. k, "a fused stage runs in the tasks of the stage before it " ..
+              "(set it there)")
+          end
+        end
+      end
+      local next_st = plan.stages[i + 1]
+      if (st.fuse or (next_st and next_st.fuse)) and st.raw.timeout ~= nil then
+        err(st.ptr .. "/timeout", "not supported on fused stages")
+      end
+      st.raw = nil
     end
   end
   if #errs > 0 then return nil, errs end
@@ -436,6 +466,74 @@ function __wp_add(items, key)
   end
   return e
 end
+-- A fused group (docs/pipelines.md, Fusion): every item goes through the
+-- stages __wp_chain_def[1..n] (modules __wp_mods[j]) in this task, with
+-- the retries of each stage; a reduce at the end adds into acc.  Returns
+-- the outputs of the last map stage (packed when packout), the input index
+-- each came from, the failures {j, i, attempts, error, item} and counts
+-- per stage {in, out, ok, dropped, retried}.
+function __wp_chain(items, packout)
+  if type(items) == "string" then items = unpack(items) end
+  local def, mods = __wp_chain_def, __wp_mods
+  local last = #def
+  local counts = {}
+  for j = 1, last do counts[j] = { 0, 0, 0, 0, 0 } end
+  local o, f, no, recs = {}, {}, 0, nil
+  local feed
+  local function emit(j, i, ...)
+    local c, made = counts[j], 0
+    for k = 1, select("#", ...) do
+      local x = select(k, ...)
+      if x ~= nil then
+        made = made + 1
+        if j == last then
+          no = no + 1
+          o[no], f[no] = x, i
+        else
+          feed(j + 1, i, x)
+        end
+      end
+    end
+    c[2] = c[2] + made
+    if made == 0 then c[4] = c[4] + 1 end
+  end
+  local function finished(j, i, ok, ...)
+    if not ok then return false, (...) end
+    counts[j][3] = counts[j][3] + 1
+    emit(j, i, ...)
+    return true
+  end
+  feed = function(j, i, v)
+    local d, c = def[j], counts[j]
+    c[1] = c[1] + 1
+    local attempts, e, ok = 0, nil, nil
+    while true do
+      attempts = attempts + 1
+      if d.reduce then
+        if acc == nil then acc = mods[j][d.init]() end
+        local r
+        ok, r = xpcall(mods[j][d.add], tb, acc, v)
+        if ok and r == nil then ok, r = false, "add returned nil (it must return the accumulator)" end
+        if ok then
+          acc = r
+          c[3] = c[3] + 1
+          return
+        end
+        e = r
+      else
+        ok, e = finished(j, i, xpcall(mods[j][d.handler], tb, v))
+        if ok then return end
+      end
+      if attempts > d.retries then break end
+      c[5] = c[5] + 1
+    end
+    recs = recs or {}
+    recs[#recs + 1] = { j, i, attempts, tostring(e), v }
+  end
+  for i = 1, #items do feed(1, i, items[i]) end
+  if packout then o = pack(o, no) or o end
+  return o, f, recs, counts
+end
 function __wp_collect(key, n)
   local d = wp.shared("wpool.pipeline")
   d:incr(key, 1, 0)
@@ -476,6 +574,41 @@ end
 __wp_fns = %s
 ]], dir .. "/?.lua;" .. dir .. "/?/init.lua;" .. plan.base .. "/?.lua;", module, module,
     "{" .. (fns or "") .. "}") .. WORKER_CODE
+end
+
+-- The init of a fused group's pool: every module of the group, the chain,
+-- and the reduce at its end (if any) as __wp_m / __wp_fns.
+local function group_init_code(plan, group)
+  local dirs, loads, defs = {}, {}, {}
+  for j, st in ipairs(group) do
+    local dir = dirname(st.module)
+    dirs[#dirs + 1] = dir .. "/?.lua;" .. dir .. "/?/init.lua;"
+    loads[j] = string.format("load(%q)", st.module)
+    if st.kind == "reduce" then
+      defs[j] = string.format("{ reduce = true, init = %q, add = %q, retries = %d }",
+        st.init, st.add, st.retries)
+    else
+      defs[j] = string.format("{ handler = %q, retries = %d }", st.handler, st.retries)
+    end
+  end
+  local tail = group[#group]
+  return string.format([[
+package.path = %q .. package.path
+local function load(path)
+  local f, err = loadfile(path)
+  if not f then error(err, 0) end
+  local m = f()
+  if type(m) ~= "table" then error(path .. ": the module must return a table of functions", 0) end
+  return m
+end
+__wp_mods = { %s }
+__wp_chain_def = { %s }
+__wp_m = __wp_mods[#__wp_mods]
+__wp_fns = { %s }
+]], table.concat(dirs) .. plan.base .. "/?.lua;", table.concat(loads, ", "),
+    table.concat(defs, ", "), tail.kind == "reduce" and string.format(
+      "init=%q, add=%q, merge=%q, finish=%q", tail.init, tail.add, tail.merge, tail.finish) or "")
+    .. WORKER_CODE
 end
 
 local function fns_literal(st)
@@ -698,6 +831,19 @@ function M.run(config, opts)
       if discard then p:stop() else p:stop_wait() end
     end
   end
+  -- Fused groups: a head stage and the "fuse" stages after it share the
+  -- head's pool and tasks; outputs of the group leave from the head.
+  for si, st in ipairs(stages) do
+    st.out_k = si + 1
+    if st.fuse then
+      local head = stages[si - 1].head or stages[si - 1]
+      st.head = head
+      head.group = head.group or { head }
+      head.group[#head.group + 1] = st
+      head.out_k = si + 1
+      if st.kind == "reduce" then head.group_reduce = true end
+    end
+  end
   for si, st in ipairs(stages) do
     st.c = new_counts()
     st.units = {}
@@ -710,21 +856,30 @@ function M.run(config, opts)
     -- Outputs cross to the next stage packed (one string the host does
     -- not open) unless the host needs the items: the sink, or a stage
     -- whose policies read the tenant.
-    local nxt = stages[si + 1]
+    local nxt = stages[st.out_k]
     st.pack_out = nxt ~= nil and nxt.policies == nil
-    local ok, pool = pcall(workerpool.new, {
-      name = P .. "." .. st.name, max_workers = st.workers,
-      min_workers = st.kind == "reduce" and st.workers or 0,
-      idle_timeout = st.kind == "reduce" and -1 or nil,
-      init = init_code(plan, st.module, fns_literal(st)),
-    })
-    if not ok then
+    local keep = st.kind == "reduce" or st.group_reduce -- accumulators live in the workers
+    local ok, pool = true, nil
+    if not st.head then
+      ok, pool = pcall(workerpool.new, {
+        name = P .. "." .. st.name, max_workers = st.workers,
+        min_workers = keep and st.workers or 0,
+        idle_timeout = keep and -1 or nil,
+        init = st.group and group_init_code(plan, st.group) or
+               init_code(plan, st.module, fns_literal(st)),
+      })
+    end
+    if st.head then
+      st.pool, st.workers = st.head.pool, st.head.workers
+    elseif not ok then
       stop_all(true)
       source.close()
       return nil, string.format("stage %s: %s", st.name, tostring(pool))
     end
-    made[#made + 1] = pool
-    st.pool = pool
+    if pool then
+      made[#made + 1] = pool
+      st.pool = pool
+    end
     if st.policies then
       for _, p in ipairs(st.policies) do
         local o = {}
@@ -881,6 +1036,9 @@ function M.run(config, opts)
       f, e = st.pool:submit({ handler = "__wp_add", timeout = st.timeout and st.timeout * n },
                             items, key)
       if f then return { fut = f, idx = idx, key = key, n = n } end
+    elseif st.group then
+      f, e = st.pool:submit({ handler = "__wp_chain" }, items, st.pack_out)
+      if f then return { fut = f, idx = idx, n = n } end
     elseif st.policies then
       local item = items_of(u)[idx and idx[1] or 1]
       local tenant = type(item) == "table" and item[st.tenant] or nil
@@ -930,9 +1088,38 @@ function M.run(config, opts)
   -- Records the outcome of one part; returns true when it was consumed.
   local function take_part(st, u, part)
     local c = st.c
-    local ok, a, b, e3 = part.fut:wait(0)
+    local ok, a, b, e3, e4 = part.fut:wait(0)
     if ok == nil then return false end
     local idx = part.idx
+    if ok and st.group then
+      -- A fused group: its workers counted and caught errors per stage.
+      for j, cs in ipairs(e4) do
+        local gc = st.group[j].c
+        if j > 1 then gc["in"] = gc["in"] + cs[1] end
+        gc.out, gc.ok, gc.dropped = gc.out + cs[2], gc.ok + cs[3], gc.dropped + cs[4]
+        gc.retried = gc.retried + cs[5]
+      end
+      for _, r in ipairs(e3 or {}) do
+        local g = st.group[r[1]]
+        local i = idx and idx[r[2]] or r[2]
+        item_failed(g, g.c, u.seqs[i], r[3], r[4], r[5])
+      end
+      if not idx and not u.res and #u.parts == 1 then
+        u.fast, u.fouts, u.ffrom = true, a, b
+        return true
+      end
+      local res = item_res(u)
+      local outs = type(a) == "string" and unpack(a) or a
+      for k = 1, part.n do
+        local i = idx and idx[k] or k
+        res[i] = res[i] or {}
+      end
+      for k = 1, #outs do
+        local r = res[idx and idx[b[k]] or b[k]]
+        r[#r + 1] = outs[k]
+      end
+      return true
+    end
     if ok and not idx and not u.res and not part.one and #u.parts == 1 then
       -- The common case: the whole batch ran, no item failed.
       if st.kind == "reduce" and a == nil then
@@ -1049,8 +1236,9 @@ function M.run(config, opts)
   -- Outputs of a finished unit, in item order.
   local function unit_outputs(st, u)
     local c, res = st.c, u.res
+    local counted = st.group ~= nil -- a group's workers counted ok, out, dropped
     if u.fast then
-      c.ok = c.ok + u.n
+      if not counted then c.ok = c.ok + u.n end
       if st.kind == "reduce" then return nil, nil, 0 end
       local outs, from, useqs = u.fouts, u.ffrom, u.seqs
       if not from then -- output k from input k, none dropped
@@ -1063,8 +1251,10 @@ function M.run(config, opts)
         seqs[k] = useqs[i]
         if i ~= last then distinct, last = distinct + 1, i end
       end
-      c.dropped = c.dropped + u.n - distinct
-      c.out = c.out + n
+      if not counted then
+        c.dropped = c.dropped + u.n - distinct
+        c.out = c.out + n
+      end
       return outs, seqs, n
     end
     local outs, seqs, n = {}, {}, 0
@@ -1073,14 +1263,14 @@ function M.run(config, opts)
       if r == "abandoned" then
         c.abandoned = c.abandoned + 1
       elseif r ~= false then
-        c.ok = c.ok + 1
+        if not counted then c.ok = c.ok + 1 end
         if st.kind == "map" then
-          if #r == 0 then c.dropped = c.dropped + 1 end
+          if #r == 0 and not counted then c.dropped = c.dropped + 1 end
           for k = 1, #r do n = n + 1; outs[n] = r[k]; seqs[n] = u.seqs[i] end
         end
       end
     end
-    c.out = c.out + n
+    if not counted then c.out = c.out + n end
     return outs, seqs, n
   end
 
@@ -1258,14 +1448,14 @@ function M.run(config, opts)
     -- Completed heads, last stage first, while the next stage has room.
     for k = nst, 1, -1 do
       local st = stages[k]
-      while st.t >= st.h and room(k + 1) do
+      while st.t >= st.h and room(st.out_k) do
         local u = st.units[st.h]
         if not unit_done(st, u) then break end
         st.units[st.h] = nil
         st.h = st.h + 1
         local outs, seqs, n = unit_outputs(st, u)
-        if st.kind == "reduce" then reduce_holds = true end
-        push(k + 1, outs, seqs, n)
+        if st.kind == "reduce" or st.group_reduce then reduce_holds = true end
+        push(st.out_k, outs, seqs, n)
         progressed = true
       end
       if failure then break end
@@ -1309,7 +1499,7 @@ function M.run(config, opts)
         local st = stages[k]
         if st.t >= st.h then
           local u = st.units[st.h]
-          if u.parts[1] and room(k + 1) then
+          if u.parts[1] and room(st.out_k) then
             u.parts[1].fut:wait(0.001)
             waited = true
             break

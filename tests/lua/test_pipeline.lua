@@ -244,6 +244,61 @@ T.test("bad jsonl lines and items the sink cannot write are dead-lettered", func
   T.eq(rep.totals.dead_lettered, 2)
 end)
 
+T.test("fused stages: one task per batch, per-stage counts, errors and retries", function()
+  numbers(3000)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "j", handler = "jitter", workers = 3, batch = 7, queue = 50 },
+               stage{ name = "f", handler = "flaky", fuse = true, retries = 1 },
+               stage{ name = "id", handler = "id", fuse = true } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+  T.eq(rep.status, "done")
+  local want = {}
+  for i = 1, 3000 do
+    if i % 3 ~= 0 and i ~= 4 then
+      if i % 5 == 0 then want[#want + 1] = i .. "a"; want[#want + 1] = i .. "b"
+      else want[#want + 1] = tostring(i) end
+    end
+  end
+  local out = lines_of("out.txt")
+  T.eq(#out, #want)
+  for i = 1, #want do if out[i] ~= want[i] then T.eq(out[i], want[i], "line " .. i) end end
+  local j, f, id = rep.stages[1], rep.stages[2], rep.stages[3]
+  T.eq(j["in"], 3000)
+  T.eq(j.dropped, 1000)
+  T.eq(f["in"], j.out)
+  T.eq(f.dead_lettered, 1)   -- "4" fails twice
+  T.eq(f.retried, 2)         -- "2" once (then ok), "4" once
+  T.eq(id["in"], f.out)
+  T.eq(id.out, #want)
+  check_counts(rep)
+  local d = json.decode(lines_of("dead.jsonl")[1])
+  T.eq(d.stage, "f")
+  T.eq(d.seq, 4)
+  T.eq(d.attempts, 2)
+  T.eq(d.item, "4")
+  -- a fused reduce: the accumulators live in the first stage's workers
+  numbers(1000)
+  rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "id", handler = "id", workers = 3, batch = 10 },
+               stage{ name = "sum", kind = "reduce", fuse = true, init = "zero", add = "add",
+                      merge = "merge", finish = "finish" } } }))
+  T.eq(table.concat(lines_of("out.txt"), " "), "500500 total")
+  T.eq(rep.stages[2]["in"], 1000)
+  T.eq(rep.stages[2].ok, 1000)
+  T.eq(rep.stages[2].out, 2)
+  check_counts(rep)
+  local ok, errs = pipeline.check(cfg{
+    stages = { stage{ name = "a", handler = "id", fuse = true },
+               stage{ name = "b", handler = "id", timeout = 1 },
+               stage{ name = "c", handler = "id", fuse = true, workers = 2 } } })
+  T.eq(ok, nil)
+  T.eq(table.concat(errs, "\n"), table.concat({
+    "config: /stages/0/fuse: the first stage has no stage before it to fuse with",
+    "config: /stages/1/timeout: not supported on fused stages",
+    "config: /stages/2/workers: a fused stage runs in the tasks of the stage before it " ..
+      "(set it there)" }, "\n"))
+end)
+
 T.test("a stage module can require a sibling module", function()
   local name = F"helper":match("[^/]*$")
   write("helper.lua", "return { twice = function(s) return s .. s end }")
