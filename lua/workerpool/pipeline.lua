@@ -513,7 +513,9 @@ function __wp_chain(items, packout)
         if acc == nil then acc = mods[j][d.init]() end
         local r
         ok, r = xpcall(mods[j][d.add], tb, acc, v)
-        if ok and r == nil then ok, r = false, "add returned nil (it must return the accumulator)" end
+        if ok and r == nil then
+          ok, r = false, "add returned nil (it must return the accumulator)"
+        end
         if ok then
           acc = r
           c[3] = c[3] + 1
@@ -844,7 +846,7 @@ function M.run(config, opts)
       if st.kind == "reduce" then head.group_reduce = true end
     end
   end
-  for si, st in ipairs(stages) do
+  for _, st in ipairs(stages) do
     st.c = new_counts()
     st.units = {}
     st.h, st.t = 1, 0           -- FIFO of batches in flight: units[h..t]
