@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "lbind.h"
+#include "lpipeline.h"
 #include "wpool_host.h"
 
 #define WPL_MAX_WORKERS 10000
@@ -1168,6 +1169,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   wpl_policy_init(L);
   preload_embedded(L);
   luaL_newlib(L, module_funcs);
+  wpl_json_open(L);
   lua_pushliteral(L, WP_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_createtable(L, 0, 1);

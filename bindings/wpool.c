@@ -19,15 +19,19 @@
 #include <lualib.h>
 
 #include "lbind.h"
+#include "lpipeline.h"
 #include "wpool_host.h"
 
 static const char usage[] =
     "usage: wpool run [options] script.lua [args...]\n"
+    "       wpool pipeline run [options] FILE.json\n"
+    "       wpool pipeline check FILE.json\n"
     "       wpool --help | --version\n"
     "\n"
     "Runs script.lua as the main coroutine of an event loop, with the\n"
     "workerpool module loaded.  Inside it, submit_wait, f:wait, sleep and\n"
-    "join suspend only the calling coroutine.\n"
+    "join suspend only the calling coroutine.  `wpool pipeline` runs or\n"
+    "checks a config-driven pipeline (wpool pipeline --help).\n"
     "\n"
     "options:\n"
     "  --drain-timeout SECONDS  on SIGINT/SIGTERM, drain pools this long\n"
@@ -139,6 +143,8 @@ int main(int argc, char **argv) {
            uv_version_string());
     return 0;
   }
+  if (strcmp(argv[1], "pipeline") == 0)
+    return wpl_pipeline_main(argc - 1, argv + 1);
   if (strcmp(argv[1], "run") != 0)
     return usage_error("unknown command '%s'", argv[1]);
   for (i = 2; i < argc && argv[i][0] == '-' && argv[i][1] != '\0'; i++) {
