@@ -387,11 +387,13 @@ EOF
 )
 
 # The script waits in its own pool:stop_wait() when the signal comes: that
-# pool is part of the shutdown story and its deadline.
+# pool is part of the shutdown story and its deadline.  Its first task never
+# ends (a thread that ended unjoined would be a TSan report at _exit).
 S_OWN_STOP=$(script own_stop.lua <<'EOF'
 local wp = require "workerpool"
 local pool = wp.new { max_workers = 1 }
-for _ = 1, 20 do
+pool:submit(function() require("workerpool").sleep(1000) end)
+for _ = 1, 19 do
   pool:submit(function() require("workerpool").sleep(0.5) end)
 end
 wp.on_shutdown(function()
@@ -406,17 +408,19 @@ EOF
 )
 
 # The script returns at once: its pool drains at exit, and a signal then
-# must still start the shutdown story.
+# must still start the shutdown story.  arg[1] tasks; with arg[2] "stuck"
+# the first one never ends.
 S_EXIT_DRAIN=$(script exit_drain.lua <<'EOF'
 local wp = require "workerpool"
 local pool = wp.new { max_workers = 1 }
 local n = tonumber(arg[1]) or 20
+local stuck = arg[2] == "stuck"
 for i = 1, n do
-  pool:submit(function(k)
-    require("workerpool").sleep(0.5)
+  pool:submit(function(k, forever)
+    require("workerpool").sleep(forever and 1000 or 0.5)
     io.write(string.format("task %d done\n", k))
     io.flush()
-  end, i)
+  end, i, stuck and i == 1)
 end
 wp.on_shutdown(function()
   print("on_shutdown handler ran")
@@ -724,7 +728,7 @@ check "deadline_exceeded: reason second SIGTERM" \
 check "stopped: dropped > 0" field_test "$ERR" shutdown.stopped dropped -gt 0
 
 begin "SIGTERM while pools drain at exit: the shutdown story, not a kill"
-start run --drain-timeout 1 "$S_EXIT_DRAIN"
+start run --drain-timeout 1 "$S_EXIT_DRAIN" 20 stuck
 check "the script got ready" wait_for "$OUT" ready 60
 sleep 0.2
 signal TERM
