@@ -195,7 +195,7 @@ T.test("on_done argument check", function()
   T.eq(pool:stop_wait(), 0)
 end)
 
-T.test("a result that cannot be decoded here: cb gets false and the error, f:wait raises it", function()
+T.test("an undecodable result: cb gets false and the error, f:wait raises it", function()
   local pool = wp.new { max_workers = 1,
     init = 'package.loaded["only-in-the-worker"] = { 1, 2 }' }
   local f = pool:submit(function()
