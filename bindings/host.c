@@ -120,7 +120,6 @@ struct wpool_host {
   wpl_co *main; /* the main coroutine while it runs */
   /* signals (see the top of this file) */
   lua_State *volatile running;    /* host coroutine being resumed, or NULL */
-  pthread_t loop_tid;             /* the thread that runs the loop */
   uv_async_t sig_async;           /* wakes the loop for a signal */
   atomic_int nsig[2];             /* SIGINT, SIGTERM received */
   int nsig_seen[2];               /* ... and acted on */
