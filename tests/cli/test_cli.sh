@@ -241,6 +241,7 @@ finish() {
   local limit_us=$(($(now_us) + $1 * 1000000))
   while alive "$pid"; do
     if [ "$(now_us)" -ge "$limit_us" ]; then
+      post_mortem "$pid"
       kill -KILL "$pid" 2>/dev/null
       wait "$pid" 2>/dev/null
       rc=-1
@@ -253,6 +254,18 @@ finish() {
   wait "$pid"
   rc=$?
   took=$(seconds_since "$sent_at")
+}
+
+# post_mortem PID: what a wpool that did not end was doing: its signal
+# masks and, when gdb is there, every thread's stack.
+post_mortem() {
+  echo "    post mortem of $1:"
+  grep -E '^(State|Threads|SigQ|SigPnd|ShdPnd|SigBlk|SigIgn|SigCgt)' \
+    "/proc/$1/status" 2>/dev/null | sed 's/^/      | /'
+  if command -v gdb >/dev/null; then
+    timeout 30 gdb -p "$1" -batch -ex 'thread apply all bt' 2>/dev/null |
+      grep -E '^(#|Thread)' | head -80 | sed 's/^/      | /'
+  fi
 }
 
 signal() { # signal SIG: sends SIG to the background wpool, timing from now
