@@ -205,9 +205,15 @@ seconds_since() { # seconds_since T_US
   awk -v a="$(now_us)" -v b="$1" 'BEGIN { printf "%.3f", (a - b) / 1e6 }'
 }
 
-# start ARGS...: starts wpool in the background; sets pid.
+# start ARGS...: starts wpool in the background; sets pid.  OUT and ERR are
+# emptied first, here: were they emptied by the child's redirections,
+# wait_for could find the last run's "ready" and signal the child before
+# it has become wpool, and the forked shell would swallow the signal (it
+# still has this script's trap, and ignores SIGINT as a background job).
 start() {
   rm -f "$TMP"/*.flat
+  : >"$OUT"
+  : >"$ERR"
   "$WPOOL" "$@" >"$OUT" 2>"$ERR" </dev/null &
   pid=$!
   bg_pids+=("$pid")
