@@ -711,7 +711,7 @@ static int pool_op_call(lua_State *L, int which, double timeout) {
   o->which = which;
   o->timeout = timeout;
   o->interrupted = 0;
-  if (wpl_host_park_call(L, run_pool_op, o))
+  if (wpl_host_park_call(L, o->p, run_pool_op, o))
     return lua_yieldk(L, 0, (lua_KContext)o, pool_op_k);
   return pool_op_done(L, o, run_pool_op(o));
 }
@@ -845,11 +845,15 @@ static int pool_name(lua_State *L) {
   return 1;
 }
 
-/* __close: drains and stops the pool.   [-0, +0, e] */
+/* __close: drains and stops the pool, suspending only the calling host
+ * coroutine under a host loop, as stop_wait does.   [-0, +0|1, e] */
 static int pool_close(lua_State *L) {
   wpl_pool *u = topool(L, 1);
-  if (u->p) check_deadlock(L, u, wp_pool_stop_wait(u->p), "closing a pool");
-  return 0;
+  if (u->p == NULL) return 0;
+  if (wp_state_pool(L) == u->p)
+    check_deadlock(L, u, WP_EDEADLOCK, "closing a pool");
+  lua_settop(L, 1);
+  return pool_op_call(L, OP_STOP_WAIT, -1);
 }
 
 /* __gc: an owner handle drains and stops its pool; under a host loop the

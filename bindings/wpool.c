@@ -2,8 +2,9 @@
  * wpool.c: the `wpool` command.  `wpool run script.lua [args...]` runs a
  * script as the main coroutine of a libuv loop with the workerpool module
  * loaded, and exits once no coroutine, timer or pool has work left, or once
- * a SIGINT/SIGTERM shutdown has drained the pools.  It is to the host
- * runtime (host.c) what lua.c is to lauxlib.
+ * a SIGINT/SIGTERM shutdown has drained the pools.  Pools still busy when
+ * the script ends drain inside the loop, so a signal still bounds them.  It is
+ * to the host runtime (host.c) what lua.c is to lauxlib.
  *
  * Exit status: 0 success; 1 the script failed; 2 bad usage;
  * 3 (WPOOL_EXIT_DISCARDED) a shutdown discarded or abandoned tasks.
@@ -110,7 +111,7 @@ static int run(int argc, char **argv, const run_opts *o) {
       lua_pushstring(L, argv[i]);
     wpool_host_spawn(h, nargs, 1);
     uv_run(&loop, UV_RUN_DEFAULT);
-    code = wpool_host_exit_code(h);
+    code = wpool_host_finish(h); /* pools drain here, signals still heard */
   }
   if (wpool_host_abandoned(h)) {
     /* Workers stuck in running tasks cannot be joined: leave now. */
