@@ -17,7 +17,7 @@ seconds=${2:-60}
 shift $(($# < 2 ? $# : 2))
 dir=build-fuzz
 
-cmake -S . -B "$dir" -DCMAKE_C_COMPILER=clang -DWPOOL_FUZZ=ON \
+cmake -S . -B "$dir" -DCMAKE_C_COMPILER=clang-14 -DWPOOL_FUZZ=ON \
   -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 read -r -a targets <"$dir/fuzz_targets.txt"
 IFS=';' read -r -a targets <<<"${targets[*]}"
