@@ -101,6 +101,10 @@ static void on_write(uv_write_t *req, int status) {
 
 static void on_connect(uv_connect_t *req, int status) {
   client *c = req->data;
+  if (status == UV_EADDRNOTAVAIL) { /* out of local ports: skip this one */
+    uv_close((uv_handle_t *)&c->tcp, on_close);
+    return;
+  }
   if (status) fail(uv_strerror(status));
   uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
   c->write.data = c;
