@@ -17,6 +17,11 @@ seconds=${2:-60}
 shift $(($# < 2 ? $# : 2))
 dir=build-fuzz
 
+# A cache made with another compiler would be reset without our options.
+if [ -f "$dir/CMakeCache.txt" ] &&
+  ! grep -q '^CMAKE_C_COMPILER:.*clang-14$' "$dir/CMakeCache.txt"; then
+  rm -rf "$dir"
+fi
 cmake -S . -B "$dir" -DCMAKE_C_COMPILER=clang-14 -DWPOOL_FUZZ=ON \
   -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 read -r -a targets <"$dir/fuzz_targets.txt"
