@@ -327,9 +327,9 @@ static void hist(sbuf *b, const char *name, const char *pool,
 
 /* ---- policy series ---------------------------------------------------- */
 
+/* Keys as C strings (a key holding '\0' is cut there). */
 typedef struct keylist {
   char **k;
-  size_t *len;
   size_t n, cap;
   int failed;
 } keylist;
@@ -341,17 +341,11 @@ static void collect_key(const char *k, size_t klen, void *ud) {
   if (l->n == l->cap) {
     size_t cap = l->cap ? l->cap * 2 : 64;
     char **nk = realloc(l->k, cap * sizeof *nk);
-    size_t *nl;
     if (nk == NULL) {
       l->failed = 1;
       return;
     }
     l->k = nk;
-    if ((nl = realloc(l->len, cap * sizeof *nl)) == NULL) {
-      l->failed = 1;
-      return;
-    }
-    l->len = nl;
     l->cap = cap;
   }
   if ((c = malloc(klen + 1)) == NULL) {
@@ -360,15 +354,14 @@ static void collect_key(const char *k, size_t klen, void *ud) {
   }
   memcpy(c, k, klen);
   c[klen] = '\0';
-  l->k[l->n] = c;
-  l->len[l->n++] = klen;
+  l->k[l->n++] = c;
 }
 
 static int cmp_str(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* The keys of d, sorted (keys holding '\0' are cut there). */
+/* The keys of d, sorted. */
 static void keys_of(wp_shdict *d, keylist *l) {
   memset(l, 0, sizeof *l);
   if (d) wp_shdict_keys(d, 0, collect_key, l);
@@ -380,7 +373,6 @@ static void keys_free(keylist *l) {
   for (i = 0; i < l->n; i++)
     free(l->k[i]);
   free(l->k);
-  free(l->len);
 }
 
 static int64_t get_int(wp_shdict *d, const char *k, size_t klen) {
@@ -483,7 +475,7 @@ static void tenant_series(sbuf *b, keylist *l, wp_shdict *d) {
     char *pool, *tenant, *k = l->k[i];
     int64_t n;
     if (k[0] != 'a') continue;
-    n = get_int(d, k, l->len[i]);
+    n = get_int(d, k, strlen(k));
     if ((tenant = split(k, &pool)) == NULL) continue;
     if (!fam++)
       family(b, "workerpool_tenant_admitted_total", "counter",
@@ -496,7 +488,7 @@ static void tenant_series(sbuf *b, keylist *l, wp_shdict *d) {
     char *pool, *tenant, *cls, *k = l->k[i];
     int64_t n;
     if (k[0] != 'r') continue;
-    n = get_int(d, k, l->len[i]);
+    n = get_int(d, k, strlen(k));
     if ((tenant = split(k, &pool)) == NULL) continue;
     if ((cls = strrchr(tenant, SEP[0])) == NULL) continue;
     *cls++ = '\0';
@@ -542,7 +534,7 @@ static void breaker_series(sbuf *b, keylist *dicts) {
       wp_shval v;
       int st;
       if (strncmp(k, "b:", 2) != 0) continue;
-      if (wp_shdict_get(dv[i], k, per[i].len[j], &v) != 0) continue;
+      if (wp_shdict_get(dv[i], k, strlen(k), &v) != 0) continue;
       st = v.type == WP_TSTRING && v.u.s.len > 0 ? (unsigned char)v.u.s.ptr[0]
                                                  : -1;
       wp_shval_free(&v);
@@ -562,7 +554,7 @@ static void breaker_series(sbuf *b, keylist *dicts) {
         int64_t n;
         if (k[0] != counters[c].kind || k[1] != ':') continue;
         if ((name = strchr(k + 2, ':')) == NULL) continue;
-        n = get_int(dv[i], k, per[i].len[j]);
+        n = get_int(dv[i], k, strlen(k));
         *name++ = '\0';
         if (!fam++) family(b, counters[c].metric, "counter", counters[c].help);
         sample2(b, counters[c].metric, "breaker", name, counters[c].label,
@@ -579,7 +571,7 @@ static void breaker_series(sbuf *b, keylist *dicts) {
         family(b, "workerpool_breaker_fallback_total", "counter",
                "Tasks each circuit breaker sent to its fallback.");
       sample2(b, "workerpool_breaker_fallback_total", "breaker", k + 2, NULL,
-              NULL, NULL, NULL, (double)get_int(dv[i], k, per[i].len[j]));
+              NULL, NULL, NULL, (double)get_int(dv[i], k, strlen(k)));
     }
   for (i = 0; i < nd; i++)
     keys_free(&per[i]);

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# test_policy_http.sh WPOOL: the policy series on `wpool run --metrics-addr`:
+# after a breaker trips and a tenant's burst is throttled, GET /metrics
+# shows the breaker's state, transitions and refusals, the tenant's
+# admitted and rejected series, the refusal reasons of
+# workerpool_dropped_total, a Lua collector's series (and not an invalid
+# collector's), and promtool accepts the whole text.
+#
+# Ends with an "N passed, N failed" line and exits non-zero when a check
+# failed.  The server is killed at the end.
+set -u
+
+if [ $# -lt 1 ]; then
+  echo "usage: $0 path/to/wpool" >&2
+  exit 2
+fi
+WPOOL=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+WPOOL_PRELOAD=${LD_PRELOAD:-}
+unset LD_PRELOAD
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/wpool-phttp.XXXXXX")
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill -KILL "$SERVER_PID" 2>/dev/null; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "ok   $1"; }
+bad() { failed=$((failed + 1)); echo "FAIL $1"; }
+has() { # DESCRIPTION LITERAL
+  if grep -qF -- "$2" "$TMP/metrics"; then ok "$1"; else bad "$1: no '$2'"; fi
+}
+
+for tool in curl python3 promtool; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "$0: $tool is missing (scripts/setup.sh installs it)" >&2
+    exit 2
+  fi
+done
+
+cat > "$TMP/server.lua" <<'EOF'
+local W = require "workerpool"
+local api = W.new { name = "api", max_workers = 2, init = [[
+  function fail() error("down") end
+  function work() return 1 end
+]] }
+local b = W.breaker.new { name = "db", consecutive_failures = 2, open_timeout = 3600 }
+api:use(W.tenant.bucket { rate = 0.001, burst = 3 }):use(b)
+for _ = 1, 5 do api:submit({ handler = "work", tenant = "acme" }) end
+for _ = 1, 2 do api:submit("fail"):wait() end
+for _ = 1, 2 do assert(select(2, api:submit("work")) == "open") end
+W.metrics_collector("app", function()
+  return "# HELP app_jobs_total Jobs.\n# TYPE app_jobs_total counter\napp_jobs_total 7\n"
+end)
+W.metrics_collector("broken", function() return "}{ not prometheus\n" end)
+print("ready")
+io.stdout:flush()
+while true do W.sleep(3600) end
+EOF
+
+for try in 1 2 3 4 5; do
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  : > "$TMP/out"
+  env ${WPOOL_PRELOAD:+LD_PRELOAD=$WPOOL_PRELOAD} "$WPOOL" run \
+    --metrics-addr "127.0.0.1:$PORT" --log-file "$TMP/log" \
+    "$TMP/server.lua" > "$TMP/out" 2> "$TMP/err" &
+  SERVER_PID=$!
+  up=0
+  for i in $(seq 1 600); do
+    if grep -q '^ready$' "$TMP/out"; then up=1; break; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  if [ $up = 1 ]; then break; fi
+  kill -KILL "$SERVER_PID" 2>/dev/null
+  wait "$SERVER_PID" 2>/dev/null
+  SERVER_PID=""
+  if ! grep -q 'cannot serve' "$TMP/err"; then break; fi
+done
+if [ -z "$SERVER_PID" ]; then
+  echo "server did not start; stderr:" >&2
+  cat "$TMP/err" >&2
+  exit 1
+fi
+
+timeout 10 curl -s --max-time 5 "http://127.0.0.1:$PORT/metrics" > "$TMP/metrics"
+has "breaker state" 'workerpool_breaker_state{breaker="db",state="open"} 1'
+has "breaker transitions" 'workerpool_breaker_transitions_total{breaker="db",to="open"} 1'
+has "breaker refusals" 'workerpool_breaker_rejected_total{breaker="db",reason="open"} 2'
+has "tenant admitted" 'workerpool_tenant_admitted_total{pool="api",tenant="acme"} 3'
+has "tenant rejected" \
+  'workerpool_tenant_rejected_total{pool="api",tenant="acme",reason="rate_limited"} 2'
+has "dropped by reason" 'workerpool_dropped_total{pool="api",reason="rate_limited"} 2'
+has "breaker refusals in drops" 'workerpool_dropped_total{pool="api",reason="breaker_open"} 2'
+has "pool not stopped" 'workerpool_pool_stopped{pool="api"} 0'
+has "a collector's series" 'app_jobs_total 7'
+if grep -qF 'not prometheus' "$TMP/metrics"; then
+  bad "an invalid collector is dropped"
+else
+  ok "an invalid collector is dropped"
+fi
+if grep 'metrics collector dropped' "$TMP/log" | grep -q '"collector":"broken"'; then
+  ok "and logged"
+else
+  bad "and logged: $(cat "$TMP/log" | tail -3)"
+fi
+if out=$(promtool check metrics < "$TMP/metrics" 2>&1); then
+  ok "promtool check metrics"
+else
+  bad "promtool check metrics: $out"
+fi
+
+kill -KILL "$SERVER_PID" 2>/dev/null
+wait "$SERVER_PID" 2>/dev/null
+SERVER_PID=""
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
