@@ -19,8 +19,18 @@
  *                or on_done functions)
  *   ready_key    list of wpl_co to resume on the next loop iteration
  *   shutdown_key list of on_shutdown handlers
+ *
+ * Signals: SIGINT and SIGTERM are caught by a handler of our own (not
+ * uv_signal), which always acts on the loop thread (a copy is forwarded
+ * there when another thread took it).  It counts the signal, wakes the loop
+ * through an async handle, and arms a hook in the host coroutine that is
+ * running, if any, so that a busy script cannot keep the loop from seeing
+ * the signal.  Counting first and waking second, with the count read again
+ * once the loop has stopped, means no signal is lost.
  */
+#include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -48,13 +58,14 @@ typedef struct wtimer wtimer;
 typedef struct wpl_co {
   wpool_host *h;
   lua_State *co;
-  int ref;       /* registry reference to this userdata while running */
-  int state;     /* CO_* */
-  int parked;    /* PARK_* */
-  int is_main;   /* errors end the loop */
-  wp_future *f;  /* awaited future, while PARK_FUTURE */
-  ptimer *timer; /* sleep or wait timeout, or NULL */
-  int nres;      /* results (or 1: the error) on the thread's stack */
+  int ref;               /* registry reference to this userdata while running */
+  int state;             /* CO_* */
+  int parked;            /* PARK_* */
+  int is_main;           /* errors end the loop */
+  wp_future *f;          /* awaited future, while PARK_FUTURE */
+  struct wpl_co *joined; /* awaited coroutine, while PARK_JOIN */
+  ptimer *timer;         /* sleep or wait timeout, or NULL */
+  int nres;              /* results (or 1: the error) on the thread's stack */
 } wpl_co;
 
 struct ptimer {
@@ -79,6 +90,7 @@ struct offload {
   uv_thread_t tid;
   wpl_blocking_fn op;
   void *ud;
+  wp_pool *p; /* the pool the call stops or pauses (borrowed), or NULL */
   int result;
   wpl_co *c;
   mailbox *mb;
@@ -105,14 +117,22 @@ struct wpool_host {
   wpl_co *parked_now; /* set by park(), checked by co_resume */
   int exit_code;
   int closed;
+  wpl_co *main; /* the main coroutine while it runs */
+  /* signals (see the top of this file) */
+  lua_State *volatile running;    /* host coroutine being resumed, or NULL */
+  uv_async_t sig_async;           /* wakes the loop for a signal */
+  atomic_int nsig[2];             /* SIGINT, SIGTERM received */
+  int nsig_seen[2];               /* ... and acted on */
+  volatile uint64_t interrupt_at; /* hrtime at which the hook raises */
+  int signals;                    /* our handlers are installed */
+  struct sigaction old_sa[2];     /* the handlers they replaced */
   /* shutdown */
-  uv_signal_t sigint, sigterm;
-  int signals; /* the signal handles were started */
   uv_timer_t drain_timer;
-  int draining; /* 0 none, 1 draining, 2 done */
+  int draining;   /* 0 none, 1 draining, 2 done */
+  int exit_drain; /* pools drain at exit, with no deadline */
   double drain_timeout, drain_start, last_progress;
-  wp_pool **pools; /* references taken when draining began */
-  int npools;
+  wp_pool **pools; /* references to the pools being drained */
+  int npools, cap_pools;
   int dropped, abandoned;
   int nclosing;      /* handles still closing after wpool_host_close */
   wp_pool **adopted; /* collected pools draining in the background */
@@ -272,6 +292,7 @@ static void unpark_timer(wpl_co *c) {
 /* ---- running coroutines ---------------------------------------------- */
 
 static void co_resume(wpool_host *h, wpl_co *c, int nargs, lua_State *from);
+static void interrupt_hook(lua_State *L, lua_Debug *ar);
 static void resume_all(wpool_host *h, lua_State *L, int list, int mask);
 static void idle_cb(uv_idle_t *idle);
 static void host_handle_closed(uv_handle_t *handle);
@@ -286,16 +307,43 @@ static void ready_push(wpool_host *h, wpl_co *c) {
   if (!uv_is_active((uv_handle_t *)&h->idle)) uv_idle_start(&h->idle, idle_cb);
 }
 
+/* [-1, +1, e] tostring(v), for error_message. */
+static int tostring_pmain(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+/* [-0, +1, m] Pushes onto co, and returns, the text of the error value at
+ * its top: the string itself, what its __tostring returns (called in L,
+ * protected: co is dead), else "(error object is a T value)". */
+static const char *error_message(lua_State *L, lua_State *co) {
+  if (lua_type(co, -1) == LUA_TSTRING || lua_type(co, -1) == LUA_TNUMBER) {
+    lua_pushvalue(co, -1);
+    return lua_tostring(co, -1);
+  }
+  if (luaL_getmetafield(co, -1, "__tostring") != LUA_TNIL) {
+    lua_pop(co, 1);
+    lua_pushcfunction(L, tostring_pmain);
+    lua_pushvalue(co, -1);
+    lua_xmove(co, L, 1);
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) {
+      lua_xmove(L, co, 1);
+      return lua_tostring(co, -1);
+    }
+    lua_pop(L, 1);
+  }
+  return lua_pushfstring(co, "(error object is a %s value)",
+                         luaL_typename(co, -1));
+}
+
 /* [-0, +0, m] Records the end of c and wakes its joiners. */
 static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   lua_State *L = h->L, *co = c->co;
   c->state = st == LUA_OK ? CO_DONE : CO_ERROR;
   c->nres = nres;
+  if (c == h->main) h->main = NULL;
   if (st != LUA_OK) {
-    const char *msg = lua_tostring(co, -1);
-    if (msg == NULL)
-      msg = lua_pushfstring(co, "(error object is a %s value)",
-                            luaL_typename(co, -1));
+    const char *msg = error_message(L, co);
     luaL_traceback(co, co, msg, 0); /* the outcome: the top value */
     c->nres = 1;
     if (c->is_main) {
@@ -338,10 +386,20 @@ static void resume_all(wpool_host *h, lua_State *L, int list, int mask) {
 }
 
 static void co_resume(wpool_host *h, wpl_co *c, int nargs, lua_State *from) {
+  lua_State *outer = h->running;
   int nres, st;
   c->parked = PARK_NONE;
+  c->joined = NULL;
   h->parked_now = NULL;
+  h->running = c->co;
   st = lua_resume(c->co, from, nargs, &nres);
+  h->running = outer;
+  if (lua_gethook(c->co) == interrupt_hook) {
+    /* The signal's interrupt now concerns whoever runs next, if anyone. */
+    int mask = lua_gethookmask(c->co), count = lua_gethookcount(c->co);
+    lua_sethook(c->co, NULL, 0, 0);
+    if (outer) lua_sethook(outer, interrupt_hook, mask, count);
+  }
   if (st == LUA_YIELD) {
     lua_pop(c->co, nres);
     if (h->parked_now == c)
@@ -431,6 +489,7 @@ static int thread_join(lua_State *L) {
   list_append(L, -2);
   lua_pop(L, 1);
   park(me, PARK_JOIN);
+  me->joined = c;
   lua_settop(L, 1);
   return lua_yieldk(L, 0, 0, join_k);
 }
@@ -552,13 +611,14 @@ static void offload_main(void *arg) {
   mailbox_post(o->mb, MSG_OFFLOAD, o);
 }
 
-int wpl_host_park_call(lua_State *L, wpl_blocking_fn op, void *ud) {
+int wpl_host_park_call(lua_State *L, wp_pool *p, wpl_blocking_fn op, void *ud) {
   wpl_co *c = co_current(L);
   offload *o;
   if (c == NULL) return 0;
   if ((o = calloc(1, sizeof *o)) == NULL) luaL_error(L, "not enough memory");
   o->op = op;
   o->ud = ud;
+  o->p = p;
   o->c = c;
   o->mb = c->h->mb;
   if (uv_thread_create(&o->tid, offload_main, o) != 0) {
@@ -574,7 +634,37 @@ int wpl_host_park_call(lua_State *L, wpl_blocking_fn op, void *ud) {
 
 /* ---- delivering completions ------------------------------------------ */
 
-/* [-0, +0, m] Resumes the waiters of a future that ended. */
+/* [-0, +n, e] Pushes the arguments of an on_done callback for the ended
+ * future at 1 (light userdata): ok, then the results or the reason.
+ * Raises when a result cannot be decoded in this state. */
+static int done_args_pmain(lua_State *L) {
+  wp_future *f = lua_touserdata(L, 1);
+  int nres;
+  lua_settop(L, 0);
+  lua_pushboolean(L, wp_future_status(f) == WP_OK);
+  switch (wp_future_status(f)) {
+  case WP_OK:
+  case WP_ERROR:
+    nres = wp_future_push(f, L);
+    if (nres < 1 && wp_future_status(f) == WP_ERROR)
+      lua_pushliteral(L, "task failed");
+    break;
+  case WP_DISCARDED:
+    lua_pushliteral(L, "discarded");
+    break;
+  case WP_TIMEOUT:
+    lua_pushliteral(L, "timeout");
+    break;
+  default:
+    lua_pushliteral(L, "cancelled");
+  }
+  return lua_gettop(L);
+}
+
+/* [-0, +0, m] Resumes the waiters of a future that ended.  Each on_done
+ * callback gets its results decoded in a protected call: one that cannot
+ * be decoded here gives that callback false and the decode error, and the
+ * other waiters are still woken (a waiting f:wait raises that error). */
 static int deliver_future_pmain(lua_State *L) {
   wp_future *f = lua_touserdata(L, 1);
   wpool_host *h = host_of(L);
@@ -593,30 +683,15 @@ static int deliver_future_pmain(lua_State *L) {
   for (i = 1; i <= n; i++) {
     lua_rawgeti(L, list, i);
     if (lua_isfunction(L, -1)) { /* an on_done callback */
-      int nres = 0, top = lua_gettop(L);
-      lua_pushboolean(L, wp_future_status(f) == WP_OK);
-      switch (wp_future_status(f)) {
-      case WP_OK:
-      case WP_ERROR:
-        nres = wp_future_push(f, L);
-        if (nres < 1 && wp_future_status(f) == WP_ERROR) {
-          lua_pushliteral(L, "task failed");
-          nres = 1;
-        }
-        break;
-      case WP_DISCARDED:
-        lua_pushliteral(L, "discarded");
-        nres = 1;
-        break;
-      case WP_TIMEOUT:
-        lua_pushliteral(L, "timeout");
-        nres = 1;
-        break;
-      default:
-        lua_pushliteral(L, "cancelled");
-        nres = 1;
+      int top = lua_gettop(L), nargs;
+      lua_pushcfunction(L, done_args_pmain);
+      lua_pushlightuserdata(L, f);
+      if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK) {
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2); /* false, the decode error */
       }
-      co_resume(h, co_new(h, L, nres + 1), nres + 1, L);
+      nargs = lua_gettop(L) - top;
+      co_resume(h, co_new(h, L, nargs), nargs, L);
       lua_settop(L, top - 1);
     } else {
       wpl_co *c = lua_touserdata(L, -1);
@@ -818,6 +893,48 @@ int wpl_on_shutdown(lua_State *L) {
 
 /* ---- shutdown -------------------------------------------------------- */
 
+/* Takes a reference to p into h->pools unless it is there already, and
+ * starts stopping it (draining unless hard).  The number it discarded. */
+static int add_pool(wpool_host *h, wp_pool *p, int hard) {
+  int i;
+  for (i = 0; i < h->npools; i++)
+    if (h->pools[i] == p) return 0;
+  if (h->npools == h->cap_pools) {
+    int cap = h->cap_pools ? 2 * h->cap_pools : 16;
+    wp_pool **v = realloc(h->pools, (size_t)cap * sizeof *v);
+    if (v == NULL) return 0; /* left out of the story, not lost */
+    h->pools = v;
+    h->cap_pools = cap;
+  }
+  wp_pool_retain(p);
+  h->pools[h->npools++] = p;
+  return wp_pool_shutdown(p, !hard);
+}
+
+/* Takes in every pool a drain covers: the live ones, those collected under
+ * the host, and those a blocking call (pool:stop_wait(), a <close>) is
+ * stopping.  Returns the number discarded (only when hard). */
+static int gather_pools(wpool_host *h, int hard) {
+  wp_pool **live;
+  offload *o;
+  int i, n, got, dropped = 0;
+  n = wp_pool_list(NULL, 0);
+  if (n > 0 && (live = malloc((size_t)n * sizeof *live)) != NULL) {
+    got = wp_pool_list(live, n);
+    if (got > n) got = n;
+    for (i = 0; i < got; i++) {
+      dropped += add_pool(h, live[i], hard);
+      wp_pool_release(live[i]); /* h->pools holds its own */
+    }
+    free(live);
+  }
+  for (i = 0; i < h->nadopted; i++)
+    dropped += add_pool(h, h->adopted[i], hard);
+  for (o = h->offloads; o; o = o->next)
+    if (o->p) dropped += add_pool(h, o->p, hard);
+  return dropped;
+}
+
 static void drain_counts(wpool_host *h, size_t *queued, int *running) {
   wp_pool_counts c;
   int i;
@@ -830,34 +947,43 @@ static void drain_counts(wpool_host *h, size_t *queued, int *running) {
   }
 }
 
-static void drain_finish(wpool_host *h) {
+/* Joins the pools of a finished drain (all idle) and lets go of them. */
+static void release_pools(wpool_host *h) {
   int i;
+  for (i = 0; i < h->npools; i++) {
+    wp_pool_stop_wait(h->pools[i]);
+    wp_pool_release(h->pools[i]);
+  }
+  h->npools = 0;
+}
+
+/* Ends the drain (the story's, or the one at exit) and the loop. */
+static void drain_end(wpool_host *h) {
+  h->draining = 2;
+  h->exit_drain = 0;
+  uv_timer_stop(&h->drain_timer);
+  uv_stop(h->loop);
+}
+
+static void drain_finish(wpool_host *h) {
   size_t queued;
   int running;
   drain_counts(h, &queued, &running);
   h->abandoned = running;
-  for (i = 0; i < h->npools; i++) {
-    if (!running) wp_pool_stop_wait(h->pools[i]); /* joins: all are idle */
-    if (!running) wp_pool_release(h->pools[i]);
-  }
-  if (!running) {
-    free(h->pools);
-    h->pools = NULL;
-    h->npools = 0;
-  }
+  if (!running) release_pools(h); /* else the process leaves them behind */
   wpl_log(h->dropped || running ? WPL_WARN : WPL_INFO, "shutdown.stopped",
           json_pack("{s:i, s:i, s:b}", "dropped", h->dropped, "abandoned",
                     running, "clean", !h->dropped && !running));
-  if (h->dropped || running) h->exit_code = WPOOL_EXIT_DISCARDED;
-  h->draining = 2;
-  uv_timer_stop(&h->drain_timer);
-  uv_stop(h->loop);
+  if ((h->dropped || running) && h->exit_code == 0)
+    h->exit_code = WPOOL_EXIT_DISCARDED;
+  drain_end(h);
 }
 
 static void hard_stop(wpool_host *h, const char *reason) {
   size_t queued;
   int running, i;
   if (h->draining != 1) return;
+  h->dropped += gather_pools(h, 1);
   drain_counts(h, &queued, &running);
   wpl_log(WPL_WARN, "shutdown.deadline_exceeded",
           json_pack("{s:s, s:f, s:I, s:i}", "reason", reason, "deadline_s",
@@ -873,9 +999,17 @@ static void drain_tick(uv_timer_t *t) {
   double now = wp_now();
   size_t queued;
   int running;
+  gather_pools(h, 0); /* pool ops begun since */
   drain_counts(h, &queued, &running);
   if (queued == 0 && running == 0) {
-    drain_finish(h);
+    if (h->exit_drain) {
+      release_pools(h);
+      drain_end(h);
+    } else {
+      drain_finish(h);
+    }
+  } else if (h->exit_drain) {
+    return; /* no deadline until a signal */
   } else if (now - h->drain_start >= h->drain_timeout) {
     hard_stop(h, "deadline");
   } else if (now - h->last_progress >= 2.0) {
@@ -886,6 +1020,12 @@ static void drain_tick(uv_timer_t *t) {
                       "remaining_s",
                       h->drain_timeout - (now - h->drain_start)));
   }
+}
+
+/* Runs drain_tick every 50 ms, keeping the loop alive until drained. */
+static void drain_timer_start(wpool_host *h) {
+  uv_ref((uv_handle_t *)&h->drain_timer);
+  uv_timer_start(&h->drain_timer, drain_tick, 0, 50);
 }
 
 /* [-0, +0, m] Starts every on_shutdown handler. */
@@ -906,52 +1046,206 @@ static int run_handlers_pmain(lua_State *L) {
 
 void wpool_host_shutdown(wpool_host *h, const char *why) {
   size_t queued;
-  int running, i, n;
+  int running;
   if (h->draining || h->closed) return;
   h->draining = 1;
+  h->exit_drain = 0;
   host_call(h, run_handlers_pmain, h);
-  n = wp_pool_list(NULL, 0);
-  h->pools = calloc((size_t)(n + h->nadopted) + 1, sizeof *h->pools);
-  h->npools = h->pools ? wp_pool_list(h->pools, n) : 0;
-  if (h->npools > n) h->npools = n;
-  for (i = 0; h->pools && i < h->nadopted; i++) {
-    wp_pool_retain(h->adopted[i]);
-    h->pools[h->npools++] = h->adopted[i];
-  }
+  gather_pools(h, 0);
   drain_counts(h, &queued, &running);
   wpl_log(WPL_INFO, "shutdown.draining",
           json_pack("{s:s, s:i, s:I, s:i, s:f}", "reason", why, "pools",
                     h->npools, "queued", (json_int_t)queued, "running", running,
                     "deadline_s", h->drain_timeout));
-  for (i = 0; i < h->npools; i++)
-    wp_pool_shutdown(h->pools[i], 1);
   h->drain_start = h->last_progress = wp_now();
-  uv_ref((uv_handle_t *)&h->drain_timer); /* the loop lives until drained */
-  uv_timer_start(&h->drain_timer, drain_tick, 0, 50);
+  drain_timer_start(h);
 }
 
-static void signal_cb(uv_signal_t *s, int signum) {
-  wpool_host *h = s->data;
-  if (h->draining == 0)
-    wpool_host_shutdown(h, signum == SIGINT ? "SIGINT" : "SIGTERM");
-  else if (h->draining == 1)
-    hard_stop(h, signum == SIGINT ? "second SIGINT" : "second SIGTERM");
+/* ---- signals --------------------------------------------------------- */
+
+#define TERM_GRACE_NS 1000000000u /* a busy coroutine's time after SIGTERM */
+
+/* The host whose loop takes SIGINT and SIGTERM, and its loop's thread. */
+static wpool_host *_Atomic sig_host;
+static pthread_t sig_tid;
+
+/* Count hook armed by a signal in the running host coroutine: raises
+ * "interrupted!" once h->interrupt_at has passed, and at every instruction
+ * after that until the coroutine has left (co_resume removes the hook), so
+ * that a pcall cannot keep the loop from the signal. */
+static void interrupt_hook(lua_State *L, lua_Debug *ar) {
+  wpool_host *h = atomic_load(&sig_host);
+  (void)ar;
+  if (h == NULL || uv_hrtime() >= h->interrupt_at) {
+    lua_sethook(L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT,
+                1);
+    luaL_error(L, "interrupted!");
+  }
+}
+
+/* The SIGINT/SIGTERM handler.  On the loop thread: counts the signal,
+ * interrupts a busy coroutine (SIGINT or a second signal at once, a first
+ * SIGTERM after TERM_GRACE_NS, so a short callback may finish) and wakes the
+ * loop.  On any other thread: sends the signal on to the loop thread. */
+static void on_signal(int signum) {
+  int saved = errno, k = signum == SIGTERM, total;
+  wpool_host *h = atomic_load(&sig_host);
+  lua_State *co;
+  if (h == NULL) {
+    errno = saved;
+    return;
+  }
+  if (!pthread_equal(pthread_self(), sig_tid)) {
+    pthread_kill(sig_tid, signum);
+    errno = saved;
+    return;
+  }
+  total = atomic_fetch_add(&h->nsig[k], 1) + 1 + atomic_load(&h->nsig[!k]);
+  if ((co = h->running) != NULL) {
+    if (k && total == 1) {
+      h->interrupt_at = uv_hrtime() + TERM_GRACE_NS;
+      lua_sethook(co, interrupt_hook, LUA_MASKCOUNT, 1000);
+    } else {
+      h->interrupt_at = 0;
+      lua_sethook(co, interrupt_hook,
+                  LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    }
+  }
+  uv_async_send(&h->sig_async);
+  errno = saved;
+}
+
+/* Acts on the signals counted since the last call: the first starts the
+ * shutdown story, any later one forces the hard stop. */
+static void take_signals(wpool_host *h) {
+  static const char *const names[2] = {"SIGINT", "SIGTERM"};
+  static const char *const again[2] = {"second SIGINT", "second SIGTERM"};
+  int k;
+  for (k = 0; k < 2; k++) {
+    while (h->nsig_seen[k] < atomic_load(&h->nsig[k])) {
+      h->nsig_seen[k]++;
+      if (h->draining == 0)
+        wpool_host_shutdown(h, names[k]);
+      else if (h->draining == 1)
+        hard_stop(h, again[k]);
+    }
+  }
+}
+
+static void sig_async_cb(uv_async_t *a) {
+  take_signals(a->data);
 }
 
 int wpool_host_handle_signals(wpool_host *h, double drain_timeout) {
+  struct sigaction sa;
+  wpool_host *none = NULL;
   h->drain_timeout = drain_timeout;
   if (h->signals) return 0;
-  if (uv_signal_init(h->loop, &h->sigint) ||
-      uv_signal_init(h->loop, &h->sigterm))
+  sig_tid = pthread_self();
+  if (!atomic_compare_exchange_strong(&sig_host, &none, h))
+    return WP_EEXISTS; /* another host has them */
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaddset(&sa.sa_mask, SIGINT);
+  sigaddset(&sa.sa_mask, SIGTERM);
+  if (sigaction(SIGINT, &sa, &h->old_sa[0]) != 0) {
+    atomic_store(&sig_host, NULL);
     return WP_ESYS;
-  h->sigint.data = h->sigterm.data = h;
-  if (uv_signal_start(&h->sigint, signal_cb, SIGINT) ||
-      uv_signal_start(&h->sigterm, signal_cb, SIGTERM))
+  }
+  if (sigaction(SIGTERM, &sa, &h->old_sa[1]) != 0) {
+    sigaction(SIGINT, &h->old_sa[0], NULL);
+    atomic_store(&sig_host, NULL);
     return WP_ESYS;
-  uv_unref((uv_handle_t *)&h->sigint);
-  uv_unref((uv_handle_t *)&h->sigterm);
+  }
   h->signals = 1;
   return 0;
+}
+
+/* [-0, +1, m] Pushes tostring of c's handle. */
+static void push_co_name(lua_State *L, wpl_co *c) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
+  luaL_tolstring(L, -1, NULL);
+  lua_remove(L, -2);
+}
+
+/* [-0, +0, m] Writes to stderr what the main coroutine, still suspended
+ * when nothing is left to wake it, waits for, with its traceback. */
+static int stranded_pmain(lua_State *L) {
+  wpool_host *h = lua_touserdata(L, 1);
+  wpl_co *c = h->main, *seen[8];
+  int n = 1, depth = 0, i, done = 0;
+  lua_pushliteral(L, "the main script did not finish: nothing is left that "
+                     "could wake it, and it waits for ");
+  while (!done) {
+    wpl_co *t = c->joined;
+    luaL_checkstack(L, 4, NULL);
+    done = 1;
+    n++;
+    switch (c->parked) {
+    case PARK_FUTURE:
+      lua_pushfstring(L, "a task of pool '%s'", wp_future_pool_name(c->f));
+      break;
+    case PARK_CALL:
+      lua_pushliteral(L, "a blocking pool call");
+      break;
+    case PARK_SLEEP:
+      lua_pushliteral(L, "a sleep");
+      break;
+    case PARK_JOIN:
+      for (i = 0; i < depth && seen[i] != t; i++)
+        ;
+      lua_pushliteral(L, "a join of ");
+      if (t == h->main) {
+        lua_pushliteral(L, "the main coroutine (a join cycle)");
+      } else if (i < depth) {
+        push_co_name(L, t);
+        lua_pushliteral(L, " (a join cycle)");
+        lua_concat(L, 2);
+      } else if (t == NULL || depth == (int)(sizeof seen / sizeof *seen)) {
+        lua_pushliteral(L, "...");
+      } else {
+        push_co_name(L, t);
+        lua_pushliteral(L, ", which waits for ");
+        n++;
+        seen[depth++] = c = t;
+        done = 0;
+      }
+      n++;
+      break;
+    default:
+      lua_pushliteral(L, "nothing (it yielded)");
+    }
+  }
+  lua_concat(L, n);
+  luaL_traceback(L, h->main->co, lua_tostring(L, -1), 0);
+  fprintf(stderr, "wpool: %s\n", lua_tostring(L, -1));
+  fflush(stderr);
+  return 0;
+}
+
+int wpool_host_finish(wpool_host *h) {
+  if (h->closed) return h->exit_code;
+  take_signals(h); /* one taken while the loop was stopping */
+  if (h->draining == 0 && h->main != NULL && h->exit_code == 0) {
+    host_call(h, stranded_pmain, h);
+    h->exit_code = 1;
+  }
+  if (h->draining == 0) {
+    while (h->timers) /* after an error in the main script */
+      wtimer_stop(h->timers);
+    h->exit_drain = 1;
+    gather_pools(h, 0);
+    if (h->npools == 0)
+      h->exit_drain = 0;
+    else
+      drain_timer_start(h);
+  }
+  while ((h->draining == 1 || h->exit_drain) &&
+         uv_run(h->loop, UV_RUN_DEFAULT) != 0)
+    ;
+  return h->exit_code;
 }
 
 int wpl_host_adopt(lua_State *L, wp_pool *p) {
@@ -967,7 +1261,11 @@ int wpl_host_adopt(lua_State *L, wp_pool *p) {
 }
 
 int wpool_host_serve(wpool_host *h, const char *addr) {
+  struct sigaction sa;
   if (h->http) return UV_EEXIST;
+  /* A client that goes away must cost its connection, not the process. */
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
+    signal(SIGPIPE, SIG_IGN);
   return wpl_http_serve(h, h->loop, addr, &h->http);
 }
 
@@ -1031,6 +1329,8 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   if ((h->mb = calloc(1, sizeof *h->mb)) == NULL) goto nomem;
   if (uv_mutex_init(&h->mb->mu)) goto nomem;
   atomic_init(&h->mb->refs, 1);
+  atomic_init(&h->nsig[0], 0);
+  atomic_init(&h->nsig[1], 0);
   h->loop = loop;
   h->L = L;
   h->drain_timeout = 25;
@@ -1041,6 +1341,16 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   h->async.data = h;
   h->mb->async = &h->async;
   uv_unref((uv_handle_t *)&h->async);
+  if (uv_async_init(loop, &h->sig_async, sig_async_cb)) {
+    h->closed = 1;
+    h->mb->async = NULL;
+    mailbox_release(h->mb);
+    h->nclosing = 1; /* h goes with the async handle */
+    uv_close((uv_handle_t *)&h->async, host_handle_closed);
+    return WP_ENOMEM;
+  }
+  h->sig_async.data = h;
+  uv_unref((uv_handle_t *)&h->sig_async);
   uv_idle_init(loop, &h->idle);
   h->idle.data = h;
   uv_timer_init(loop, &h->drain_timer);
@@ -1053,9 +1363,10 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
     h->closed = 1;
     h->mb->async = NULL;
     mailbox_release(h->mb);
-    h->nclosing = 3;
+    h->nclosing = 4;
     uv_close((uv_handle_t *)&h->async, host_handle_closed);
     uv_close((uv_handle_t *)&h->idle, host_handle_closed);
+    uv_close((uv_handle_t *)&h->sig_async, host_handle_closed);
     uv_close((uv_handle_t *)&h->drain_timer, host_handle_closed);
     return WP_ENOMEM;
   }
@@ -1076,6 +1387,7 @@ static int spawn_pmain(lua_State *L) {
   lua_remove(L, 1);
   c = co_new(h, L, nargs);
   c->is_main = is_main;
+  if (is_main) h->main = c;
   co_resume(h, c, nargs, L);
   return 0;
 }
@@ -1117,6 +1429,12 @@ void wpool_host_close(wpool_host *h) {
   size_t n, i;
   offload *o;
   if (h->closed) return;
+  if (h->signals) { /* signals get their former handlers back */
+    atomic_store(&sig_host, NULL);
+    sigaction(SIGINT, &h->old_sa[0], NULL);
+    sigaction(SIGTERM, &h->old_sa[1], NULL);
+    h->signals = 0;
+  }
   /* Nothing more arrives from other threads. */
   uv_mutex_lock(&mb->mu);
   mb->async = NULL;
@@ -1153,11 +1471,8 @@ void wpool_host_close(wpool_host *h) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &host_key);
   mailbox_release(mb);
   /* h is freed when the last of its handles has closed. */
-  h->nclosing = 3 + 2 * h->signals;
-  if (h->signals) {
-    uv_close((uv_handle_t *)&h->sigint, host_handle_closed);
-    uv_close((uv_handle_t *)&h->sigterm, host_handle_closed);
-  }
+  h->nclosing = 4;
+  uv_close((uv_handle_t *)&h->sig_async, host_handle_closed);
   uv_close((uv_handle_t *)&h->async, host_handle_closed);
   uv_close((uv_handle_t *)&h->idle, host_handle_closed);
   uv_close((uv_handle_t *)&h->drain_timer, host_handle_closed);

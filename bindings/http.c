@@ -10,6 +10,11 @@
  * connection is closed; a client that does not finish a request within
  * IDLE_MS is disconnected, so a slow client cannot hold the loop or a
  * connection slot.  Responses are written whole; keep-alive is honoured.
+ * Output is bounded per connection: once more than MAX_BACKLOG bytes of
+ * responses wait to be sent, the connection stops parsing and reading (its
+ * unparsed bytes are kept) until the client has taken them, so a client
+ * that pipelines requests and never reads costs at most that much memory,
+ * and is disconnected after IDLE_MS.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +29,7 @@
 #define MAX_URL 256
 #define MAX_CONNS 128
 #define IDLE_MS 5000
+#define MAX_BACKLOG (256 * 1024) /* bytes of responses not yet sent */
 
 typedef struct server server;
 
@@ -38,7 +44,10 @@ typedef struct conn {
   size_t url_len;
   int url_too_long;
   int closing;
-  int nclosing; /* handles still closing */
+  int nclosing;   /* handles still closing */
+  size_t backlog; /* bytes of queued responses not yet written */
+  int held;       /* parsing and reading stopped until the backlog drains */
+  size_t nheld;   /* unparsed bytes kept at the start of rbuf meanwhile */
   char rbuf[4096];
 } conn;
 
@@ -77,15 +86,32 @@ typedef struct write_req {
   uv_write_t req;
   conn *c;
   int close_after;
+  size_t len; /* bytes of the response */
   char *body; /* malloc'd, or NULL */
   char head[256];
 } write_req;
 
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
+static void parse(conn *c, char *data, size_t len);
+
 static void write_done(uv_write_t *req, int status) {
   write_req *w = (write_req *)req;
-  if ((status || w->close_after) && !w->c->closing) conn_close(w->c);
+  conn *c = w->c;
+  c->backlog -= w->len;
+  if ((status || w->close_after) && !c->closing) conn_close(c);
   free(w->body);
   free(w);
+  if (c->held && !c->closing && c->backlog <= MAX_BACKLOG / 2) {
+    /* The client caught up: parse what was kept, then read again. */
+    size_t n = c->nheld;
+    c->held = 0;
+    c->nheld = 0;
+    http_parser_pause(&c->parser, 0);
+    if (n) parse(c, c->rbuf, n);
+    if (!c->held && !c->closing)
+      uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  }
 }
 
 /* Queues one response; takes body (malloc'd) when owned is set. */
@@ -106,10 +132,12 @@ static void respond(conn *c, int code, const char *reason, const char *type,
   w->c = c;
   w->close_after = !keep;
   w->body = owned ? body : NULL;
+  w->len = len;
   n = snprintf(w->head, sizeof w->head,
                "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
                "Content-Length: %zu\r\nConnection: %s\r\n\r\n",
                code, reason, type, len, keep ? "keep-alive" : "close");
+  w->len += (size_t)n;
   bufs[0] = uv_buf_init(w->head, (unsigned)n);
   bufs[1] = uv_buf_init(body, (unsigned)len);
   if (uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, len ? 2 : 1,
@@ -117,7 +145,9 @@ static void respond(conn *c, int code, const char *reason, const char *type,
     free(w->body);
     free(w);
     conn_close(c);
+    return;
   }
+  c->backlog += w->len;
 }
 
 static void respond_text(conn *c, int code, const char *reason,
@@ -179,7 +209,9 @@ static int on_message_complete(http_parser *p) {
       respond(c, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", text,
               len, 1, keep);
   }
-  return keep ? 0 : 1; /* 1 stops parsing after a closing response */
+  if (keep && c->backlog > MAX_BACKLOG)
+    http_parser_pause(p, 1); /* on_read/write_done keep the rest */
+  return keep ? 0 : 1;       /* 1 stops parsing after a closing response */
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
@@ -188,29 +220,43 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(c->rbuf, sizeof c->rbuf);
 }
 
-static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
-  conn *c = stream->data;
+/* Feeds len bytes at data to the parser and acts on how it stopped. */
+static void parse(conn *c, char *data, size_t len) {
   size_t done;
-  if (nread < 0) {
-    conn_close(c);
-    return;
-  }
-  if (nread == 0 || c->closing) return;
-  c->req_bytes += (size_t)nread;
-  done = http_parser_execute(&c->parser, &settings, buf->base, (size_t)nread);
+  c->req_bytes += len;
+  done = http_parser_execute(&c->parser, &settings, data, len);
   if (c->closing) return;
   if (HTTP_PARSER_ERRNO(&c->parser) == HPE_CB_message_complete) {
-    uv_read_stop(stream); /* a closing response is on its way */
+    uv_read_stop((uv_stream_t *)&c->tcp); /* a closing response is on its way */
     return;
   }
-  if (HTTP_PARSER_ERRNO(&c->parser) != HPE_OK || done != (size_t)nread ||
+  if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
+    /* Too much output waits: keep the rest and stop reading meanwhile. */
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->req_bytes = 0; /* a request just ended: the kept bytes count again */
+    memmove(c->rbuf, data + done, len - done);
+    c->nheld = len - done;
+    c->held = 1;
+    return;
+  }
+  if (HTTP_PARSER_ERRNO(&c->parser) != HPE_OK || done != len ||
       c->req_bytes > MAX_REQUEST) {
-    uv_read_stop(stream);
+    uv_read_stop((uv_stream_t *)&c->tcp);
     respond_text(c, 400, "Bad Request",
                  c->req_bytes > MAX_REQUEST ? "request too large\n"
                                             : "malformed request\n",
                  0);
   }
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  conn *c = stream->data;
+  if (nread < 0) {
+    conn_close(c);
+    return;
+  }
+  if (nread == 0 || c->closing) return;
+  parse(c, buf->base, (size_t)nread);
 }
 
 static void on_idle(uv_timer_t *t) {

@@ -104,9 +104,12 @@ WPL_HIDDEN void wpl_http_close(void *server);
 WPL_HIDDEN int wpl_host_park_future(lua_State *L, wp_future *f, double timeout);
 /* Resumed with nothing once the time has passed. */
 WPL_HIDDEN int wpl_host_park_sleep(lua_State *L, double seconds);
-/* Runs op(ud) on a helper thread; resumed with its integer result. */
+/* Runs op(ud) on a helper thread; resumed with its integer result.  p is
+ * the pool that op stops or pauses (a shutdown then drains and bounds it
+ * too), or NULL; the caller keeps it referenced until resumed. */
 typedef int (*wpl_blocking_fn)(void *ud);
-WPL_HIDDEN int wpl_host_park_call(lua_State *L, wpl_blocking_fn op, void *ud);
+WPL_HIDDEN int wpl_host_park_call(lua_State *L, wp_pool *p, wpl_blocking_fn op,
+                                  void *ud);
 
 /* Takes over the reference to a collected owner's pool: the pool drains
  * without blocking the loop and is joined when the host closes.  Returns

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "lbind.h"
+#include "lpipeline.h"
 #include "wpool_host.h"
 
 #define WPL_MAX_WORKERS 10000
@@ -679,9 +680,10 @@ static void check_deadlock(lua_State *L, wpl_pool *u, int r, const char *m) {
 
 /* A blocking pool call, run on a helper thread under a host loop. */
 typedef struct pool_op {
-  wp_pool *p;     /* borrowed from the handle at stack index 1 */
-  int which;      /* OP_* */
-  double timeout; /* for OP_STOP_WAIT; < 0: none */
+  wp_pool *p;      /* borrowed from the handle at stack index 1 */
+  int which;       /* OP_* */
+  double timeout;  /* for OP_STOP_WAIT; < 0: none */
+  int interrupted; /* OP_STOP_WAIT's second result */
 } pool_op;
 
 enum { OP_PAUSE, OP_STOP, OP_STOP_WAIT };
@@ -696,16 +698,18 @@ static int run_pool_op(void *ud) {
   case OP_STOP:
     return wp_pool_stop(o->p);
   default:
-    return wp_pool_stop_wait_for(o->p, o->timeout);
+    return wp_pool_stop_deadline(o->p, o->timeout, &o->interrupted);
   }
 }
 
-/* [-0, +1|0, e] Pushes the op's result (pause: nothing). */
+/* [-0, +0|1|2, e] Pushes the op's results (pause: none; stop_wait: two). */
 static int pool_op_done(lua_State *L, pool_op *o, int r) {
   check_deadlock(L, luaL_checkudata(L, 1, WPL_POOL_MT), r, op_names[o->which]);
   if (o->which == OP_PAUSE) return 0;
   lua_pushinteger(L, r);
-  return 1;
+  if (o->which == OP_STOP) return 1;
+  lua_pushinteger(L, o->interrupted);
+  return 2;
 }
 
 static int pool_op_k(lua_State *L, int status, lua_KContext ctx) {
@@ -720,7 +724,8 @@ static int pool_op_call(lua_State *L, int which, double timeout) {
   o->p = u->p;
   o->which = which;
   o->timeout = timeout;
-  if (wpl_host_park_call(L, run_pool_op, o))
+  o->interrupted = 0;
+  if (wpl_host_park_call(L, o->p, run_pool_op, o))
     return lua_yieldk(L, 0, (lua_KContext)o, pool_op_k);
   return pool_op_done(L, o, run_pool_op(o));
 }
@@ -741,8 +746,9 @@ static int pool_stop(lua_State *L) {
   return pool_op_call(L, OP_STOP, -1);
 }
 
-/* pool:stop_wait([deadline_s]) -> discarded   [-0, +1, e] Drains; past
- * the deadline what is still queued is discarded. */
+/* pool:stop_wait([deadline_s]) -> discarded, interrupted   [-0, +2, e]
+ * Drains; past the deadline what is still queued is discarded and running
+ * tasks are interrupted (or abandoned after stuck_grace). */
 static int pool_stop_wait(lua_State *L) {
   double t = -1;
   if (!lua_isnoneornil(L, 2)) {
@@ -860,11 +866,15 @@ static int pool_name(lua_State *L) {
   return 1;
 }
 
-/* __close: drains and stops the pool.   [-0, +0, e] */
+/* __close: drains and stops the pool, suspending only the calling host
+ * coroutine under a host loop, as stop_wait does.   [-0, +0|1, e] */
 static int pool_close(lua_State *L) {
   wpl_pool *u = topool(L, 1);
-  if (u->p) check_deadlock(L, u, wp_pool_stop_wait(u->p), "closing a pool");
-  return 0;
+  if (u->p == NULL) return 0;
+  if (wp_state_pool(L) == u->p)
+    check_deadlock(L, u, WP_EDEADLOCK, "closing a pool");
+  lua_settop(L, 1);
+  return pool_op_call(L, OP_STOP_WAIT, -1);
 }
 
 /* __gc: an owner handle drains and stops its pool; under a host loop the
@@ -1204,6 +1214,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   wpl_policy_init(L);
   preload_embedded(L);
   luaL_newlib(L, module_funcs);
+  wpl_json_open(L);
   lua_pushliteral(L, WP_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_createtable(L, 0, 1);

@@ -2,8 +2,9 @@
  * wpool.c: the `wpool` command.  `wpool run script.lua [args...]` runs a
  * script as the main coroutine of a libuv loop with the workerpool module
  * loaded, and exits once no coroutine, timer or pool has work left, or once
- * a SIGINT/SIGTERM shutdown has drained the pools.  It is to the host
- * runtime (host.c) what lua.c is to lauxlib.
+ * a SIGINT/SIGTERM shutdown has drained the pools.  Pools still busy when
+ * the script ends drain inside the loop, so a signal still bounds them.  It is
+ * to the host runtime (host.c) what lua.c is to lauxlib.
  *
  * Exit status: 0 success; 1 the script failed; 2 bad usage;
  * 3 (WPOOL_EXIT_DISCARDED) a shutdown discarded or abandoned tasks.
@@ -19,15 +20,19 @@
 #include <lualib.h>
 
 #include "lbind.h"
+#include "lpipeline.h"
 #include "wpool_host.h"
 
 static const char usage[] =
     "usage: wpool run [options] script.lua [args...]\n"
+    "       wpool pipeline run [options] FILE.json\n"
+    "       wpool pipeline check FILE.json\n"
     "       wpool --help | --version\n"
     "\n"
     "Runs script.lua as the main coroutine of an event loop, with the\n"
     "workerpool module loaded.  Inside it, submit_wait, f:wait, sleep and\n"
-    "join suspend only the calling coroutine.\n"
+    "join suspend only the calling coroutine.  `wpool pipeline` runs or\n"
+    "checks a config-driven pipeline (wpool pipeline --help).\n"
     "\n"
     "options:\n"
     "  --drain-timeout SECONDS  on SIGINT/SIGTERM, drain pools this long\n"
@@ -106,7 +111,7 @@ static int run(int argc, char **argv, const run_opts *o) {
       lua_pushstring(L, argv[i]);
     wpool_host_spawn(h, nargs, 1);
     uv_run(&loop, UV_RUN_DEFAULT);
-    code = wpool_host_exit_code(h);
+    code = wpool_host_finish(h); /* pools drain here, signals still heard */
   }
   if (wpool_host_abandoned(h)) {
     /* Workers stuck in running tasks cannot be joined: leave now. */
@@ -139,6 +144,8 @@ int main(int argc, char **argv) {
            uv_version_string());
     return 0;
   }
+  if (strcmp(argv[1], "pipeline") == 0)
+    return wpl_pipeline_main(argc - 1, argv + 1);
   if (strcmp(argv[1], "run") != 0)
     return usage_error("unknown command '%s'", argv[1]);
   for (i = 2; i < argc && argv[i][0] == '-' && argv[i][1] != '\0'; i++) {

@@ -42,15 +42,31 @@ WP_API int wpool_host_spawn(wpool_host *h, int nargs, int is_main);
 /* Makes SIGINT and SIGTERM start the shutdown story: on_shutdown handlers
  * run, every pool drains for at most drain_timeout seconds, then what is
  * left is discarded; a second signal forces the hard stop at once.  When it
- * ends, the loop is stopped.  WP_ESYS. */
+ * ends, the loop is stopped.  The host installs its own handlers (with
+ * sigaction; wpool_host_close puts the former ones back); a host coroutine
+ * busy in Lua when a signal comes is interrupted with "interrupted!" (at
+ * once for SIGINT or a second signal, after a second for a first SIGTERM).
+ * Call it from the loop thread.  WP_EEXISTS (another host of the process
+ * handles them), WP_ESYS. */
 WP_API int wpool_host_handle_signals(wpool_host *h, double drain_timeout);
+
+/* Call once uv_run has returned.  Reports a main coroutine still suspended
+ * with nothing left to wake it (on stderr, naming what it waits for; exit
+ * status 1), then drains the pools that remain (live, collected or being
+ * stopped) while running the loop, so that signals are still handled: a
+ * SIGINT or SIGTERM meanwhile starts the shutdown story, which bounds the
+ * drain.  A signal that arrived as the loop stopped is acted on here.
+ * Returns the exit status (wpool_host_exit_code). */
+WP_API int wpool_host_finish(wpool_host *h);
 
 /* Starts the same shutdown story without a signal (why names it in logs). */
 WP_API void wpool_host_shutdown(wpool_host *h, const char *why);
 
 /* Serves GET /metrics, /healthz and /readyz on addr ("127.0.0.1:9100",
- * "[::1]:9100") from the loop (docs/guards.md).  0 or a libuv error code
- * (UV_EADDRINUSE, UV_EINVAL for a malformed address...). */
+ * "[::1]:9100") from the loop (docs/guards.md).  Sets SIGPIPE to be ignored
+ * when it has its default action, so that a client that disconnects costs
+ * only its connection.  0 or a libuv error code (UV_EADDRINUSE, UV_EINVAL
+ * for a malformed address...). */
 WP_API int wpool_host_serve(wpool_host *h, const char *addr);
 
 /* Readiness as /readyz reports it: 0 once shutdown began or any pool of

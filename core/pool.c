@@ -56,8 +56,10 @@ static wp_pool *reg_lookup(const char *name) {
   return NULL;
 }
 
-/* Registers p under its name, or generates one.  WP_EEXISTS, WP_ENOMEM. */
-static int reg_add(wp_pool *p, const char *name) {
+/* Names p before its init runs: a copy of name, which must be free
+ * (WP_EEXISTS), or a generated "pool-N".  p is not findable yet.
+ * WP_EEXISTS, WP_ENOMEM. */
+static int reg_name(wp_pool *p, const char *name) {
   char gen[32];
   int r = 0;
   uv_once(&reg.once, reg_init);
@@ -71,6 +73,30 @@ static int reg_add(wp_pool *p, const char *name) {
     r = WP_EEXISTS;
   }
   if (!r && (p->name = strdup(name)) == NULL) r = WP_ENOMEM;
+  uv_mutex_unlock(&reg.mu);
+  return r;
+}
+
+/* Makes p findable under its name once it is fully built, so that no
+ * reference to a pool whose creation fails can exist.  A generated name
+ * taken meanwhile is generated again.  WP_EEXISTS, WP_ENOMEM. */
+static int reg_add(wp_pool *p, int generated) {
+  char gen[32], *name;
+  int r = 0;
+  uv_mutex_lock(&reg.mu);
+  while (reg_lookup(p->name)) {
+    if (!generated) {
+      r = WP_EEXISTS;
+      break;
+    }
+    snprintf(gen, sizeof gen, "pool-%lu", ++reg.counter);
+    if ((name = strdup(gen)) == NULL) {
+      r = WP_ENOMEM;
+      break;
+    }
+    free(p->name);
+    p->name = name;
+  }
   if (!r) {
     p->reg_next = reg.head;
     reg.head = p;
@@ -185,7 +211,9 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
  * Needs mu. */
 static int wait_locked(wp_pool *p) {
   uint64_t now, base, deadline;
-  if (p->idle_ns < 0 || p->state != WP__RUNNING) {
+  /* A worker that cannot be reaped sleeps until it is woken. */
+  if (p->idle_ns < 0 || p->state != WP__RUNNING ||
+      p->nworkers <= p->min_workers) {
     p->nidle++;
     uv_cond_wait(&p->work_cv, &p->mu);
     p->nidle--;
@@ -196,11 +224,8 @@ static int wait_locked(wp_pool *p) {
   base = p->last_active > p->last_reap ? p->last_active : p->last_reap;
   deadline = base + (uint64_t)p->idle_ns;
   if (now >= deadline) {
-    if (p->nworkers > p->min_workers) {
-      p->last_reap = now;
-      return 1;
-    }
-    deadline = now + (uint64_t)p->idle_ns;
+    p->last_reap = now;
+    return 1;
   }
   p->nidle++;
   uv_cond_timedwait(&p->work_cv, &p->mu, deadline - now);
@@ -241,10 +266,13 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
     f->msg_len = 0;
     f->msg_owned = 0;
   }
-  wp_future_release(f);
   uv_mutex_lock(&p->mu);
   stuck = w->stuck;
   w->cur = NULL;
+  f->worker = NULL; /* w may be freed once it exits: cancel must not see it */
+  /* The queue's reference goes only now: the watchdog reads w->cur under
+   * mu (its name, or a reference to resolve it as stuck). */
+  wp_future_release(f);
   w->deadline = 0;
   atomic_store_explicit(&w->run_seq, 0, memory_order_release);
   if (stuck) {
@@ -268,7 +296,7 @@ static void worker_main(void *arg) {
   wp_pool *p = w->pool;
   char err[2048];
   wp_future *f;
-  int leave = 0, openerr = 0, detached, failed = 0, spun = 0;
+  int leave = 0, openerr = 0, detached, failed = 0, spun = 0, was_stuck;
   wp__worker_bind(w);
   /* A worker is warm from its start (min_workers rely on it). */
   if (w->L == NULL) openerr = wp__worker_open(w, err, sizeof err);
@@ -305,14 +333,21 @@ static void worker_main(void *arg) {
     failed = failed && leave && !w->stuck;
   }
   if (!w->stuck) p->nworkers--; /* a stuck one was discounted already */
+  w->exiting = 1;
+  was_stuck = w->stuck;
   /* A worker that could not start, or one that left after a shrink, leaves
    * the queue to others. */
   if (p->state < WP__STOPPING && !p->paused && (failed || p->qhead))
     wp__grow_locked(p);
+  if (w->L) { /* the watchdog bounds the close from now */
+    atomic_store(&w->closing, uv_hrtime());
+    wp__watchdog_poke(p);
+  }
   uv_mutex_unlock(&p->mu);
   wp__worker_close(w);
   wp__buf_free(&w->out);
   uv_mutex_lock(&p->mu);
+  if (w->stuck && !was_stuck) p->nstuck--; /* abandoned while closing */
   w->closed = 1;
   detached = w->detached;
   if (!detached) p->nclosed++;
@@ -404,9 +439,12 @@ static int bad_option(char *errbuf, size_t errlen, const char *msg) {
   return WP_EINVAL;
 }
 
-/* Seconds to nanoseconds, for a duration already checked to be finite. */
+/* Seconds to nanoseconds, for a duration already checked to be finite.
+ * A positive duration is at least WP_MIN_DURATION: never 0, which means
+ * "off" for most options. */
 static int64_t to_ns(double s) {
   if (s <= 0) return 0;
+  if (s < WP_MIN_DURATION) s = WP_MIN_DURATION;
   if (s > 1e9) s = 1e9;
   return (int64_t)(s * 1e9);
 }
@@ -540,13 +578,9 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
     free_fields(p);
     return WP_ENOMEM;
   }
-  if ((r = reg_add(p, o->name)) != 0) {
-    if (r == WP_EEXISTS && errlen)
-      snprintf(errbuf, errlen, "a pool named '%s' already exists", o->name);
-    pool_free(p);
-    return r;
-  }
-  /* The first state is made here so that a broken init fails now. */
+  if ((r = reg_name(p, o->name)) != 0) goto err;
+  /* The first state is made here so that a broken init fails now.  The
+   * pool is not findable meanwhile: init cannot reach its own pool. */
   if ((p->spare = calloc(1, sizeof *p->spare)) == NULL) {
     r = WP_ENOMEM;
     goto err;
@@ -555,7 +589,8 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   p->spare->id = ++p->next_id;
   p->spare->mem_limit = o->memory_limit;
   if ((r = wp__worker_open(p->spare, errbuf, errlen)) != 0) goto err;
-  if ((r = wp__watchdog_start(p)) != 0) {
+  if ((r = reg_add(p, o->name == NULL)) != 0 ||
+      (r = wp__watchdog_start(p)) != 0) {
     wp__worker_close(p->spare);
     goto err;
   }
@@ -571,6 +606,8 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   *out = p;
   return 0;
 err:
+  if (r == WP_EEXISTS && errlen)
+    snprintf(errbuf, errlen, "a pool named '%s' already exists", o->name);
   reg_remove(p);
   free(p->spare);
   pool_free(p);
@@ -797,11 +834,35 @@ static int begin_stop(wp_pool *p, int drain) {
   return ndiscarded;
 }
 
+/* Unlinks the workers that stop must no longer wait for: those exited
+ * (into *join, to join outside the lock) and those abandoned as stuck,
+ * in a task or in closing their state, which are detached and free
+ * themselves if they ever return.  Needs mu. */
+static void unlink_done_locked(wp_pool *p, wp__worker **join) {
+  wp__worker **pp = &p->workers, *w;
+  while ((w = *pp) != NULL) {
+    if (w->closed) {
+      *pp = w->next;
+      w->next = *join;
+      *join = w;
+      p->nclosed--;
+    } else if (w->stuck && (w->cur != NULL || w->close_stuck)) {
+      *pp = w->next;
+      w->detached = 1;
+      wp__pool_mretain(p); /* released by the worker itself */
+      pthread_detach(w->tid);
+    } else {
+      pp = &w->next;
+    }
+  }
+}
+
 /* The blocking half: joins every worker, or waits for the thread that
- * does.  A stuck worker is left behind: it frees itself if it ever
- * returns. */
+ * does.  Workers stay in p->workers until they have exited, so the
+ * watchdog keeps enforcing deadlines, stuck detection and the bound on
+ * closing a state for the whole drain. */
 static void finish_stop(wp_pool *p, int ndiscarded) {
-  wp__worker *w, *spare;
+  wp__worker *join, *spare = NULL;
   wp_event ev;
   int drained;
   uv_mutex_lock(&p->mu);
@@ -815,21 +876,20 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
   }
   p->joiner = 1;
   drained = p->state == WP__DRAINING;
+  /* The state made by new, never adopted: a worker thread closes it, so
+   * that closing it is bounded like any other. */
+  if (p->spare && spawn_locked(p) != 0) {
+    spare = p->spare;
+    p->spare = NULL;
+  }
   for (;;) {
-    if ((w = p->workers) != NULL) {
-      p->workers = w->next;
-      if (w->stuck && w->cur != NULL) { /* still in its task: leave it */
-        w->detached = 1;
-        wp__pool_mretain(p); /* released by the worker itself */
-        pthread_detach(w->tid);
-        continue;
-      }
+    join = NULL;
+    unlink_done_locked(p, &join);
+    if (join) {
       uv_mutex_unlock(&p->mu);
-      uv_thread_join(&w->tid);
+      join_all(join);
       uv_mutex_lock(&p->mu);
-      p->nclosed--; /* every joined worker counted itself closed */
-      free(w);
-    } else if (p->nworkers > 0) {
+    } else if (p->workers) {
       p->nwaiters++;
       uv_cond_wait(&p->state_cv, &p->mu);
       p->nwaiters--;
@@ -838,8 +898,6 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
     }
   }
   drained = drained && p->state == WP__DRAINING;
-  spare = p->spare;
-  p->spare = NULL;
   uv_mutex_unlock(&p->mu);
   wp__watchdog_stop(p);
   if (spare) {
@@ -873,9 +931,36 @@ int wp_pool_stop_wait(wp_pool *p) {
   return wp_pool_stop_wait_for(p, -1);
 }
 
+int wp_pool_abort(wp_pool *p, int *interrupted) {
+  wp__worker *w;
+  uint64_t seq;
+  int n, k = 0;
+  n = begin_stop(p, 0);
+  uv_mutex_lock(&p->mu);
+  if (p->state != WP__STOPPED) {
+    if (p->hard_at == 0) p->hard_at = uv_hrtime();
+    for (w = p->workers; w; w = w->next) {
+      if (w->cur == NULL || w->stuck) continue;
+      seq = atomic_load(&w->run_seq);
+      if (atomic_load(&w->kill_seq) != seq)
+        wp__worker_interrupt(w, seq, WP_CANCELLED);
+      k++;
+    }
+    wp__watchdog_poke(p); /* it abandons them after stuck_grace */
+  }
+  uv_mutex_unlock(&p->mu);
+  if (interrupted) *interrupted = k;
+  return n;
+}
+
 int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
+  return wp_pool_stop_deadline(p, timeout, NULL);
+}
+
+int wp_pool_stop_deadline(wp_pool *p, double timeout, int *interrupted) {
   uint64_t deadline, now;
   int n = 0, late = 0;
+  if (interrupted) *interrupted = 0;
   if (from_own_worker(p)) return WP_EDEADLOCK;
   begin_stop(p, 1);
   if (timeout >= 0) {
@@ -883,7 +968,7 @@ int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
     deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
     uv_mutex_lock(&p->mu);
     p->nwaiters++;
-    while (p->state == WP__DRAINING && (p->nqueued > 0 || p->nrunning > 0)) {
+    while (p->state != WP__STOPPED && (p->nqueued > 0 || p->nrunning > 0)) {
       now = uv_hrtime();
       if (now >= deadline) {
         late = 1;
@@ -893,7 +978,7 @@ int wp_pool_stop_wait_for(wp_pool *p, double timeout) {
     }
     p->nwaiters--;
     uv_mutex_unlock(&p->mu);
-    if (late) n = begin_stop(p, 0);
+    if (late) n = wp_pool_abort(p, interrupted);
   }
   finish_stop(p, n);
   return n;

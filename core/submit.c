@@ -29,7 +29,8 @@ static int submit_msg(wp_pool *p, wp__buf *b, const wp_task_opts *o,
     f->timeout_ns = o->timeout < 0     ? -1
                     : o->timeout > 1e9 ? (int64_t)1e18
                                        : (int64_t)(o->timeout * 1e9);
-    if (o->timeout > 0 && f->timeout_ns == 0) f->timeout_ns = 1;
+    if (o->timeout > 0 && o->timeout < WP_MIN_DURATION)
+      f->timeout_ns = (int64_t)(WP_MIN_DURATION * 1e9);
   }
   if (failed) {
     r = WP_ENOMEM;

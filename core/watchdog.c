@@ -4,22 +4,29 @@
  * It interrupts a task whose deadline passed (the worker's own thread then
  * installs a count hook, see worker.c), declares a worker stuck when its
  * task is still running stuck_grace seconds later (the task is resolved as
- * a timeout, the worker stops counting toward max_workers and a replacement
- * may start; its state is never reused), reports slow tasks, and writes the
- * periodic summaries of dropped tasks.  It sleeps until the next thing it
- * must look at; submitting a task with a deadline wakes it.
+ * a timeout, or as cancelled when a cancel or a hard stop interrupted it;
+ * the worker stops counting toward max_workers and a replacement may
+ * start; its state is never reused), abandons a worker whose state takes
+ * longer than stuck_grace (at least 1 s) to close (a __gc that never
+ * returns), reports
+ * slow tasks, and writes the periodic summaries of dropped tasks.  It runs
+ * until the last worker has exited, stops and drains included.  It sleeps
+ * until the next thing it must look at; submitting a task with a deadline
+ * wakes it.
  */
 #include <string.h>
 
 #include "wp_internal.h"
 
 #define MAX_EVENTS 16 /* per pass; more wait for the next pass */
+#define CLOSE_GRACE_MIN 1000000000ull /* ns */
 
 typedef struct pass {
   wp_event ev[MAX_EVENTS];
   char task[MAX_EVENTS][64];
   int n;
-  wp_future *stuck[MAX_EVENTS]; /* to resolve as timeouts, referenced */
+  wp_future *stuck[MAX_EVENTS]; /* to resolve, referenced */
+  wp_status stuck_status[MAX_EVENTS];
   int nstuck;
 } pass;
 
@@ -47,36 +54,80 @@ static uint64_t earlier(uint64_t a, uint64_t b) {
   return a < b ? a : b;
 }
 
+/* Abandons w, whose state has been closing for `took` ns, longer than
+ * stuck_grace: stop no longer waits for its thread.  Needs mu. */
+static void abandon_closing_locked(wp_pool *p, wp__worker *w, wp_event *ev,
+                                   uint64_t took) {
+  ev->seconds = (double)took / 1e9;
+  ev->message = "closing its Lua state";
+  w->close_stuck = 1;
+  if (!w->stuck) { /* else counted when its task got stuck */
+    w->stuck = 1;
+    p->nstuck++;
+    atomic_fetch_add(&p->c.stuck_total, 1);
+    if (!w->exiting) p->nworkers--;
+    if (w->cur) p->nrunning--;
+    if (!p->paused && p->state < WP__STOPPING) wp__grow_locked(p);
+  }
+  if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+}
+
 /* One look at the pool.  Needs mu; returns when to look again. */
 static uint64_t look_locked(wp_pool *p, pass *ps, uint64_t now) {
   static const char *const reasons[WP__NDROPS] = {"full", "stopped",
                                                   "discarded", "policy"};
   uint64_t next = now + 1000000000ull; /* at least once a second */
+  uint64_t close_grace = (uint64_t)p->stuck_grace_ns;
   wp__worker *w;
   wp_event *ev;
   int i;
+  /* Closing a large state legitimately takes a while: a worker gets at
+   * least CLOSE_GRACE_MIN to close its state, even with stuck_grace 0. */
+  if (close_grace < CLOSE_GRACE_MIN) close_grace = CLOSE_GRACE_MIN;
   for (w = p->workers; w; w = w->next) {
+    uint64_t closing = atomic_load(&w->closing), deadline;
+    if (closing && !w->close_stuck && !w->closed) {
+      uint64_t at = closing + close_grace;
+      if (now < at)
+        next = earlier(next, at);
+      else if ((ev = new_event(ps, p, WP_EV_WORKER_STUCK, w)) != NULL)
+        abandon_closing_locked(p, w, ev, now - closing);
+    }
     if (w->cur == NULL || w->stuck) continue;
-    if (w->deadline) {
-      uint64_t seq = atomic_load(&w->run_seq);
-      uint64_t stuck_at = w->deadline + (uint64_t)p->stuck_grace_ns;
-      if (now >= w->deadline && atomic_load(&w->kill_seq) != seq)
-        wp__worker_interrupt(w, seq, WP_TIMEOUT);
+    /* A hard stop is a deadline for every task running then. */
+    deadline = w->deadline;
+    if (p->hard_at && (deadline == 0 || p->hard_at < deadline))
+      deadline = p->hard_at;
+    if (deadline) {
+      uint64_t seq = atomic_load(&w->run_seq), stuck_at;
+      if (now >= deadline && atomic_load(&w->kill_seq) != seq)
+        wp__worker_interrupt(
+            w, seq, deadline == w->deadline ? WP_TIMEOUT : WP_CANCELLED);
+      /* The grace runs from the interrupt, which a watchdog woken late
+       * (on a loaded machine) sends after the deadline. */
+      stuck_at = deadline;
+      if (atomic_load(&w->kill_seq) == seq && w->kill_at > stuck_at)
+        stuck_at = w->kill_at;
+      stuck_at += (uint64_t)p->stuck_grace_ns;
       if (now >= stuck_at && ps->nstuck < MAX_EVENTS &&
           (ev = new_event(ps, p, WP_EV_WORKER_STUCK, w)) != NULL) {
-        ev->seconds = (double)(now - w->deadline) / 1e9;
+        ev->seconds = (double)(now - deadline) / 1e9;
         w->stuck = 1;
         p->nworkers--;
         p->nrunning--;
         p->nstuck++;
         atomic_fetch_add(&p->c.stuck_total, 1);
         wp_future_retain(w->cur);
+        ps->stuck_status[ps->nstuck] =
+            atomic_load(&w->kill_seq) == seq
+                ? (wp_status)atomic_load(&w->kill_reason)
+                : WP_TIMEOUT;
         ps->stuck[ps->nstuck++] = w->cur;
         if (!p->paused && p->state < WP__STOPPING) wp__grow_locked(p);
         if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
         continue;
       }
-      next = earlier(next, now >= w->deadline ? stuck_at : w->deadline);
+      next = earlier(next, now >= deadline ? stuck_at : deadline);
     }
     if (p->slow_ns && !w->slow_reported) {
       uint64_t slow_at = w->started + (uint64_t)p->slow_ns;
@@ -119,8 +170,10 @@ static void dog_main(void *arg) {
     if (ps.n) {
       uv_mutex_unlock(&p->mu);
       for (i = 0; i < ps.nstuck; i++) {
-        if (wp__future_fail(ps.stuck[i], WP_TIMEOUT, "timeout"))
-          wp__pool_count_end(p, 0, WP_TIMEOUT, -1);
+        wp_status st = ps.stuck_status[i];
+        if (wp__future_fail(ps.stuck[i], st,
+                            st == WP_TIMEOUT ? "timeout" : "cancelled"))
+          wp__pool_count_end(p, 0, st, -1);
         wp_future_release(ps.stuck[i]);
       }
       for (i = 0; i < ps.n; i++)

@@ -87,6 +87,7 @@ static void install_handler(void) {
 void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason) {
   static uv_once_t once = UV_ONCE_INIT;
   uv_once(&once, install_handler);
+  if (atomic_load(&w->kill_seq) != seq) w->kill_at = uv_hrtime();
   atomic_store(&w->kill_reason, reason);
   atomic_store(&w->kill_seq, seq);
   pthread_kill(w->tid, WP_INTERRUPT_SIGNAL);
@@ -109,13 +110,14 @@ static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return nsize ? ptr : NULL;
 }
 
-/* [-0, +1, m] Message handler: appends a traceback to string errors. */
+/* [-0, +1, m] Message handler: appends a traceback to string errors;
+ * a number becomes a string first, as in lua.c. */
 static int msgh(lua_State *L) {
   const char *msg = "(error object is nil)";
-  if (lua_type(L, 1) == LUA_TSTRING)
+  if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
     msg = lua_tostring(L, 1);
   else if (!lua_isnil(L, 1))
-    return 1; /* tables, numbers...: kept as they are */
+    return 1; /* tables, booleans...: kept as they are */
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
@@ -178,8 +180,12 @@ int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
 }
 
 void wp__worker_close(wp__worker *w) {
-  if (w->L) lua_close(w->L);
+  if (w->L == NULL) return;
+  if (atomic_load(&w->closing) == 0) /* else set by the caller already */
+    atomic_store(&w->closing, uv_hrtime());
+  lua_close(w->L);
   w->L = NULL;
+  atomic_store(&w->closing, 0);
 }
 
 /* What a task ended with, filled by task_pmain. */
@@ -291,6 +297,11 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
   run.status = WP_ERROR;
   w->limit_hit = 0;
   w->in_task = 1;
+  /* An interrupt sent since the take (while init ran, say) found in_task
+   * 0 and installed nothing: honour it now.  One sent from here on finds
+   * in_task 1. */
+  atomic_signal_fence(memory_order_seq_cst);
+  if (wp_interrupted()) lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
   lua_pushcfunction(L, task_pmain);
   lua_pushlightuserdata(L, &run);
   st = lua_pcall(L, 1, 0, 0);

@@ -185,6 +185,8 @@ struct wp__worker {
   int started_thread;    /* the thread was created */
   int detached;          /* stuck and left behind by stop: frees itself */
   int closed;            /* the thread is about to return, under pool->mu */
+  int exiting;           /* left its loop: not in nworkers, under pool->mu */
+  int close_stuck;       /* abandoned while closing L, under pool->mu */
   size_t mem;            /* bytes allocated by L (worker thread only) */
   atomic_size_t mem_pub; /* mem, published for metrics */
   size_t mem_limit;      /* 0: none */
@@ -194,12 +196,15 @@ struct wp__worker {
   wp_future *cur;                /* NULL when idle */
   uint64_t started;              /* uv_hrtime when cur started */
   uint64_t deadline;             /* uv_hrtime of cur's deadline, or 0 */
+  uint64_t kill_at;              /* uv_hrtime of cur's first interrupt */
   int slow_reported;             /* a slow-task event was sent for cur */
-  int stuck;                     /* abandoned: its thread exits after cur */
+  int stuck;                     /* abandoned: its thread exits after cur
+                                    (or after closing L, see close_stuck) */
   int tasks_run;                 /* since the state was created */
   atomic_uint_fast64_t run_seq;  /* number of the running task; 0 idle */
   atomic_uint_fast64_t kill_seq; /* run_seq to interrupt */
   atomic_int kill_reason;        /* WP_TIMEOUT or WP_CANCELLED */
+  atomic_uint_fast64_t closing;  /* uv_hrtime when L began to close, or 0 */
   volatile sig_atomic_t in_task; /* inside wp__worker_run (signals) */
 };
 
@@ -213,7 +218,9 @@ WP_HIDDEN int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen);
 WP_HIDDEN wp_status wp__worker_run(wp__worker *w, wp_future *f);
 
 /* Asks the worker thread of w to interrupt task number seq (a signal makes
- * the thread install a count hook on its own state).  Needs pool->mu. */
+ * the thread install a count hook on its own state; an interrupt that
+ * arrives before the task enters Lua is honoured when it does).  Needs
+ * pool->mu. */
 WP_HIDDEN void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason);
 
 /* The worker the calling thread runs, or NULL. */
@@ -233,6 +240,8 @@ WP_HIDDEN void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
 /* The stripe of counters for stripe number n. */
 #define WP__STRIPE(p, n) (&(p)->c.stripes[(unsigned)(n) % WP__NSTRIPES])
 
+/* Closes w->L (if any), publishing in w->closing how long it takes so that
+ * the watchdog can abandon a state whose __gc never returns. */
 WP_HIDDEN void wp__worker_close(wp__worker *w);
 
 /* What worker.c needs from a pool. */
@@ -342,6 +351,8 @@ struct wp_pool {
   int nstuck;          /* workers declared stuck, still running */
   int next_id;         /* id of the next worker */
   int joiner;          /* a stopping thread is joining the workers */
+  uint64_t hard_at;    /* when a hard stop interrupted the running tasks
+                          (wp_pool_abort), or 0 */
   wp__worker *workers; /* every started, not yet joined worker */
   wp__worker *spare;   /* the state wp_pool_new made, not yet started */
   uv_cond_t work_cv;   /* idle workers wait for tasks here */

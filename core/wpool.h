@@ -94,7 +94,8 @@ typedef struct wp_options {
   const char *package_cpath; /* copied into workers' package.cpath, or NULL */
   wp_open_fn open_state;     /* optional, see above */
   void *open_ud;
-  /* Guards (docs/guards.md); 0 leaves each off. */
+  /* Guards (docs/guards.md); 0 leaves each off.  Every duration that is
+   * not 0 counts as at least WP_MIN_DURATION. */
   size_t queue_cap;         /* most queued tasks; 0: unbounded */
   int block_when_full;      /* 0: reject with WP_EFULL; 1: wait for room */
   double submit_timeout;    /* longest wait for room, seconds; <0: none */
@@ -108,15 +109,20 @@ typedef struct wp_options {
   double drop_log_interval; /* seconds between drop summaries (60) */
 } wp_options;
 
+/* The shortest duration, in seconds: a positive duration (an option, a
+ * task timeout) below it is rounded up to it, never down to 0 ("off"). */
+#define WP_MIN_DURATION 1e-6
+
 /* Fills opts with defaults: max_workers 1, idle_timeout 2 s. */
 WP_API void wp_options_init(wp_options *opts);
 
 /* Creates a pool and registers its name.  The first worker state is created
  * and its init script run in the calling thread, so a broken init is reported
- * here: on WP_EINIT the message and traceback are written to errbuf (when
- * errlen > 0), truncated to errlen - 1 bytes.  Other failures: WP_EINVAL
- * (bad options), WP_EEXISTS (name taken), WP_ENOMEM; errbuf then
- * says which option is wrong.  The caller owns one reference to *out. */
+ * here (the pool is findable by name only once this has succeeded: init
+ * cannot reach its own pool): on WP_EINIT the message and traceback are written
+ * to errbuf (when errlen > 0), truncated to errlen - 1 bytes.  Other failures:
+ * WP_EINVAL (bad options), WP_EEXISTS (name taken), WP_ENOMEM; errbuf then says
+ * which option is wrong.  The caller owns one reference to *out. */
 WP_API int wp_pool_new(const wp_options *opts, wp_pool **out, char *errbuf,
                        size_t errlen);
 
@@ -137,21 +143,43 @@ WP_API const char *wp_pool_name(const wp_pool *p);
  * tasks finish, joins every worker thread and closes its state.  Returns the
  * number discarded by this call.  Idempotent; several threads may call it at
  * once, and every caller returns only once the pool is fully stopped.
- * Returns WP_EDEADLOCK when called from a worker of p itself. */
+ * Returns WP_EDEADLOCK when called from a worker of p itself.
+ * The guards stay on until the last worker has exited: deadlines interrupt
+ * tasks, a worker stuck past its deadline + stuck_grace is abandoned (left
+ * running, detached; it frees itself if it ever returns), and so is one
+ * whose state takes longer than stuck_grace (at least 1 s) to close. */
 WP_API int wp_pool_stop(wp_pool *p);
 
 /* Like wp_pool_stop, but every queued task runs first.  Returns 0. */
 WP_API int wp_pool_stop_wait(wp_pool *p);
 
 /* Drains like wp_pool_stop_wait for at most `timeout` seconds (negative:
- * no limit), then stops hard: what is still queued is discarded, running
- * tasks are waited for.  Returns the number discarded, or WP_EDEADLOCK. */
+ * no limit), then stops hard as wp_pool_abort does: what is still queued is
+ * discarded and running tasks are interrupted (they resolve as
+ * WP_CANCELLED); a task that cannot be interrupted is abandoned after
+ * stuck_grace.  A timeout of 0 is the hard stop.  Returns the number
+ * discarded and, when interrupted is not NULL, stores there the number of
+ * running tasks interrupted or abandoned (0 without a timeout), or
+ * returns WP_EDEADLOCK from a worker of p.  Blocks until every worker has
+ * exited or been abandoned. */
+WP_API int wp_pool_stop_deadline(wp_pool *p, double timeout, int *interrupted);
+
+/* wp_pool_stop_deadline(p, timeout, NULL). */
 WP_API int wp_pool_stop_wait_for(wp_pool *p, double timeout);
 
 /* Begins a stop without waiting for anything: drain (1) lets the queue run,
  * 0 discards it.  Returns the number discarded.  Any thread, a worker of p
  * included; finish with wp_pool_stop or wp_pool_stop_wait, which join. */
 WP_API int wp_pool_shutdown(wp_pool *p, int drain);
+
+/* Begins a hard stop without waiting: discards the queue like
+ * wp_pool_shutdown(p, 0) and interrupts every running task the way
+ * wp_future_cancel does; the watchdog abandons those still running
+ * stuck_grace seconds later.  Returns the number discarded and stores in
+ * *interrupted (when not NULL) the number of running tasks interrupted.
+ * Any thread, a worker of p included (its own task is interrupted too);
+ * finish with wp_pool_stop, which joins. */
+WP_API int wp_pool_abort(wp_pool *p, int *interrupted);
 
 /* How many pools of this process have begun stopping so far. */
 WP_API int wp_pools_stopped(void);
@@ -243,7 +271,9 @@ typedef enum {
   WP_EV_TASK_ERROR,    /* task, message (with traceback) */
   WP_EV_TASK_SLOW,     /* task, seconds: running time so far */
   WP_EV_TASK_TIMEOUT,  /* task, seconds: its timeout */
-  WP_EV_WORKER_STUCK,  /* task, worker, seconds: time past its deadline */
+  WP_EV_WORKER_STUCK,  /* task, worker, seconds: time past its deadline;
+                          or, with message "closing its Lua state", the
+                          time it has spent closing its state */
   WP_EV_MEMORY_LIMIT,  /* task, worker, n: the limit in bytes */
   WP_EV_DROPPED        /* n: tasks dropped in the last `seconds`, reason */
 } wp_event_type;

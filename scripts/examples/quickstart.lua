@@ -46,4 +46,4 @@ pool:submit_wait(function()
 end)
 print("hits set by a worker:", hits:get("n"))
 
-print("discarded at stop:", pool:stop_wait())
+print("discarded, interrupted at stop:", pool:stop_wait())

@@ -205,9 +205,15 @@ seconds_since() { # seconds_since T_US
   awk -v a="$(now_us)" -v b="$1" 'BEGIN { printf "%.3f", (a - b) / 1e6 }'
 }
 
-# start ARGS...: starts wpool in the background; sets pid.
+# start ARGS...: starts wpool in the background; sets pid.  OUT and ERR are
+# emptied first, here: were they emptied by the child's redirections,
+# wait_for could find the last run's "ready" and signal the child before
+# it has become wpool, and the forked shell would swallow the signal (it
+# still has this script's trap, and ignores SIGINT as a background job).
 start() {
   rm -f "$TMP"/*.flat
+  : >"$OUT"
+  : >"$ERR"
   "$WPOOL" "$@" >"$OUT" 2>"$ERR" </dev/null &
   pid=$!
   bg_pids+=("$pid")
@@ -241,6 +247,7 @@ finish() {
   local limit_us=$(($(now_us) + $1 * 1000000))
   while alive "$pid"; do
     if [ "$(now_us)" -ge "$limit_us" ]; then
+      post_mortem "$pid"
       kill -KILL "$pid" 2>/dev/null
       wait "$pid" 2>/dev/null
       rc=-1
@@ -253,6 +260,18 @@ finish() {
   wait "$pid"
   rc=$?
   took=$(seconds_since "$sent_at")
+}
+
+# post_mortem PID: what a wpool that did not end was doing: its signal
+# masks and, when gdb is there, every thread's stack.
+post_mortem() {
+  echo "    post mortem of $1:"
+  grep -E '^(State|Threads|SigQ|SigPnd|ShdPnd|SigBlk|SigIgn|SigCgt)' \
+    "/proc/$1/status" 2>/dev/null | sed 's/^/      | /'
+  if command -v gdb >/dev/null; then
+    timeout 30 gdb -p "$1" -batch -ex 'thread apply all bt' 2>/dev/null |
+      grep -E '^(#|Thread)' | head -80 | sed 's/^/      | /'
+  fi
 }
 
 signal() { # signal SIG: sends SIG to the background wpool, timing from now
@@ -383,6 +402,88 @@ for i = 1, 3 do
 end
 print("ready")
 io.stdout:flush()
+EOF
+)
+
+# The script waits in its own pool:stop_wait() when the signal comes: that
+# pool is part of the shutdown story and its deadline.  Its first task never
+# ends (a thread that ended unjoined would be a TSan report at _exit).
+S_OWN_STOP=$(script own_stop.lua <<'EOF'
+local wp = require "workerpool"
+local pool = wp.new { max_workers = 1 }
+pool:submit(function() require("workerpool").sleep(1000) end)
+for _ = 1, 19 do
+  pool:submit(function() require("workerpool").sleep(0.5) end)
+end
+wp.on_shutdown(function()
+  print("on_shutdown handler ran")
+  io.stdout:flush()
+end)
+print("ready")
+io.stdout:flush()
+pool:stop_wait()
+print("stop_wait returned")
+EOF
+)
+
+# The script returns at once: its pool drains at exit, and a signal then
+# must still start the shutdown story.  arg[1] tasks; with arg[2] "stuck"
+# the first one never ends.
+S_EXIT_DRAIN=$(script exit_drain.lua <<'EOF'
+local wp = require "workerpool"
+local pool = wp.new { max_workers = 1 }
+local n = tonumber(arg[1]) or 20
+local stuck = arg[2] == "stuck"
+for i = 1, n do
+  pool:submit(function(k, forever)
+    require("workerpool").sleep(forever and 1000 or 0.5)
+    io.write(string.format("task %d done\n", k))
+    io.flush()
+  end, i, stuck and i == 1)
+end
+wp.on_shutdown(function()
+  print("on_shutdown handler ran")
+  io.stdout:flush()
+end)
+print("ready")
+io.stdout:flush()
+EOF
+)
+
+# A main chunk busy in Lua (allocating, so that TSan builds, which run
+# signal handlers only at intercepted calls, see the signal too); with
+# "pcall", one that catches every error and goes on.
+S_BUSY=$(script busy.lua <<'EOF'
+local function spin()
+  local x = 0
+  while true do
+    x = x + 1
+    if x % 64 == 0 then local _ = {} end
+  end
+end
+print("ready")
+io.stdout:flush()
+if arg[1] == "pcall" then
+  while true do pcall(spin) end
+end
+spin()
+EOF
+)
+
+S_TABLE_ERROR=$(script table_error.lua <<'EOF'
+error(setmetatable({}, { __tostring = function() return "custom error object" end }))
+EOF
+)
+
+# Two spawned coroutines join each other and the main script joins one:
+# nothing can ever wake it.
+S_JOIN_CYCLE=$(script join_cycle.lua <<'EOF'
+local wp = require "workerpool"
+local a, b
+a = wp.spawn(function() wp.sleep(0.01) return b:join() end)
+b = wp.spawn(function() wp.sleep(0.01) return a:join() end)
+a:join()
+print("unreachable")
 EOF
 )
 
@@ -615,6 +716,109 @@ check "exit 3" rc_is 3
 check "ended after roughly the deadline (<20 s): $took s" lt "$took" 20
 check "shutdown.deadline_exceeded" has_event "$ERR" shutdown.deadline_exceeded
 check "stopped: dropped > 0" field_test "$ERR" shutdown.stopped dropped -gt 0
+
+begin "SIGTERM while the script is in its own pool:stop_wait(): the deadline holds"
+start run --drain-timeout 1 "$S_OWN_STOP"
+check "the script got ready" wait_for "$OUT" ready 60
+signal TERM
+finish 30
+check "exit 3" rc_is 3
+check "ended after roughly the deadline (<20 s): $took s" lt "$took" 20
+check "not before the deadline: $took s" ge "$took" 0.9
+check "the on_shutdown handler ran" out_has "on_shutdown handler ran"
+check "draining: the pool in stop_wait counts" field_is "$ERR" shutdown.draining pools 1
+check "draining: its queue" field_test "$ERR" shutdown.draining queued -ge 1
+check "shutdown.deadline_exceeded" has_event "$ERR" shutdown.deadline_exceeded
+check "stopped: dropped > 0" field_test "$ERR" shutdown.stopped dropped -gt 0
+check "stopped: not clean" field_is "$ERR" shutdown.stopped clean false
+
+begin "a second SIGTERM during the script's own stop_wait forces the hard stop"
+start run --drain-timeout 60 "$S_OWN_STOP"
+check "the script got ready" wait_for "$OUT" ready 60
+signal TERM
+check "the drain began" wait_for "$ERR" '"event":"shutdown.draining"' 30
+sleep 0.2
+kill -TERM "$pid"
+finish 40
+check "exit 3" rc_is 3
+check "well before the 60 s drain timeout: $took s" lt "$took" 30
+check "deadline_exceeded: reason second SIGTERM" \
+  field_is "$ERR" shutdown.deadline_exceeded reason '"second SIGTERM"'
+check "stopped: dropped > 0" field_test "$ERR" shutdown.stopped dropped -gt 0
+
+begin "SIGTERM while pools drain at exit: the shutdown story, not a kill"
+start run --drain-timeout 1 "$S_EXIT_DRAIN" 20 stuck
+check "the script got ready" wait_for "$OUT" ready 60
+sleep 0.2
+signal TERM
+finish 30
+check "exit 3 (not 143)" rc_is 3
+check "ended after roughly the deadline (<20 s): $took s" lt "$took" 20
+check "the on_shutdown handler ran" out_has "on_shutdown handler ran"
+check "shutdown.draining" has_event "$ERR" shutdown.draining
+check "draining: the pool counts" field_is "$ERR" shutdown.draining pools 1
+check "draining: its queue" field_test "$ERR" shutdown.draining queued -ge 1
+check "shutdown.deadline_exceeded" has_event "$ERR" shutdown.deadline_exceeded
+check "stopped: the dropped tasks counted" field_test "$ERR" shutdown.stopped dropped -gt 0
+check "stopped: not clean" field_is "$ERR" shutdown.stopped clean false
+
+begin "pools drain at exit when the script returns"
+run run "$S_EXIT_DRAIN" 3
+check "exit 0" rc_is 0
+check "every task ran" [ "$(grep -c '^task [0-9]* done$' "$OUT")" -eq 3 ]
+check "no on_shutdown without a signal" out_lacks "on_shutdown handler ran"
+check "no shutdown story without a signal" [ "$(logq "$ERR" count shutdown.draining)" -eq 0 ]
+
+begin "SIGINT interrupts a busy main chunk, then the shutdown runs"
+start run "$S_BUSY"
+check "the script got ready" wait_for "$OUT" ready 60
+sleep 0.2
+signal INT
+finish 30
+check "exit 1" rc_is 1
+check "promptly: $took s" lt "$took" 10
+check "interrupted!" err_has "interrupted!"
+check "a traceback" err_has "stack traceback"
+check "shutdown.draining" field_is "$ERR" shutdown.draining reason '"SIGINT"'
+check "shutdown.stopped" field_is "$ERR" shutdown.stopped clean true
+
+begin "SIGINT interrupts a busy main chunk that catches errors"
+start run "$S_BUSY" pcall
+check "the script got ready" wait_for "$OUT" ready 60
+sleep 0.2
+signal INT
+finish 30
+check "exit 1" rc_is 1
+check "interrupted!" err_has "interrupted!"
+check "shutdown.stopped" has_event "$ERR" shutdown.stopped
+
+begin "SIGTERM interrupts a main chunk still busy a second later"
+start run "$S_BUSY"
+check "the script got ready" wait_for "$OUT" ready 60
+sleep 0.2
+signal TERM
+finish 30
+check "exit 1" rc_is 1
+check "after the grace second, well before SIGKILL: $took s" lt "$took" 20
+check "not before the grace second: $took s" ge "$took" 0.9
+check "interrupted!" err_has "interrupted!"
+check "shutdown.draining" field_is "$ERR" shutdown.draining reason '"SIGTERM"'
+check "shutdown.stopped" has_event "$ERR" shutdown.stopped
+
+begin "a table error object: its __tostring"
+run run "$S_TABLE_ERROR"
+check "exit 1" rc_is 1
+check "the __tostring text" err_has "wpool: custom error object"
+check "not the type" err_lacks "error object is a table value"
+check "a traceback" err_has "stack traceback"
+
+begin "a main script that can never be woken: an error, not exit 0"
+run run "$S_JOIN_CYCLE"
+check "exit 1" rc_is 1
+check "it says so" err_has "wpool: the main script did not finish"
+check "it names the join cycle" err_has "(a join cycle)"
+check "a traceback of the main script" err_has "in method 'join'"
+check "the script did not go on" out_lacks "unreachable"
 
 end_case
 echo "$passed passed, $failed failed"

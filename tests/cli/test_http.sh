@@ -50,6 +50,7 @@ check() { # DESCRIPTION COMMAND...
   shift
   if "$@"; then ok "$what"; else bad "$what"; fi
 }
+not_in_file() { ! grep -qF -- "$1" "$2"; }
 eq() { # DESCRIPTION GOT WANT
   if [ "$2" = "$3" ]; then ok "$1"; else bad "$1 (got '$2', want '$3')"; fi
 }
@@ -322,6 +323,89 @@ done
 wait "$slow_pid" 2>/dev/null
 check "the slow client was disconnected after the idle time ($(tail -1 "$TMP/slow"))" \
   grep -qE 'closed after ([4-9]|1[0-9])\.' "$TMP/slow"
+
+# ---- clients that do not read ---------------------------------------------
+
+# Pipelines /metrics requests and resets the connection while the answers
+# are still being written: the server must lose only that connection (it
+# used to die of SIGPIPE, status 141).
+timeout 60 python3 - "$PORT" > "$TMP/rst" 2>&1 <<'EOF'
+import socket, struct, sys, time
+port = int(sys.argv[1])
+for _ in range(5):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 300)
+    try:
+        s.recv(100)  # the answers are being written
+    except OSError:
+        pass
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # a reset, with most answers unsent
+    time.sleep(0.2)
+print("done")
+EOF
+check "clients that reset mid-answer: the server lives" kill -0 "$SERVER_PID"
+eq "GET /healthz after the resets" "$(code GET /healthz)" 200
+
+# Pipelines requests for 4 s without reading any answer, while /healthz is
+# timed on another connection and the server's memory is sampled.  Output
+# per connection is bounded: the server stops reading that client instead
+# of buffering answers (it used to grow by ~100 MB/s and answer /healthz
+# in seconds).
+timeout 60 python3 - "$PORT" "$SERVER_PID" > "$TMP/flood" 2>&1 <<'EOF'
+import socket, sys, threading, time
+port, pid = int(sys.argv[1]), sys.argv[2]
+def rss_kb():
+    for line in open("/proc/%s/status" % pid):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+stop = time.time() + 4
+def flood():
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.setblocking(False)
+    req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 100
+    while time.time() < stop:
+        try:
+            s.send(req)
+        except BlockingIOError:
+            time.sleep(0.01)  # the server stopped reading: fine
+        except OSError:
+            break  # the server closed it: fine too
+    time.sleep(1)
+    s.close()
+t = threading.Thread(target=flood)
+base = rss_kb()
+t.start()
+worst, peak = 0.0, base
+while time.time() < stop:
+    t0 = time.time()
+    h = socket.create_connection(("127.0.0.1", port), timeout=10)
+    h.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = h.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    h.close()
+    worst = max(worst, time.time() - t0)
+    if not data.startswith(b"HTTP/1.1 200"):
+        print("healthz failed: %r" % data[:60])
+    peak = max(peak, rss_kb())
+    time.sleep(0.1)
+t.join()
+print("growth_mb %d" % ((peak - base) // 1024))
+print("healthz_ms %d" % (worst * 1000))
+EOF
+growth=$(awk '/^growth_mb/ {print $2}' "$TMP/flood")
+hz=$(awk '/^healthz_ms/ {print $2}' "$TMP/flood")
+check "a client that never reads: memory stays bounded (+${growth:-?} MB)" \
+  test "${growth:-9999}" -lt 150
+check "... and /healthz stays fast meanwhile (worst ${hz:-?} ms)" \
+  test "${hz:-99999}" -lt 1500
+check "... and answered 200 every time" not_in_file "healthz failed" "$TMP/flood"
+check "... and the server lives" kill -0 "$SERVER_PID"
 
 # ---- the drain ----------------------------------------------------------
 

@@ -203,6 +203,11 @@ static const char INIT[] =
     "  return 'unblocked'\n"
     "end\n"
     "function bump(key) return sh_incr(key) end\n"
+    "function spin(key)\n"
+    "  sh_set('started:' .. key, 1)\n"
+    "  while sh_get(key) == nil do end\n"
+    "  return 'spun'\n"
+    "end\n"
     "function hog()\n"
     "  local t = {}\n"
     "  for i = 1, 1e9 do t[i] = i end\n"
@@ -213,19 +218,34 @@ static const char INIT[] =
     "function count() counter = counter + 1; return counter end\n"
     "function ppath() return package.path, package.cpath end\n";
 
+/* Options for make_pool_opts: the defaults of make_pool_ex. */
+static void test_options(wp_options *o, const char *name, int max_workers,
+                         hook_opts *ho) {
+  wp_options_init(o);
+  o->name = name;
+  o->max_workers = max_workers;
+  o->idle_timeout = 60;
+  o->init = INIT;
+  o->init_len = strlen(INIT);
+  o->open_state = open_hook;
+  o->open_ud = ho;
+}
+
+static wp_pool *make_pool_opts(const wp_options *o) {
+  wp_pool *p = NULL;
+  char err[1024];
+  int r = wp_pool_new(o, &p, err, sizeof err);
+  cr_assert_eq(r, 0, "wp_pool_new: %s: %s", wp_err_name(r), err);
+  cr_assert_not_null(p);
+  return p;
+}
+
 static wp_pool *make_pool_ex(const char *name, int max_workers, hook_opts *ho) {
   wp_options o;
   wp_pool *p = NULL;
   char err[1024];
   int r;
-  wp_options_init(&o);
-  o.name = name;
-  o.max_workers = max_workers;
-  o.idle_timeout = 60;
-  o.init = INIT;
-  o.init_len = strlen(INIT);
-  o.open_state = open_hook;
-  o.open_ud = ho;
+  test_options(&o, name, max_workers, ho);
   r = wp_pool_new(&o, &p, err, sizeof err);
   cr_assert_eq(r, 0, "wp_pool_new: %s: %s", wp_err_name(r), err);
   cr_assert_not_null(p);
@@ -1228,6 +1248,160 @@ Test(capi, stop_from_own_worker_edeadlock) {
   cr_assert_eq(c.stopped, 0, "the pool is still running");
   f = submit_str(p, "greet", "still");
   cr_assert_eq(result1(f).u.s.len, 11);
+  wp_future_release(f);
+  wp_pool_release(p);
+}
+
+/* wp_pool_stop_deadline: at the deadline the queue is discarded and the
+ * running task is interrupted; wp_pool_stop_wait_for does the same. */
+Test(capi, stop_deadline_interrupts_running_tasks) {
+  const char *names[] = {"capi-sdl", "capi-sdl-for"};
+  for (int round = 0; round < 2; round++) {
+    char key[32];
+    wp_pool *p = make_pool(names[round], 1);
+    wp_future *run, *q[3];
+    int i, n, k = -1;
+    double t0;
+    snprintf(key, sizeof key, "sdl.%d", round);
+    run = submit_str(p, "spin", key);
+    wait_started(key);
+    for (i = 0; i < 3; i++)
+      q[i] = submit_str(p, "bump", "sdl.ran");
+    t0 = wp_now();
+    n = round == 0 ? wp_pool_stop_deadline(p, 0.1, &k)
+                   : wp_pool_stop_wait_for(p, 0.1);
+    cr_assert_eq(n, 3, "discarded: %d", n);
+    if (round == 0) cr_assert_eq(k, 1, "interrupted: %d", k);
+    cr_assert_lt(wp_now() - t0, 20, "bounded");
+    cr_assert_eq(wp_future_status(run), WP_CANCELLED, "status %d",
+                 (int)wp_future_status(run));
+    for (i = 0; i < 3; i++) {
+      cr_assert_eq(wp_future_status(q[i]), WP_DISCARDED);
+      wp_future_release(q[i]);
+    }
+    cr_assert_eq(shget("sdl.ran"), 0);
+    /* Stopped: nothing left to interrupt. */
+    cr_assert_eq(wp_pool_stop_deadline(p, 0, &k), 0);
+    cr_assert_eq(k, 0);
+    shset(key);
+    wp_future_release(run);
+    wp_pool_release(p);
+  }
+}
+
+/* A task in a C loop cannot be interrupted: it is abandoned after
+ * stuck_grace, and resolves as cancelled. */
+Test(capi, stop_deadline_abandons_a_task_that_cannot_be_interrupted) {
+  wp_options o;
+  wp_pool *p;
+  wp_future *f;
+  wp_pool_stats st;
+  int n, k = -1;
+  double t0;
+  test_options(&o, "capi-sdl-stuck", 1, NULL);
+  o.stuck_grace = 0.2;
+  p = make_pool_opts(&o);
+  f = submit_str(p, "block", "sdls.k");
+  wait_started("sdls.k");
+  t0 = wp_now();
+  n = wp_pool_stop_deadline(p, 0.05, &k);
+  cr_assert_eq(n, 0);
+  cr_assert_eq(k, 1);
+  cr_assert_lt(wp_now() - t0, 20, "bounded");
+  cr_assert_eq(wp_future_status(f), WP_CANCELLED);
+  wp_pool_get_stats(p, &st);
+  cr_assert_eq(st.stuck_total, 1);
+  cr_assert_eq(st.cancelled, 1);
+  shset("sdls.k"); /* the abandoned thread returns and frees itself */
+  wp_future_release(f);
+  wp_pool_release(p);
+}
+
+/* A deadline signalled while the task's state runs init (after a
+ * recycle) is honoured when the task starts. */
+Test(capi, cancel_while_init_runs_is_honoured) {
+  static const char slow_init[] =
+      "sh_incr('lost.inits')\n"
+      "local t = os.clock() + 0.3\n"
+      "while os.clock() < t do end\n"
+      "function spin(key) while sh_get(key) == nil do end end\n"
+      "function quick() return 1 end\n";
+  wp_options o;
+  wp_pool *p;
+  wp_future *f;
+  double deadline = wp_now() + 30;
+  test_options(&o, "capi-lost", 1, NULL);
+  o.init = slow_init;
+  o.init_len = strlen(slow_init);
+  o.max_tasks_per_worker = 1;
+  p = make_pool_opts(&o);
+  f = submit(p, "quick", NULL, 0); /* then its state is recycled */
+  wait_ok(f);
+  wp_future_release(f);
+  f = submit_str(p, "spin", "lost.never");
+  while (shget("lost.inits") < 2 && wp_now() < deadline)
+    uv_sleep(1);
+  cr_assert_eq(wp_future_cancel(f), 1);
+  cr_assert_eq(wp_future_wait(f, 30), 0, "the cancel was not lost");
+  cr_assert_eq(wp_future_status(f), WP_CANCELLED);
+  wp_future_release(f);
+  cr_assert_eq(wp_pool_stop(p), 0);
+  wp_pool_release(p);
+}
+
+static atomic_int slow_events;
+
+static void count_slow(const wp_event *ev) {
+  if (ev->type == WP_EV_TASK_SLOW) atomic_fetch_add(&slow_events, 1);
+}
+
+/* A duration below 1 us counts as 1 us, not as 0 ("off"). */
+Test(capi, tiny_durations_are_not_off) {
+  wp_options o;
+  wp_pool *p;
+  wp_future *f;
+  test_options(&o, "capi-tiny", 1, NULL);
+  o.slow_task = 1e-10;
+  o.task_timeout = 1e-10;
+  o.drop_log_interval = 1e-10;
+  atomic_store(&slow_events, 0);
+  wp_set_event_handler(count_slow);
+  p = make_pool_opts(&o);
+  f = submit_str(p, "spin", "tiny.never");
+  cr_assert_eq(wp_future_wait(f, 30), 0);
+  cr_assert_eq(wp_future_status(f), WP_TIMEOUT);
+  wp_future_release(f);
+  cr_assert_eq(wp_pool_stop(p), 0);
+  wp_set_event_handler(NULL);
+  cr_assert_geq(atomic_load(&slow_events), 1, "slow_task reported");
+  wp_pool_release(p);
+}
+
+static void slow_event_stalls(const wp_event *ev) {
+  if (ev->type == WP_EV_TASK_SLOW) uv_sleep(600);
+}
+
+/* A watchdog that wakes late (a loaded machine; here an event handler that
+ * blocks it) interrupts a task after its deadline: the task still gets
+ * stuck_grace from the interrupt to unwind before it is declared stuck. */
+Test(capi, late_watchdog_still_gives_the_grace) {
+  wp_options o;
+  wp_pool *p;
+  wp_future *f;
+  wp_pool_stats st;
+  test_options(&o, "capi-late-dog", 1, NULL);
+  o.slow_task = 0.1; /* its event stalls the watchdog past the deadline */
+  o.task_timeout = 0.2;
+  o.stuck_grace = 0.3;
+  wp_set_event_handler(slow_event_stalls);
+  p = make_pool_opts(&o);
+  f = submit_str(p, "spin", "late.never");
+  cr_assert_eq(wp_future_wait(f, 30), 0);
+  cr_assert_eq(wp_future_status(f), WP_TIMEOUT);
+  cr_assert_eq(wp_pool_stop(p), 0);
+  wp_set_event_handler(NULL);
+  wp_pool_get_stats(p, &st);
+  cr_assert_eq(st.stuck_total, 0, "interrupted, not declared stuck");
   wp_future_release(f);
   wp_pool_release(p);
 }

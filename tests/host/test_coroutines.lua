@@ -203,6 +203,26 @@ end)
 
 -- ---- waits suspend only their coroutine ---------------------------------
 
+T.test("<close> on a pool suspends only its coroutine, as stop_wait does", function()
+  local ticks = 0
+  local ticker = wp.every(0.01, function() ticks = ticks + 1 end)
+  local h = wp.spawn(function()
+    do
+      local pool <close> = wp.new { max_workers = 1 }
+      for _ = 1, 4 do
+        pool:submit(function() require("workerpool").sleep(0.1) end)
+      end
+      ticks = 0
+    end -- closing drains: about 0.4 s
+    return ticks
+  end)
+  local ok, during = h:join()
+  T.eq(ok, true)
+  T.ok(during >= 5, "the loop kept running during the drain (" .. during .. " ticks)")
+  ticker:cancel()
+end)
+
+
 T.test("f:wait(timeout) gives nil, 'timeout' and blocks nobody else", function()
   local d, dn = newdict()
   local pool = wp.new { max_workers = 1 }

@@ -195,4 +195,21 @@ T.test("on_done argument check", function()
   T.eq(pool:stop_wait(), 0)
 end)
 
+T.test("an undecodable result: cb gets false and the error, f:wait raises it", function()
+  local pool = wp.new { max_workers = 1,
+    init = 'package.loaded["only-in-the-worker"] = { 1, 2 }' }
+  local f = pool:submit(function()
+    require("workerpool").sleep(0.05)
+    return package.loaded["only-in-the-worker"] -- travels by name
+  end)
+  local got
+  f:on_done(function(...) got = pack(...) end)
+  -- The waiter registered after the callback still wakes.
+  T.raises(function() f:wait() end, "only-in-the-worker", "f:wait")
+  T.eventually(function() return got end, 10, "the callback ran")
+  T.eq(got[1], false, "cb: ok")
+  T.ok(tostring(got[2]):find("only-in-the-worker", 1, true), "cb: the decode error")
+  T.eq(pool:stop_wait(), 0)
+end)
+
 T.run_host()

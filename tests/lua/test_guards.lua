@@ -341,9 +341,12 @@ case("stop() joins a stuck worker that has returned", function()
   local before = threads()
   if not before then return print("SKIP no /proc/self/status") end
   local d, dn = newdict("stuckjoin")
-  local p = newpool { max_workers = 1, stuck_grace = 0.1,
+  -- stuck_grace also bounds how long closing a state may take: it must
+  -- exceed the close below, even under TSan on a loaded machine
+  local p = newpool { max_workers = 1, stuck_grace = TSAN and 6 or 3,
     -- a state that takes a while to close
-    init = "KEEP = {} for i = 1, 500000 do KEEP[i] = 's' .. i end" }
+    init = string.format("KEEP = {} for i = 1, %d do KEEP[i] = 's' .. i end",
+      TSAN and 100000 or 500000) }
   local f = p:submit({ timeout = 0.1, fn = function(dname)
     local dd = require("workerpool").shared(dname)
     coroutine.wrap(function() while dd:get("release") == nil do end end)()
@@ -394,6 +397,296 @@ function()
   T.eventually(function() return p:running() == 0 and p:stats().stuck == 0 end,
     15, "the task ended")
   T.eq(p:stats().stuck_total, 0, "interrupted at its deadline, not declared stuck")
+end)
+
+-- ---- shutdown that always ends ---------------------------------------------
+
+-- A task that loops in Lua until `release` is set in dict dname (so that a
+-- failing case frees it), counting itself in `started` first.
+local gated_spin = task [[function(dname)
+  local d = require("workerpool").shared(dname)
+  d:incr("started", 1, 0)
+  while d:get("release") == nil do BODY end
+  d:set("finished", true)
+end]]
+
+-- The same loop inside a coroutine resumed before any interrupt: the hook
+-- set on the task's own coroutine never runs there, so only stuck
+-- detection ends it.
+local gated_co_spin = task [[function(dname)
+  local d = require("workerpool").shared(dname)
+  d:incr("started", 1, 0)
+  coroutine.wrap(function() while d:get("release") == nil do end end)()
+end]]
+
+case("stop_wait(): task_timeout still interrupts a task running during the drain",
+function()
+  local d, dn = newdict("drainto")
+  local p = newpool { max_workers = 1, task_timeout = 0.3 }
+  local f = p:submit(gated_spin, dn)
+  wait_count(d, "started", 1)
+  local took, n = timed(p.stop_wait, p)
+  T.eq(n, 0)
+  T.eq(select(2, f:wait(0)), "timeout")
+  T.ok(took < 10, "stop_wait ended (" .. took .. " s)")
+end)
+
+case("stop_wait(): a 2 s task with task_timeout = 0.3 does not run to the end",
+function()
+  local d, dn = newdict("drain2s")
+  local p = newpool { max_workers = 1, task_timeout = 0.3 }
+  local f = p:submit(task [[function(dname)
+    local W = require "workerpool"
+    local dd = W.shared(dname)
+    dd:incr("started", 1, 0)
+    local t = W.now() + 2
+    while W.now() < t do BODY end
+    dd:set("finished", true)
+  end]], dn)
+  wait_count(d, "started", 1)
+  p:stop_wait()
+  T.eq(select(2, f:wait(0)), "timeout")
+  T.eq(d:get("finished"), nil, "interrupted at its deadline")
+end)
+
+case("stop(): a worker stuck during the drain is abandoned, not waited for",
+function()
+  local d, dn = newdict("drainstuck")
+  local p = newpool { max_workers = 1, stuck_grace = 0.3 }
+  local f = p:submit({ fn = gated_co_spin, timeout = 0.2 }, dn)
+  wait_count(d, "started", 1)
+  local took = timed(p.stop, p)
+  T.ok(took < 10, "stop ended (" .. took .. " s)")
+  T.eq(select(2, f:wait(0)), "timeout")
+  T.eq(p:stats().stuck_total, 1)
+end)
+
+case("stop_wait(deadline): running tasks are interrupted as by cancel",
+function()
+  local d, dn = newdict("swdl")
+  local p = newpool { max_workers = 2 }
+  local run = { p:submit(gated_spin, dn), p:submit(task [[function(dname)
+    local W = require "workerpool"
+    W.shared(dname):incr("started", 1, 0)
+    W.sleep(30)
+  end]], dn) }
+  wait_count(d, "started", 2)
+  local queued = { p:submit(gated_spin, dn), p:submit(gated_spin, dn) }
+  local took, n, k = timed(p.stop_wait, p, 0.2)
+  T.eq(n, 2, "discarded")
+  T.eq(k, 2, "interrupted")
+  T.ok(took < 10, "stop_wait(0.2) ended (" .. took .. " s)")
+  for _, f in ipairs(run) do T.eq(select(2, f:wait(0)), "cancelled") end
+  for _, f in ipairs(queued) do T.eq(select(2, f:wait(0)), "discarded") end
+  T.eq(d:get("finished"), nil)
+  T.eq(p:stats().completed.cancelled, 2)
+  T.eq(p:workers(), 0)
+  -- a second stop_wait: nothing left
+  T.eq(T.pack(p:stop_wait(0)).n, 2)
+  T.eq(select(2, p:stop_wait(0)), 0)
+end)
+
+case("stop_wait(0) is the hard stop; a drained pool reports 0, 0", function()
+  local d, dn = newdict("sw0")
+  local p = newpool { max_workers = 1 }
+  local f = p:submit(gated_spin, dn)
+  wait_count(d, "started", 1)
+  local q = p:submit(gated_spin, dn)
+  local n, k = p:stop_wait(0)
+  T.eq(n, 1)
+  T.eq(k, 1)
+  T.eq(select(2, f:wait(0)), "cancelled")
+  T.eq(select(2, q:wait(0)), "discarded")
+  local p2 = newpool { max_workers = 1 }
+  T.eq(p2:submit_wait(function() return 1 end), 1)
+  local n2, k2 = p2:stop_wait(5)
+  T.eq(n2, 0)
+  T.eq(k2, 0)
+end)
+
+case("stop_wait(deadline): a task that cannot be interrupted is abandoned after "
+  .. "stuck_grace", function()
+  local d, dn = newdict("swab")
+  local p = newpool { max_workers = 1, stuck_grace = 0.3 }
+  local f = p:submit(gated_co_spin, dn)
+  wait_count(d, "started", 1)
+  local took, n, k = timed(p.stop_wait, p, 0.1)
+  T.eq(n, 0)
+  T.eq(k, 1, "abandoned")
+  T.ok(took >= 0.35 and took < 10, "deadline + stuck_grace (" .. took .. " s)")
+  T.eq(select(2, f:wait(0)), "cancelled")
+  T.eq(p:stats().stuck_total, 1)
+end)
+
+-- An init whose state never finishes closing: a __gc that waits for
+-- `release` in dict dname.
+local function hanging_gc_init(dname)
+  return string.format([[
+    local W = require "workerpool"
+    local d = W.shared(%q)
+    HANG = setmetatable({}, { __gc = function()
+      d:incr("gc", 1, 0)
+      while d:get("release") == nil do W.sleep(0.005) end
+    end })
+  ]], dname)
+end
+
+case("stop(): a state whose __gc never returns is abandoned after stuck_grace",
+function()
+  local d, dn = newdict("gchang")
+  -- the state made by new, never used by a task
+  local p1 = newpool { max_workers = 1, stuck_grace = 0.3, init = hanging_gc_init(dn) }
+  local took = timed(p1.stop, p1)
+  T.ok(took < 10, "stop of an unused pool ended (" .. took .. " s)")
+  -- a state used by a worker thread
+  local p2 = newpool { max_workers = 1, stuck_grace = 0.3, init = hanging_gc_init(dn) }
+  T.eq(p2:submit_wait(function() return 1 end), 1)
+  took = timed(p2.stop_wait, p2)
+  T.ok(took < 10, "stop_wait ended (" .. took .. " s)")
+  T.eq(p2:stats().stuck_total, 1, "logged and counted as stuck")
+  -- a state recycled in the middle of the pool's life
+  local p3 = newpool { max_workers = 1, stuck_grace = 0.3, max_tasks_per_worker = 1,
+    init = hanging_gc_init(dn) }
+  local f = p3:submit(function() return 1 end)
+  T.eq(f:wait(10), true)
+  took = timed(p3.stop_wait, p3)
+  T.ok(took < 10, "stop_wait ended (" .. took .. " s)")
+  wait_count(d, "gc", 3)
+  d:set("release", true)
+end)
+
+-- ---- interrupts that arrive before the task runs ---------------------------
+
+-- max_tasks_per_worker = 1 recycles the state after each task; the next
+-- task waits for init (0.5 s) after it was taken: an interrupt sent then
+-- used to be dropped.
+local function slow_init(dname)
+  return string.format([[
+    local W = require "workerpool"
+    W.shared(%q):incr("inits", 1, 0)
+    local t = W.now() + 0.5
+    while W.now() < t do end
+  ]], dname)
+end
+
+case("cancel during a recycled state's init is honoured when the task starts",
+function()
+  local d, dn = newdict("lostcancel")
+  local p = newpool { max_workers = 1, max_tasks_per_worker = 1, init = slow_init(dn) }
+  T.eq(p:submit(function() return 1 end):wait(10), true)
+  local f = p:submit(gated_spin, dn)
+  wait_count(d, "inits", 2)
+  T.eq(d:get("started"), nil, "still in init")
+  T.eq(f:cancel(), true)
+  local ok, err = f:wait(20)
+  T.eq(ok, false)
+  T.eq(err, "cancelled")
+  T.eq(d:get("finished"), nil)
+  T.eq(p:stop(), 0)
+end)
+
+case("a deadline passed during a recycled state's init is honoured", function()
+  local _, dn = newdict("losttimeout")
+  local p = newpool { max_workers = 1, max_tasks_per_worker = 1, task_timeout = 0.2,
+    stuck_grace = 2, init = slow_init(dn) }
+  T.eq(p:submit(function() return 1 end):wait(10), true)
+  local f = p:submit(gated_spin, dn)
+  local ok, err = f:wait(20)
+  T.eq(ok, false)
+  T.eq(err, "timeout")
+  T.eventually(function() return p:running() == 0 end, 10, "the task ended")
+  T.eq(p:stats().stuck_total, 0, "interrupted, not declared stuck")
+end)
+
+case("5 ms deadlines on busy workers: every task times out, none is stuck",
+function()
+  local p = newpool { max_workers = 8, stuck_grace = 5 }
+  local spin_fn = task [[function() while true do BODY end end]]
+  local fs = {}
+  local n = TSAN and 300 or 1500
+  for i = 1, n do
+    fs[i] = p:submit({ fn = spin_fn, timeout = 0.001 * (1 + i % 5) })
+  end
+  for i = 1, n do
+    local ok, err = fs[i]:wait(60)
+    T.eq(ok, false, "task " .. i)
+    T.eq(err, "timeout", "task " .. i)
+  end
+  T.eq(p:stats().stuck_total, 0, "no worker stuck")
+end)
+
+-- ---- idle workers, tiny durations -------------------------------------------
+
+case("idle min_workers with idle_timeout = 0 sleep", function()
+  local p = newpool { max_workers = 8, min_workers = 8, idle_timeout = 0 }
+  T.eq(p:workers(), 8)
+  workerpool.sleep(0.3) -- the workers open their states
+  local c0, t0 = os.clock(), workerpool.now()
+  workerpool.sleep(1)
+  local cpu, wall = os.clock() - c0, workerpool.now() - t0
+  T.ok(cpu < 0.2 * wall, string.format("%.2f s of CPU in %.2f s idle", cpu, wall))
+  T.eq(p:workers(), 8, "never reaped")
+end)
+
+case("durations below 1 µs count as 1 µs, never as off", function()
+  local d, dn = newdict("tiny")
+  -- drop_log_interval: the watchdog must not hold the pool lock
+  local p = newpool { max_workers = 2, drop_log_interval = 1e-10 }
+  for i = 1, 20 do T.eq(p:submit_wait(function(x) return x end, i), i) end
+  T.eq(p:stop(), 0)
+  -- task_timeout and a descriptor timeout
+  local p2 = newpool { max_workers = 2, task_timeout = 1e-10 }
+  T.eq(select(2, p2:submit(gated_spin, dn):wait(20)), "timeout")
+  T.eq(select(2, p2:submit({ fn = gated_spin, timeout = 1e-10 }, dn):wait(20)),
+    "timeout")
+  T.eq(d:get("finished"), nil)
+end)
+
+-- ---- pools not findable before new succeeded ----------------------------
+
+case("workerpool.get does not find a pool whose init is still running or failed",
+function()
+  local d, dn = newdict("halfbuilt")
+  local p = newpool { max_workers = 1 }
+  local f = p:submit(function(dname)
+    local W = require "workerpool"
+    local dd = W.shared(dname)
+    local found = 0
+    dd:set("looking", true)
+    while not dd:get("done") do
+      if W.get("guards-halfbuilt") then found = found + 1 end
+    end
+    return found
+  end, dn)
+  T.eventually(function() return d:get("looking") end, 10, "the task looks")
+  local ok, err = pcall(workerpool.new, { name = "guards-halfbuilt", max_workers = 1,
+    init = "local t = require('workerpool').now() + 0.3 "
+      .. "while require('workerpool').now() < t do end error('boom')" })
+  T.eq(ok, false)
+  T.ok(tostring(err):find("boom", 1, true), tostring(err))
+  d:set("done", true)
+  local _, found = f:wait(20)
+  T.eq(found, 0, "never found")
+  collectgarbage()
+end)
+
+case("init cannot reach its own pool through workerpool.get", function()
+  local init = [[
+    local W = require "workerpool"
+    local self = W.get(W.pool_name())
+    FOUND = self ~= nil
+    if self then self:submit(function() return 1 end) end
+    if FAIL then error("boom") end
+  ]]
+  local ok, err = pcall(workerpool.new, { name = "guards-self-fail", max_workers = 1,
+    init = "FAIL = true " .. init })
+  T.eq(ok, false)
+  T.ok(tostring(err):find("boom", 1, true), tostring(err))
+  local p = newpool { name = "guards-self", max_workers = 2, init = init }
+  T.eq(p:submit_wait(function() return rawget(_G, "FOUND") end), false)
+  T.eq(workerpool.get("guards-self"):name(), "guards-self", "findable once made")
+  T.eq(p:stop_wait(), 0)
+  collectgarbage()
 end)
 
 -- ---- cancel ---------------------------------------------------------------

@@ -1,0 +1,276 @@
+/*
+ * lpack.c: the pipeline's hand-off format between stages.
+ *
+ *   workerpool["pipeline.pack"](list)   -> string | nil, reason
+ *   workerpool["pipeline.unpack"](s)    -> list, n
+ *
+ * A stage worker packs its batch of outputs into one string, the host
+ * passes that string on to the next stage without looking inside, and the
+ * next stage's worker unpacks it: the host then copies one string per
+ * batch instead of decoding and re-encoding every item's tables (see
+ * docs/performance.md, Pipelines).  Items are plain data: nil-free lists
+ * of booleans, integers, floats, strings, json.null and tables of those
+ * (any key type but nil).  Anything else (functions, userdata, a table
+ * nested deeper than PACK_DEPTH, which a cycle always is) makes pack
+ * return nil and the reason, and the runner falls back to passing the
+ * list itself.  Shared sub-tables arrive as separate copies.
+ *
+ * Layout: varint item count, then values.  A value is a tag byte and its
+ * body: 'f' false, 't' true, 'z' null, 'i' int64 and 'd' double (8 bytes,
+ * native order: both ends are this process), 's' varint length and bytes,
+ * 'T' varint array length, 4-byte hash count, the array values, then
+ * key/value pairs.  unpack bounds every read and raises on a malformed
+ * string.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "lpipeline.h"
+
+#define PACK_DEPTH 64
+
+typedef struct packer {
+  lua_State *L;
+  wpl_wbuf *b;
+  const char *why; /* why a value cannot be packed, or NULL */
+} packer;
+
+static void put_varint(wpl_wbuf *b, uint64_t v) {
+  char tmp[10];
+  size_t n = 0;
+  do {
+    tmp[n++] = (char)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+    v >>= 7;
+  } while (v);
+  wpl_wbuf_add(b, tmp, n);
+}
+
+static int pack_value(packer *k, int idx, int depth);
+
+/* [-0, +0, m] The table at idx. */
+static int pack_table(packer *k, int idx, int depth) {
+  lua_State *L = k->L;
+  lua_Integer narr = 0, i;
+  uint32_t nhash = 0;
+  size_t at;
+  if (depth > PACK_DEPTH) {
+    k->why = "tables nested too deeply (or a cycle)";
+    return -1;
+  }
+  luaL_checkstack(L, 4, "pack: nesting too deep");
+  while (lua_rawgeti(L, idx, narr + 1) != LUA_TNIL) {
+    lua_pop(L, 1);
+    narr++;
+  }
+  lua_pop(L, 1);
+  wpl_wbuf_add(k->b, "T", 1);
+  put_varint(k->b, (uint64_t)narr);
+  at = k->b->n;
+  wpl_wbuf_add(k->b, &nhash, sizeof nhash);
+  for (i = 1; i <= narr; i++) {
+    lua_rawgeti(L, idx, i);
+    if (pack_value(k, lua_gettop(L), depth + 1)) return -1;
+    lua_pop(L, 1);
+  }
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_isinteger(L, -2)) {
+      lua_Integer key = lua_tointeger(L, -2);
+      if (key >= 1 && key <= narr) {
+        lua_pop(L, 1);
+        continue;
+      }
+    }
+    if (pack_value(k, lua_gettop(L) - 1, depth + 1) ||
+        pack_value(k, lua_gettop(L), depth + 1))
+      return -1;
+    lua_pop(L, 1);
+    nhash++;
+  }
+  memcpy(k->b->p + at, &nhash, sizeof nhash);
+  return 0;
+}
+
+/* [-0, +0, m] The value at idx; 0, or -1 with k->why set. */
+static int pack_value(packer *k, int idx, int depth) {
+  lua_State *L = k->L;
+  size_t n;
+  const char *s;
+  switch (lua_type(L, idx)) {
+  case LUA_TBOOLEAN:
+    wpl_wbuf_add(k->b, lua_toboolean(L, idx) ? "t" : "f", 1);
+    return 0;
+  case LUA_TNUMBER:
+    if (lua_isinteger(L, idx)) {
+      int64_t v = (int64_t)lua_tointeger(L, idx);
+      wpl_wbuf_add(k->b, "i", 1);
+      wpl_wbuf_add(k->b, &v, sizeof v);
+    } else {
+      double d = (double)lua_tonumber(L, idx);
+      wpl_wbuf_add(k->b, "d", 1);
+      wpl_wbuf_add(k->b, &d, sizeof d);
+    }
+    return 0;
+  case LUA_TSTRING:
+    s = lua_tolstring(L, idx, &n);
+    wpl_wbuf_add(k->b, "s", 1);
+    put_varint(k->b, (uint64_t)n);
+    wpl_wbuf_add(k->b, s, n);
+    return 0;
+  case LUA_TTABLE:
+    return pack_table(k, idx, depth);
+  case LUA_TFUNCTION:
+    if (lua_tocfunction(L, idx) == wpl_json_null) {
+      wpl_wbuf_add(k->b, "z", 1);
+      return 0;
+    }
+    /* fall through */
+  default:
+    k->why = "a value that is not plain data";
+    return -1;
+  }
+}
+
+/* pack(list [, n]) -> string | nil, reason   [-0, +1|2, m] */
+static int pack(lua_State *L) {
+  lua_Integer n, i;
+  wpl_wbuf b;
+  packer k;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = luaL_optinteger(L, 2, (lua_Integer)lua_rawlen(L, 1));
+  lua_settop(L, 1);
+  wpl_wbuf_init(L, &b, 64 * (size_t)n + 16); /* 2 */
+  k.L = L;
+  k.b = &b;
+  k.why = NULL;
+  put_varint(&b, (uint64_t)n);
+  for (i = 1; i <= n; i++) {
+    lua_rawgeti(L, 1, i);
+    if (lua_isnil(L, -1)) k.why = "a nil in the list";
+    if (k.why || pack_value(&k, lua_gettop(L), 0)) {
+      lua_pushnil(L);
+      lua_pushstring(L, k.why);
+      return 2;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushlstring(L, b.p, b.n);
+  return 1;
+}
+
+typedef struct reader {
+  lua_State *L;
+  const unsigned char *p, *end;
+} reader;
+
+static void bad(reader *r) {
+  luaL_error(r->L, "pipeline.unpack: malformed data");
+}
+
+static uint64_t get_varint(reader *r) {
+  uint64_t v = 0;
+  int shift = 0;
+  for (;;) {
+    unsigned c;
+    if (r->p >= r->end || shift > 63) bad(r);
+    c = *r->p++;
+    v |= (uint64_t)(c & 0x7f) << shift;
+    if (!(c & 0x80)) return v;
+    shift += 7;
+  }
+}
+
+static void get_bytes(reader *r, void *out, size_t n) {
+  if ((size_t)(r->end - r->p) < n) bad(r);
+  memcpy(out, r->p, n);
+  r->p += n;
+}
+
+/* [-0, +1, m] Pushes the next value. */
+static void unpack_value(reader *r, int depth) {
+  lua_State *L = r->L;
+  unsigned tag;
+  if (r->p >= r->end || depth > PACK_DEPTH + 1) bad(r);
+  tag = *r->p++;
+  switch (tag) {
+  case 'f':
+  case 't':
+    lua_pushboolean(L, tag == 't');
+    break;
+  case 'z':
+    lua_pushcfunction(L, wpl_json_null);
+    break;
+  case 'i': {
+    int64_t v;
+    get_bytes(r, &v, sizeof v);
+    lua_pushinteger(L, (lua_Integer)v);
+    break;
+  }
+  case 'd': {
+    double d;
+    get_bytes(r, &d, sizeof d);
+    lua_pushnumber(L, (lua_Number)d);
+    break;
+  }
+  case 's': {
+    uint64_t n = get_varint(r);
+    if ((uint64_t)(r->end - r->p) < n) bad(r);
+    lua_pushlstring(L, (const char *)r->p, (size_t)n);
+    r->p += n;
+    break;
+  }
+  case 'T': {
+    uint64_t narr = get_varint(r), i;
+    uint32_t nhash;
+    get_bytes(r, &nhash, sizeof nhash);
+    /* Every value takes a byte at least: refuse absurd size hints. */
+    if (narr > (uint64_t)(r->end - r->p) || nhash > (size_t)(r->end - r->p))
+      bad(r);
+    luaL_checkstack(L, 4, "pipeline.unpack: nesting too deep");
+    lua_createtable(L, (int)narr, (int)nhash);
+    for (i = 1; i <= narr; i++) {
+      unpack_value(r, depth + 1);
+      lua_rawseti(L, -2, (lua_Integer)i);
+    }
+    for (i = 0; i < nhash; i++) {
+      unpack_value(r, depth + 1);
+      unpack_value(r, depth + 1);
+      if (lua_isnil(L, -2)) bad(r);
+      lua_rawset(L, -3);
+    }
+    break;
+  }
+  default:
+    bad(r);
+  }
+}
+
+/* unpack(s) -> list, n   [-0, +2, e] */
+static int unpack(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  reader r;
+  uint64_t n, i;
+  r.L = L;
+  r.p = (const unsigned char *)s;
+  r.end = r.p + len;
+  n = get_varint(&r);
+  if (n > len) bad(&r);
+  lua_createtable(L, (int)n, 0);
+  for (i = 1; i <= n; i++) {
+    unpack_value(&r, 0);
+    lua_rawseti(L, -2, (lua_Integer)i);
+  }
+  if (r.p != r.end) bad(&r);
+  lua_pushinteger(L, (lua_Integer)n);
+  return 2;
+}
+
+void wpl_pack_open(lua_State *L) {
+  wp_register_cfunction("workerpool.pipeline.pack", pack);
+  wp_register_cfunction("workerpool.pipeline.unpack", unpack);
+  lua_pushcfunction(L, pack);
+  lua_setfield(L, -2, "pipeline.pack");
+  lua_pushcfunction(L, unpack);
+  lua_setfield(L, -2, "pipeline.unpack");
+}

@@ -1,0 +1,431 @@
+-- test_pipeline.lua: workerpool.pipeline through the Lua API in plain
+-- lua5.4 (run blocks): JSON round trip, ordered output and fan-out,
+-- reduce, dead letters with their exact fields, retries, skip and fail,
+-- per-item timeouts, report counts that add up, lua sources and sinks,
+-- check(), a completed checkpoint, and per-stage policies.
+
+local T = require "harness"
+local workerpool = require "workerpool"
+local pipeline = workerpool.pipeline
+local json = workerpool.json
+
+-- Files live beside a fresh temporary name (no child process: under the
+-- sanitizers a shell started by os.execute would load their runtime).
+local base = os.tmpname()
+local made = { base }
+local function F(name) return base .. "_" .. name end
+
+local function write(name, text)
+  local f = assert(io.open(F(name), "wb"))
+  f:write(text)
+  f:close()
+  made[#made + 1] = F(name)
+  return F(name)
+end
+local function lines_of(name)
+  local t = {}
+  for l in io.lines(F(name)) do t[#t + 1] = l end
+  return t
+end
+
+write("m.lua", [[
+local M = {}
+function M.id(x) return x end
+function M.jitter(x)
+  local n = tonumber(x)
+  if n % 7 == 0 then require("workerpool").sleep(0.002) end
+  if n % 3 == 0 then return end                -- drop
+  if n % 5 == 0 then return n .. "a", n .. "b" end  -- fan out
+  return x
+end
+local tried = {}
+function M.flaky(x)
+  tried[x] = (tried[x] or 0) + 1
+  if x == "2" and tried[x] == 1 then error("flaky " .. x) end
+  if x == "4" then error("always " .. x) end
+  return x
+end
+function M.hang(x)
+  if x == "3" then while true do end end
+  return x
+end
+function M.zero() return 0 end
+function M.add(a, x) return a + tonumber(x) end
+function M.merge(a, b) return a + b end
+function M.finish(a) return a, "total" end
+function M.gen()
+  local i = 0
+  return function() i = i + 1; if i <= 5 then return { n = i } end end
+end
+M.seen = {}
+function M.collect(x) M.seen[#M.seen + 1] = x end
+function M.by_tenant(x) return x.id end
+function M.fails(x) error("down") end
+function M.degraded(x) return "degraded " .. x.id end
+return M
+]])
+
+local function numbers(n, name)
+  local t = {}
+  for i = 1, n do t[i] = tostring(i) end
+  return write(name or "in.txt", table.concat(t, "\n") .. "\n")
+end
+
+local function cfg(t)
+  t.name = t.name or "t"
+  t.source = t.source or { type = "lines", path = F"in.txt" }
+  t.sink = t.sink or { type = "lines", path = F"out.txt" }
+  return t
+end
+
+local function stage(t)
+  t.module = F"m.lua"
+  return t
+end
+
+local function check_counts(rep)
+  for _, s in ipairs(rep.stages) do
+    T.eq(s["in"], s.ok + s.errors + s.abandoned, s.stage .. ": in = ok + errors + abandoned")
+    T.eq(s.errors, s.dead_lettered + s.skipped + s.failed, s.stage .. ": errors add up")
+  end
+end
+
+T.test("JSON values round-trip through a jsonl -> identity -> jsonl pipeline", function()
+  local inputs = {
+    '{"a": null, "b": [1, null, 2.5, "x"], "c": {"d": {}}, "e": []}',
+    '[null, null]', 'null', '12', '12.0', '-0.5', '"s\\u00e9"', 'true',
+    '{"big": 9007199254740993, "f": 1e-300}',
+  }
+  write("in.jsonl", table.concat(inputs, "\n") .. "\n")
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "jsonl", path = F"in.jsonl" },
+    -- two stages: the first hands its outputs to the second packed
+    stages = { stage{ name = "id", handler = "id", workers = 2, batch = 2 },
+               stage{ name = "id2", handler = "id", workers = 2, batch = 3 } },
+    sink = { type = "jsonl", path = F"out.jsonl" }, ordered = true }))
+  T.eq(rep.status, "done")
+  local out = lines_of("out.jsonl")
+  T.eq(#out, #inputs)
+  for i, l in ipairs(out) do
+    local want = json.decode(inputs[i])
+    local got = json.decode(l)
+    -- Compare through a canonical encoding: key order aside, same text.
+    local function canon(v)
+      if type(v) ~= "table" then return json.encode(v) end
+      local keys = {}
+      for k in pairs(v) do keys[#keys + 1] = k end
+      table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+      local parts = {}
+      for _, k in ipairs(keys) do parts[#parts + 1] = tostring(k) .. "=" .. canon(v[k]) end
+      return "{" .. table.concat(parts, ",") .. "}"
+    end
+    T.eq(canon(got), canon(want), "line " .. i)
+  end
+  T.ok(out[1]:find('"a":null', 1, true), "null kept in an object")
+  T.eq(out[4], "12")
+  T.eq(out[5], "12.0")
+end)
+
+T.test("ordered output with drops and fan-out, several workers", function()
+  numbers(3000)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "j", handler = "jitter", workers = 3, batch = 7, queue = 50 },
+               stage{ name = "id", handler = "id", workers = 2, batch = 3, queue = 20 } },
+    ordered = true }))
+  local want = {}
+  for i = 1, 3000 do
+    if i % 3 ~= 0 then
+      if i % 5 == 0 then want[#want + 1] = i .. "a"; want[#want + 1] = i .. "b"
+      else want[#want + 1] = tostring(i) end
+    end
+  end
+  local out = lines_of("out.txt")
+  T.eq(#out, #want)
+  for i = 1, #want do if out[i] ~= want[i] then T.eq(out[i], want[i], "line " .. i) end end
+  T.eq(rep.stages[1]["in"], 3000)
+  T.eq(rep.stages[1].dropped, 1000)
+  T.eq(rep.stages[1].out, #want)
+  T.eq(rep.written, #want)
+  check_counts(rep)
+end)
+
+T.test("reduce: per-worker accumulators merged, finish fans out", function()
+  numbers(1000)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "sum", kind = "reduce", init = "zero", add = "add",
+                      merge = "merge", finish = "finish", workers = 3, batch = 10 } } }))
+  T.eq(rep.status, "done")
+  local out = lines_of("out.txt")
+  T.eq(out[1], "500500")
+  T.eq(out[2], "total")
+  T.eq(rep.stages[1].ok, 1000)
+  T.eq(rep.stages[1].out, 2)
+end)
+
+T.test("dead letters: exact fields, retries, attempts", function()
+  numbers(5)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "flaky", handler = "flaky", retries = 2, batch = 5 } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" } }))
+  T.eq(rep.status, "done")
+  T.eq(rep.exit_code, 0)
+  local s = rep.stages[1]
+  T.eq(s.dead_lettered, 1)
+  T.eq(s.retried, 3) -- "2" once, "4" twice
+  T.eq(s.ok, 4)
+  check_counts(rep)
+  local dead = lines_of("dead.jsonl")
+  T.eq(#dead, 1)
+  local d = json.decode(dead[1])
+  local keys = {}
+  for k in pairs(d) do keys[#keys + 1] = k end
+  table.sort(keys)
+  T.eq(table.concat(keys, ","), "attempts,error,item,pipeline,seq,stage")
+  T.eq(d.pipeline, "t")
+  T.eq(d.stage, "flaky")
+  T.eq(d.seq, 4)
+  T.eq(d.attempts, 3)
+  T.eq(d.item, "4")
+  T.ok(d.error:find("always 4", 1, true) and d.error:find("stack traceback", 1, true), d.error)
+  T.eq(table.concat(lines_of("out.txt"), " "), "1 2 3 5")
+end)
+
+T.test("on_error skip and fail", function()
+  numbers(5)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "f", handler = "flaky", on_error = "skip" } } }))
+  T.eq(rep.stages[1].skipped, 2)
+  T.eq(rep.exit_code, 0)
+  check_counts(rep)
+  rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "f", handler = "flaky", on_error = "fail" } } }))
+  T.eq(rep.status, "failed")
+  T.eq(rep.exit_code, 1)
+  T.ok(rep.error:match("^stage f, item %d+: "), rep.error)
+  -- without dead_letter, fail is the default
+  rep = assert(pipeline.run(cfg{ stages = { stage{ name = "f", handler = "flaky" } } }))
+  T.eq(rep.status, "failed")
+end)
+
+T.test("timeout: the pool's deadline stops a hanging item; the batch is split", function()
+  numbers(6)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "h", handler = "hang", timeout = 0.2 * T.time_scale, batch = 6 } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+  T.eq(rep.status, "done")
+  T.eq(table.concat(lines_of("out.txt"), " "), "1 2 4 5 6")
+  local d = json.decode(lines_of("dead.jsonl")[1])
+  T.eq(d.seq, 3)
+  T.ok(d.error:find("timeout", 1, true), d.error)
+  check_counts(rep)
+end)
+
+T.test("bad jsonl lines and items the sink cannot write are dead-lettered", function()
+  write("bad.jsonl", '1\n{"a":\n\n"x"\n{"t": 1}\n')
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "jsonl", path = F"bad.jsonl" },
+    stages = { stage{ name = "id", handler = "id" } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+  T.eq(rep.exit_code, 0)
+  T.eq(rep.read, 4) -- the blank line is not an item
+  T.eq(table.concat(lines_of("out.txt"), " "), "1 x")
+  local dead = lines_of("dead.jsonl")
+  T.eq(#dead, 2)
+  local a, b = json.decode(dead[1]), json.decode(dead[2])
+  T.eq(a.stage, "source")
+  T.eq(a.seq, 2)
+  T.eq(a.item, '{"a":')
+  T.ok(a.error:match("^jsonl source: 1:%d+: "), a.error)
+  T.eq(b.stage, "sink")
+  T.eq(b.seq, 4)
+  T.eq(b.item.t, 1)
+  T.eq(rep.totals.source_errors, 1)
+  T.eq(rep.totals.sink_errors, 1)
+  T.eq(rep.totals.dead_lettered, 2)
+end)
+
+T.test("fused stages: one task per batch, per-stage counts, errors and retries", function()
+  numbers(3000)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "j", handler = "jitter", workers = 3, batch = 7, queue = 50 },
+               stage{ name = "f", handler = "flaky", fuse = true, retries = 1 },
+               stage{ name = "id", handler = "id", fuse = true } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+  T.eq(rep.status, "done")
+  local want = {}
+  for i = 1, 3000 do
+    if i % 3 ~= 0 and i ~= 4 then
+      if i % 5 == 0 then want[#want + 1] = i .. "a"; want[#want + 1] = i .. "b"
+      else want[#want + 1] = tostring(i) end
+    end
+  end
+  local out = lines_of("out.txt")
+  T.eq(#out, #want)
+  for i = 1, #want do if out[i] ~= want[i] then T.eq(out[i], want[i], "line " .. i) end end
+  local j, f, id = rep.stages[1], rep.stages[2], rep.stages[3]
+  T.eq(j["in"], 3000)
+  T.eq(j.dropped, 1000)
+  T.eq(f["in"], j.out)
+  T.eq(f.dead_lettered, 1)   -- "4" fails twice
+  T.eq(f.retried, 2)         -- "2" once (then ok), "4" once
+  T.eq(id["in"], f.out)
+  T.eq(id.out, #want)
+  check_counts(rep)
+  local d = json.decode(lines_of("dead.jsonl")[1])
+  T.eq(d.stage, "f")
+  T.eq(d.seq, 4)
+  T.eq(d.attempts, 2)
+  T.eq(d.item, "4")
+  -- a fused reduce: the accumulators live in the first stage's workers
+  numbers(1000)
+  rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "id", handler = "id", workers = 3, batch = 10 },
+               stage{ name = "sum", kind = "reduce", fuse = true, init = "zero", add = "add",
+                      merge = "merge", finish = "finish" } } }))
+  T.eq(table.concat(lines_of("out.txt"), " "), "500500 total")
+  T.eq(rep.stages[2]["in"], 1000)
+  T.eq(rep.stages[2].ok, 1000)
+  T.eq(rep.stages[2].out, 2)
+  check_counts(rep)
+  local ok, errs = pipeline.check(cfg{
+    stages = { stage{ name = "a", handler = "id", fuse = true },
+               stage{ name = "b", handler = "id", timeout = 1 },
+               stage{ name = "c", handler = "id", fuse = true, workers = 2 } } })
+  T.eq(ok, nil)
+  T.eq(table.concat(errs, "\n"), table.concat({
+    "config: /stages/0/fuse: the first stage has no stage before it to fuse with",
+    "config: /stages/1/timeout: not supported on fused stages",
+    "config: /stages/2/workers: a fused stage runs in the tasks of the stage before it " ..
+      "(set it there)" }, "\n"))
+end)
+
+T.test("a stage module can require a sibling module", function()
+  local name = F"helper":match("[^/]*$")
+  write("helper.lua", "return { twice = function(s) return s .. s end }")
+  write("uses.lua", string.format(
+    "local h = require(%q)\nreturn { run = function(x) return h.twice(x) end }", name))
+  numbers(3)
+  local rep = assert(pipeline.run(cfg{
+    stages = { { name = "u", module = F"uses.lua", handler = "run" } }, ordered = true }))
+  T.eq(rep.status, "done")
+  T.eq(table.concat(lines_of("out.txt"), " "), "11 22 33")
+end)
+
+T.test("lua source and lua sink run on the host", function()
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "lua", module = F"m.lua", ["function"] = "gen" },
+    stages = { stage{ name = "id", handler = "id" } },
+    sink = { type = "lua", module = write("sink.lua", [[
+      local M = {}
+      M.items = {}
+      function M.put(x) _G.PIPE_SEEN = _G.PIPE_SEEN or {}; table.insert(_G.PIPE_SEEN, x.n) end
+      return M]]), ["function"] = "put" } }))
+  T.eq(rep.written, 5)
+  T.eq(table.concat(_G.PIPE_SEEN, ","), "1,2,3,4,5")
+end)
+
+T.test("packed hand-off: plain data packs, anything else falls back", function()
+  local pack, unpack = workerpool["pipeline.pack"], workerpool["pipeline.unpack"]
+  local v = { 1, 2.0, "s\0", true, json.null, { a = { false }, [3] = 4, [1.5] = "f" } }
+  local back, n = unpack(assert(pack(v)))
+  T.eq(n, 6)
+  T.eq(math.type(back[1]), "integer")
+  T.eq(math.type(back[2]), "float")
+  T.eq(back[3], "s\0")
+  T.ok(back[5] == json.null, "null")
+  T.eq(back[6].a[1], false)
+  T.eq(back[6][3], 4)
+  T.eq(back[6][1.5], "f")
+  local c = {}
+  c.c = c
+  T.eq(pack({ c }), nil)
+  T.eq(pack({ print }), nil)
+  T.raises(function() unpack("\3Tzz") end, "malformed")
+  T.raises(function() unpack("\255\255\255\255\255\255\255\255\255\255") end, "malformed")
+  -- a stage whose outputs cannot be packed still hands them on
+  numbers(20)
+  write("fn.lua", "return { f = function(x) return { x = x, fn = print } end,\n" ..
+                  "         g = function(t) return t.x end }")
+  local rep = assert(pipeline.run(cfg{
+    stages = { { name = "f", module = F"fn.lua", handler = "f", batch = 4 },
+               { name = "g", module = F"fn.lua", handler = "g", batch = 4 } }, ordered = true }))
+  T.eq(rep.written, 20)
+  T.eq(lines_of("out.txt")[20], "20")
+end)
+
+T.test("check returns every error; run refuses a bad config before reading", function()
+  local ok, errs = pipeline.check{
+    name = "x", stages = { { name = "a" }, { name = "a", wokers = 1 } },
+    source = { type = "lines", path = "-" }, sink = { type = "nul" } }
+  T.eq(ok, nil)
+  T.ok(#errs >= 4, table.concat(errs, "\n"))
+  T.ok(table.concat(errs, "\n"):find(
+    'config: /stages/1: unknown key "wokers" (did you mean "workers"?)', 1, true))
+  local rep, msg = pipeline.run{ name = "x" }
+  T.eq(rep, nil)
+  T.ok(msg:find('missing required key "stages"', 1, true), msg)
+  T.eq(pipeline.check(cfg{ stages = { stage{ name = "a", handler = "id" } } }), true)
+end)
+
+T.test("a completed checkpoint makes resume a no-op", function()
+  numbers(10)
+  local c = cfg{ stages = { stage{ name = "id", handler = "id" } },
+                 checkpoint = F"cp.json" }
+  local rep = assert(pipeline.run(c))
+  T.eq(rep.checkpoint.complete, true)
+  T.eq(rep.checkpoint.seq, 10)
+  rep = assert(pipeline.run(c, { resume = true }))
+  T.eq(rep.already_complete, true)
+  T.eq(rep.exit_code, 0)
+  T.eq(#lines_of("out.txt"), 10)
+end)
+
+T.test("resume skips the checkpointed items and appends", function()
+  numbers(10)
+  write("cp2.json", '{"pipeline": "t", "seq": 6, "complete": false}\n')
+  write("out.txt", "1\n2\n3\n4\n5\n6\n")
+  local rep = assert(pipeline.run(cfg{ stages = { stage{ name = "id", handler = "id" } },
+                                       checkpoint = F"cp2.json" }, { resume = true }))
+  T.eq(rep.read, 4)
+  T.eq(rep.resumed_from, 6)
+  T.eq(table.concat(lines_of("out.txt"), " "), "1 2 3 4 5 6 7 8 9 10")
+end)
+
+T.test("policies: refused items wait and are retried; breaker fallback", function()
+  local items = {}
+  for i = 1, 30 do
+    items[i] = json.encode{ id = tostring(i), customer = i % 2 == 0 and "a" or "b" }
+  end
+  write("t.jsonl", table.concat(items, "\n") .. "\n")
+  local rep = assert(pipeline.run(cfg{
+    name = "pol",
+    source = { type = "jsonl", path = F"t.jsonl" },
+    stages = { stage{ name = "limited", handler = "by_tenant", tenant = "customer", workers = 2,
+                      policies = { { use = "tenant.bucket", rate = 200, burst = 5 },
+                                   { use = "tenant.concurrency", limit = 1 } } } },
+    ordered = true }))
+  T.eq(rep.written, 30)
+  local out = lines_of("out.txt")
+  for i = 1, 30 do T.eq(out[i], tostring(i)) end
+  rep = assert(pipeline.run(cfg{
+    name = "brk",
+    source = { type = "jsonl", path = F"t.jsonl" },
+    stages = { stage{ name = "down", handler = "fails", queue = 1,
+                      policies = { { use = "breaker", consecutive_failures = 3, open_timeout = 60,
+                                     fallback = "degraded" } } } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+  -- Items admitted before the breaker saw 3 failures fail too; every
+  -- later one goes to the fallback while the breaker is open.
+  local dl = rep.stages[1].dead_lettered
+  T.ok(dl >= 3 and dl < 30, "dead letters: " .. dl)
+  out = lines_of("out.txt")
+  T.eq(#out, 30 - dl)
+  for _, l in ipairs(out) do T.ok(l:match("^degraded %d+$"), l) end
+  check_counts(rep)
+end)
+
+T.run()
+for _, f in ipairs(made) do os.remove(f) end
+for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json" } do
+  os.remove(F(f))
+end

@@ -1,0 +1,1 @@
+error("this module is broken")
