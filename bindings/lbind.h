@@ -67,6 +67,14 @@ WPL_HIDDEN int wpl_push_stats(lua_State *L, wp_pool *p);
 /* [-0, +1, e] Every live pool's metrics, Prometheus text format, then
  * what this state's collectors add. */
 WPL_HIDDEN int wpl_push_metrics(lua_State *L);
+/* pool:inspect() for p.   [-0, +1, m] */
+WPL_HIDDEN int wpl_push_inspect(lua_State *L, wp_pool *p);
+/* Whether any live pool is wedged: tasks wait while every worker is stuck
+ * or past its deadline.  Any thread; no Lua. */
+WPL_HIDDEN int wpl_pools_wedged(void);
+/* GET /debug/pools: every live pool's view as a JSON array, malloc'd (the
+ * caller frees), or NULL out of memory.  Any thread; no Lua. */
+WPL_HIDDEN char *wpl_pools_json(size_t *len);
 /* workerpool.metrics_collector(name, fn | nil)   [-0, +0, e] */
 WPL_HIDDEN int wpl_metrics_collector(lua_State *L);
 /* The same text, malloc'd (the caller frees), or NULL out of memory.  Any

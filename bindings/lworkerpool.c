@@ -812,6 +812,13 @@ static int pool_use(lua_State *L) {
   return wpl_policy_use(L, checkpool(L)->p);
 }
 
+/* pool:inspect() -> {workers = {{id =, state =, task =, tenant =,
+ * running_s =, overdue =, tasks_done =, memory =}, ...}, queued =,
+ * oldest_queued_s =, wedged =}   [-0, +1, e] */
+static int pool_inspect(lua_State *L) {
+  return wpl_push_inspect(L, checkpool(L)->p);
+}
+
 /* pool:policies() -> {{name =, module =, fn =, local =}, ...}
  * [-0, +1, e] */
 static int pool_policies(lua_State *L) {
@@ -1075,25 +1082,17 @@ static const luaL_Reg module_funcs[] = {
     {"set_log_level", wpl_lua_set_log_level},
     {NULL, NULL}};
 
-static const luaL_Reg pool_methods[] = {{"submit", pool_submit},
-                                        {"submit_wait", pool_submit_wait},
-                                        {"post", pool_post},
-                                        {"map", pool_map},
-                                        {"pause", pool_pause},
-                                        {"resume", pool_resume},
-                                        {"stop", pool_stop},
-                                        {"stop_wait", pool_stop_wait},
-                                        {"stopped", pool_stopped},
-                                        {"waiting", pool_waiting},
-                                        {"running", pool_running},
-                                        {"workers", pool_workers},
-                                        {"size", pool_size},
-                                        {"stats", pool_stats},
-                                        {"use", pool_use},
-                                        {"resize", pool_resize},
-                                        {"name", pool_name},
-                                        {"policies", pool_policies},
-                                        {NULL, NULL}};
+static const luaL_Reg pool_methods[] = {
+    {"submit", pool_submit},   {"submit_wait", pool_submit_wait},
+    {"post", pool_post},       {"map", pool_map},
+    {"pause", pool_pause},     {"resume", pool_resume},
+    {"stop", pool_stop},       {"stop_wait", pool_stop_wait},
+    {"stopped", pool_stopped}, {"waiting", pool_waiting},
+    {"running", pool_running}, {"workers", pool_workers},
+    {"size", pool_size},       {"stats", pool_stats},
+    {"use", pool_use},         {"resize", pool_resize},
+    {"name", pool_name},       {"policies", pool_policies},
+    {"inspect", pool_inspect}, {NULL, NULL}};
 
 static const luaL_Reg pool_meta[] = {{"__gc", pool_gc},
                                      {"__close", pool_close},

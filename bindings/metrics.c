@@ -211,6 +211,7 @@ int wpl_push_stats(lua_State *L, wp_pool *p) {
     set_int(L, classes[j], cls[j]);
   lua_setfield(L, -2, "dropped");
   set_int(L, "queued", s->queued);
+  set_int(L, "queued_peak", s->queued_peak);
   set_int(L, "queued_bytes", s->queued_bytes);
   set_int(L, "running", (uint64_t)s->running);
   set_int(L, "workers", (uint64_t)s->workers);
@@ -661,6 +662,8 @@ char *wpl_metrics_text(size_t *len) {
          "Workers declared stuck past a deadline.", stuck_total)
   SERIES("workerpool_queue_depth", "gauge", "Tasks queued, not started.",
          queued)
+  SERIES("workerpool_queue_depth_peak", "gauge",
+         "The most tasks queued at once since the pool began.", queued_peak)
   SERIES("workerpool_queued_bytes", "gauge",
          "Bytes of the arguments of queued tasks.", queued_bytes)
   SERIES("workerpool_running_tasks", "gauge", "Tasks running now.", running)
@@ -818,6 +821,163 @@ static void run_thread_collectors(sbuf *b) {
     }
     lua_settop(L, top);
   }
+}
+
+/* ---- the live view: pool:inspect() and GET /debug/pools -------------- */
+
+typedef struct view {
+  wp_worker_info *w;
+  int n;
+  size_t queued;
+  double oldest;
+} view;
+
+/* Fills v for p (v->w malloc'd; free it).  0, or WP_ENOMEM.  No Lua. */
+static int view_of(wp_pool *p, view *v) {
+  int cap = 16;
+  memset(v, 0, sizeof *v);
+  for (;;) {
+    if ((v->w = malloc((size_t)cap * sizeof *v->w)) == NULL) return WP_ENOMEM;
+    v->n = wp_pool_inspect(p, v->w, cap, &v->queued, &v->oldest);
+    if (v->n <= cap) return 0;
+    free(v->w);
+    cap = v->n + 16;
+  }
+}
+
+/* Whether tasks wait while every worker is stuck or past its deadline. */
+static int view_wedged(const view *v) {
+  int i;
+  if (v->queued == 0 || v->n == 0) return 0;
+  for (i = 0; i < v->n; i++)
+    if (v->w[i].state != 2 && !v->w[i].overdue) return 0;
+  return 1;
+}
+
+static const char *const worker_states[] = {"idle", "running", "stuck"};
+
+/* The view as a JSON object (NULL out of memory).  No Lua. */
+static json_t *view_json(const char *name, const view *v) {
+  json_t *ws = json_array(), *o;
+  int i;
+  if (ws == NULL) return NULL;
+  for (i = 0; i < v->n; i++) {
+    const wp_worker_info *w = &v->w[i];
+    json_t *j = json_pack("{s:i,s:s,s:f,s:I,s:I,s:b}", "id", w->id, "state",
+                          worker_states[w->state], "running_s", w->running_s,
+                          "tasks_done", (json_int_t)w->tasks_done, "memory",
+                          (json_int_t)w->memory, "overdue", w->overdue);
+    if (j && w->has_task) json_object_set_new(j, "task", wpl_json_str(w->task));
+    if (j && w->has_tenant)
+      json_object_set_new(j, "tenant", wpl_json_str(w->tenant));
+    if (j == NULL || json_array_append_new(ws, j) != 0) {
+      json_decref(ws);
+      return NULL;
+    }
+  }
+  o = json_pack("{s:o,s:o,s:I,s:f,s:b}", "pool", wpl_json_str(name), "workers",
+                ws, "queued", (json_int_t)v->queued, "oldest_queued_s",
+                v->oldest, "wedged", view_wedged(v));
+  return o;
+}
+
+int wpl_push_inspect(lua_State *L, wp_pool *p) {
+  view *v = lua_newuserdatauv(L, sizeof *v, 0); /* anchors nothing */
+  wp_worker_info *w;
+  int i;
+  if (view_of(p, v) != 0) return luaL_error(L, "not enough memory");
+  /* Copied into Lua-owned memory before any call that can raise. */
+  w = lua_newuserdatauv(L, (size_t)(v->n ? v->n : 1) * sizeof *w, 0);
+  memcpy(w, v->w, (size_t)v->n * sizeof *w);
+  free(v->w);
+  v->w = w;
+  lua_createtable(L, 0, 4);
+  lua_createtable(L, v->n, 0);
+  for (i = 0; i < v->n; i++) {
+    lua_createtable(L, 0, 8);
+    lua_pushinteger(L, w[i].id);
+    lua_setfield(L, -2, "id");
+    lua_pushstring(L, worker_states[w[i].state]);
+    lua_setfield(L, -2, "state");
+    if (w[i].has_task) {
+      lua_pushstring(L, w[i].task);
+      lua_setfield(L, -2, "task");
+    }
+    if (w[i].has_tenant) {
+      lua_pushstring(L, w[i].tenant);
+      lua_setfield(L, -2, "tenant");
+    }
+    lua_pushnumber(L, w[i].running_s);
+    lua_setfield(L, -2, "running_s");
+    lua_pushboolean(L, w[i].overdue);
+    lua_setfield(L, -2, "overdue");
+    lua_pushinteger(L, (lua_Integer)w[i].tasks_done);
+    lua_setfield(L, -2, "tasks_done");
+    lua_pushinteger(L, (lua_Integer)w[i].memory);
+    lua_setfield(L, -2, "memory");
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "workers");
+  lua_pushinteger(L, (lua_Integer)v->queued);
+  lua_setfield(L, -2, "queued");
+  lua_pushnumber(L, v->oldest);
+  lua_setfield(L, -2, "oldest_queued_s");
+  lua_pushboolean(L, view_wedged(v));
+  lua_setfield(L, -2, "wedged");
+  return 1;
+}
+
+/* Calls fn for each live pool with its view; stops at a nonzero return.
+ * Returns that, or -1 out of memory. */
+static int each_view(int (*fn)(const char *, const view *, void *), void *ud) {
+  wp_pool **pools;
+  int n = wp_pool_list(NULL, 0), m, i, r = 0;
+  if ((pools = malloc((size_t)(n + 1) * sizeof *pools)) == NULL) return -1;
+  m = wp_pool_list(pools, n);
+  if (m > n) m = n;
+  for (i = 0; i < m; i++) {
+    view v;
+    if (r == 0) {
+      if (view_of(pools[i], &v) != 0) {
+        r = -1;
+      } else {
+        r = fn(wp_pool_name(pools[i]), &v, ud);
+        free(v.w);
+      }
+    }
+    wp_pool_release(pools[i]);
+  }
+  free(pools);
+  return r;
+}
+
+static int wedged_fn(const char *name, const view *v, void *ud) {
+  (void)name;
+  (void)ud;
+  return view_wedged(v);
+}
+
+int wpl_pools_wedged(void) {
+  return each_view(wedged_fn, NULL) == 1;
+}
+
+static int json_fn(const char *name, const view *v, void *ud) {
+  json_t *o = view_json(name, v);
+  return o == NULL || json_array_append_new(ud, o) != 0 ? -1 : 0;
+}
+
+char *wpl_pools_json(size_t *len) {
+  json_t *a = json_array();
+  char *s;
+  if (a == NULL) return NULL;
+  if (each_view(json_fn, a) != 0) {
+    json_decref(a);
+    return NULL;
+  }
+  s = json_dumps(a, JSON_COMPACT);
+  json_decref(a);
+  if (s) *len = strlen(s);
+  return s;
 }
 
 #define WPL_CBUF_MT "workerpool.cbuf"

@@ -4,7 +4,10 @@
 # shows the breaker's state, transitions and refusals, the tenant's
 # admitted and rejected series, the refusal reasons of
 # workerpool_dropped_total, a Lua collector's series (and not an invalid
-# collector's), and promtool accepts the whole text.
+# collector's), and promtool accepts the whole text.  Then a pool whose
+# only worker is stuck past its deadline while a task waits: /readyz
+# answers 503, /debug/pools shows the task's name, tenant and a growing
+# running_s, and /readyz answers 200 again once the worker is replaced.
 #
 # Ends with an "N passed, N failed" line and exits non-zero when a check
 # failed.  The server is killed at the end.
@@ -57,6 +60,19 @@ W.metrics_collector("app", function()
   return "# HELP app_jobs_total Jobs.\n# TYPE app_jobs_total counter\napp_jobs_total 7\n"
 end)
 W.metrics_collector("broken", function() return "}{ not prometheus\n" end)
+-- on the trigger file: wedge pool "wedge" (its worker spins in a
+-- coroutine, where the deadline cannot interrupt it, until declared stuck
+-- 3 s past the deadline and replaced)
+local wedge = W.new { name = "wedge", max_workers = 1, stuck_grace = 3 }
+W.spawn(function()
+  while not io.open(arg[1]) do W.sleep(0.05) end
+  wedge:submit({ name = "spin", tenant = "acme", timeout = 0.2, fn = function()
+    local d = require("workerpool").shared("phttp")
+    coroutine.wrap(function() while not d:get("release") do end end)()
+  end })
+  wedge:submit(function() end) -- waits behind it
+end)
+W.on_shutdown(function() W.shared("phttp"):set("release", true) end)
 print("ready")
 io.stdout:flush()
 while true do W.sleep(3600) end
@@ -67,7 +83,7 @@ for try in 1 2 3 4 5; do
   : > "$TMP/out"
   env ${WPOOL_PRELOAD:+LD_PRELOAD=$WPOOL_PRELOAD} "$WPOOL" run \
     --metrics-addr "127.0.0.1:$PORT" --log-file "$TMP/log" \
-    "$TMP/server.lua" > "$TMP/out" 2> "$TMP/err" &
+    "$TMP/server.lua" "$TMP/trigger" > "$TMP/out" 2> "$TMP/err" &
   SERVER_PID=$!
   up=0
   for i in $(seq 1 600); do
@@ -113,6 +129,46 @@ if out=$(promtool check metrics < "$TMP/metrics" 2>&1); then
 else
   bad "promtool check metrics: $out"
 fi
+
+code() { timeout 10 curl -s -o /dev/null -w '%{http_code}' --max-time 5 \
+  "http://127.0.0.1:$PORT$1"; }
+eq() { if [ "$2" = "$3" ]; then ok "$1"; else bad "$1 (got '$2', want '$3')"; fi; }
+# prints "task tenant running_s" of pool wedge's running worker
+spin() {
+  timeout 10 curl -s --max-time 5 "http://127.0.0.1:$PORT/debug/pools" |
+    python3 -c '
+import json, sys
+for p in json.load(sys.stdin):
+    if p["pool"] == "wedge":
+        for w in p["workers"]:
+            if "task" in w:
+                print(w["task"], w.get("tenant"), w["running_s"], w["state"])'
+}
+eq "/readyz before" "$(code /readyz)" 200
+touch "$TMP/trigger"
+got=""
+for i in $(seq 1 100); do
+  got=$(code /readyz)
+  if [ "$got" = 503 ]; then break; fi
+  sleep 0.05
+done
+eq "/readyz answers 503 while the pool is wedged" "$got" 503
+read -r t1 tn1 r1 st1 <<< "$(spin)"
+sleep 0.3
+read -r t2 tn2 r2 st2 <<< "$(spin)"
+eq "/debug/pools names the running task" "$t1 $tn1" "spin acme"
+if python3 -c "import sys; sys.exit(0 if float('$r2') > float('$r1') > 0 else 1)" 2>/dev/null; then
+  ok "running_s grows ($r1 -> $r2)"
+else
+  bad "running_s grows ($r1 -> $r2)"
+fi
+got=""
+for i in $(seq 1 300); do
+  got=$(code /readyz)
+  if [ "$got" = 200 ]; then break; fi
+  sleep 0.1
+done
+eq "/readyz answers 200 once the stuck worker is replaced" "$got" 200
 
 kill -KILL "$SERVER_PID" 2>/dev/null
 wait "$SERVER_PID" 2>/dev/null

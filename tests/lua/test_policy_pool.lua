@@ -265,4 +265,43 @@ T.test("metrics_collector: valid text is appended, invalid text is dropped", fun
   T.eq(select(2, ex.check("a 1", {})), "does not end with a newline")
 end)
 
+-- ---- the live view ------------------------------------------------------------
+
+T.test("pool:inspect: what each worker runs now, the queue, the peak depth", function()
+  local gd = fresh("gate")
+  local p = newpool { max_workers = 1, name = fresh("insp") }
+  local v = p:inspect()
+  T.eq(#v.workers, 0, "workers start lazily")
+  T.eq(v.queued, 0)
+  T.eq(v.oldest_queued_s, 0.0)
+  local f = p:submit({ name = "job", tenant = "acme", fn = T.gate }, gd, "open")
+  T.eventually(function()
+    local ws = p:inspect().workers
+    return ws[1] and ws[1].state == "running"
+  end, 10, "running")
+  local g = p:submit(noop)
+  v = p:inspect()
+  local w = v.workers[1]
+  T.eq(w.task, "job")
+  T.eq(w.tenant, "acme")
+  T.ok(w.running_s >= 0)
+  T.ok(w.memory > 0, "memory of the state")
+  T.eq(w.overdue, false)
+  T.eq(v.queued, 1)
+  T.ok(v.oldest_queued_s >= 0)
+  T.eq(v.wedged, false)
+  wp.sleep(0.05)
+  T.ok(p:inspect().workers[1].running_s > w.running_s, "running_s grows")
+  T.ok(p:inspect().oldest_queued_s > v.oldest_queued_s, "the queued task ages")
+  wp.shared(gd):set("open", true)
+  T.ok(f:wait())
+  T.ok(g:wait())
+  T.eventually(function() return p:inspect().workers[1].tasks_done == 2 end, 10, "2 done")
+  T.eq(p:inspect().workers[1].state, "idle")
+  T.eq(p:inspect().workers[1].task, nil)
+  T.eq(p:stats().queued_peak, 1)
+  T.ok(wp.metrics():find('workerpool_queue_depth_peak{pool="' .. p:name() .. '"} 1', 1, true))
+  T.eq(p:stop_wait(), 0)
+end)
+
 T.run()
