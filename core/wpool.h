@@ -310,6 +310,7 @@ typedef struct wp_event {
   int worker;          /* worker id, or 0 */
   int64_t n, n2;
   double seconds;
+  const char *tenant; /* the task's tenant, or NULL */
 } wp_event;
 
 /* Installs the process-wide event sink (NULL: none).  fn is called from

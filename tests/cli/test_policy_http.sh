@@ -56,6 +56,12 @@ api:use(W.tenant.bucket { rate = 0.001, burst = 3 }):use(b)
 for _ = 1, 5 do api:submit({ handler = "work", tenant = "acme" }) end
 for _ = 1, 2 do api:submit("fail"):wait() end
 for _ = 1, 2 do assert(select(2, api:submit("work")) == "open") end
+-- task events of a task with a tenant carry it
+local lp = W.new { name = "logs", max_workers = 1, slow_task = 0.05 }
+lp:submit({ name = "e", tenant = "t1", fn = function() error("x") end }):wait()
+lp:submit({ name = "s", tenant = "t1", fn = function() require("workerpool").sleep(0.3) end }):wait()
+lp:submit({ name = "to", tenant = "t1", timeout = 0.05,
+  fn = function() require("workerpool").sleep(2) end }):wait()
 W.metrics_collector("app", function()
   return "# HELP app_jobs_total Jobs.\n# TYPE app_jobs_total counter\napp_jobs_total 7\n"
 end)
@@ -124,6 +130,13 @@ if grep 'metrics collector dropped' "$TMP/log" | grep -q '"collector":"broken"';
 else
   bad "and logged: $(cat "$TMP/log" | tail -3)"
 fi
+for ev in task.error task.slow task.timeout; do
+  if grep "\"event\":\"$ev\"" "$TMP/log" | grep '"pool":"logs"' | grep -q '"tenant":"t1"'; then
+    ok "$ev carries the tenant"
+  else
+    bad "$ev carries the tenant: $(grep "$ev" "$TMP/log" | head -2)"
+  fi
+done
 if out=$(promtool check metrics < "$TMP/metrics" 2>&1); then
   ok "promtool check metrics"
 else
