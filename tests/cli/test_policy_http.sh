@@ -53,7 +53,9 @@ local api = W.new { name = "api", max_workers = 2, init = [[
 ]] }
 local b = W.breaker.new { name = "db", consecutive_failures = 2, open_timeout = 3600 }
 api:use(W.tenant.bucket { rate = 0.001, burst = 3 }):use(b)
-for _ = 1, 5 do api:submit({ handler = "work", tenant = "acme" }) end
+local works = {}
+for _ = 1, 5 do works[#works + 1] = api:submit({ handler = "work", tenant = "acme" }) end
+for _, f in ipairs(works) do f:wait() end -- their successes count before the failures
 for _ = 1, 2 do api:submit("fail"):wait() end
 for _ = 1, 2 do assert(select(2, api:submit("work")) == "open") end
 -- task events of a task with a tenant carry it

@@ -82,12 +82,12 @@ T.test("a host's bucket limits host + 4 worker states to burst + rate*t", functi
   T.eq(target:stop_wait(), 0)
 end)
 
--- A policy module on package.path, used by name.
-local moddir = os.tmpname()
-os.remove(moddir)
-os.execute("mkdir -p " .. moddir)
+-- A policy module on package.path, used by name. (Files next to a
+-- tmpname, not in a new directory: os.execute cannot run under TSan.)
+local modbase = os.tmpname()
+local modfiles = { modbase .. "_ppool_deny.lua", modbase .. "_ppool_deny_new.lua" }
 do
-  local fh = assert(io.open(moddir .. "/ppool_deny.lua", "w"))
+  local fh = assert(io.open(modfiles[1], "w"))
   fh:write([[
 return function(opts)
   return { admit = function(_, task)
@@ -97,7 +97,7 @@ return function(opts)
 end
 ]])
   fh:close()
-  fh = assert(io.open(moddir .. "/ppool_deny_new.lua", "w"))
+  fh = assert(io.open(modfiles[2], "w"))
   fh:write([[
 return { new = function(opts)
   return { admit = function(_, task)
@@ -108,7 +108,7 @@ end }
 ]])
   fh:close()
 end
-package.path = moddir .. "/?.lua;" .. package.path
+package.path = modbase .. "_?.lua;" .. package.path
 
 T.test("pool:use(module, opts) rebuilds a user policy in every state", function()
   local target = newpool { name = fresh("target") }
@@ -135,7 +135,8 @@ T.test("pool:use(module, opts) rebuilds a user policy in every state", function(
   T.raises(function() target:use("ppool_no_such_module", {}) end, "ppool_no_such_module")
   T.eq(other:stop_wait(), 0)
   T.eq(target:stop_wait(), 0)
-  os.execute("rm -rf " .. moddir)
+  for _, f in ipairs(modfiles) do os.remove(f) end
+  os.remove(modbase)
 end)
 
 T.test("a closure policy stays local to the attaching state and is listed so", function()
