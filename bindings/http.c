@@ -3,7 +3,9 @@
  *
  *   GET /metrics  every live pool's metrics (Prometheus text format)
  *   GET /healthz  liveness: 200 from the loop itself, shutdown included
- *   GET /readyz   readiness: 503 once shutdown began or a pool stopped
+ *   GET /readyz   readiness: 503 once shutdown began or a pool stopped,
+ *                 and while a pool is wedged (metrics.c)
+ *   GET /debug/pools  what every pool's workers run now, as JSON
  *
  * Requests are parsed by http-parser (Debian's libhttp-parser).  A request
  * that is malformed, or larger than MAX_REQUEST bytes, gets a 400 and its
@@ -189,17 +191,24 @@ static int on_message_complete(http_parser *p) {
   }
   if ((q = strchr(c->url, '?')) != NULL) *q = '\0'; /* ignore the query */
   if (strcmp(c->url, "/healthz") && strcmp(c->url, "/readyz") &&
-      strcmp(c->url, "/metrics")) {
+      strcmp(c->url, "/metrics") && strcmp(c->url, "/debug/pools")) {
     respond_text(c, 404, "Not Found", "not found\n", keep);
   } else if (p->method != HTTP_GET) {
     respond_text(c, 405, "Method Not Allowed", "only GET\n", keep);
   } else if (strcmp(c->url, "/healthz") == 0) {
     respond_text(c, 200, "OK", "ok\n", keep);
   } else if (strcmp(c->url, "/readyz") == 0) {
-    if (wpool_host_ready(h))
+    if (wpool_host_ready(h) && !wpl_pools_wedged())
       respond_text(c, 200, "OK", "ready\n", keep);
     else
       respond_text(c, 503, "Service Unavailable", "not ready\n", keep);
+  } else if (strcmp(c->url, "/debug/pools") == 0) {
+    size_t len = 0;
+    char *text = wpl_pools_json(&len);
+    if (text == NULL)
+      respond_text(c, 500, "Internal Server Error", "out of memory\n", 0);
+    else
+      respond(c, 200, "OK", "application/json", text, len, 1, keep);
   } else {
     size_t len = 0;
     char *text = wpl_metrics_text(&len);

@@ -64,13 +64,33 @@ WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
 
 /* [-0, +1, m] pool:stats() as a table. */
 WPL_HIDDEN int wpl_push_stats(lua_State *L, wp_pool *p);
-/* [-0, +1, m] Every live pool's metrics, Prometheus text format. */
+/* [-0, +1, e] Every live pool's metrics, Prometheus text format, then
+ * what this state's collectors add. */
 WPL_HIDDEN int wpl_push_metrics(lua_State *L);
+/* pool:inspect() for p.   [-0, +1, m] */
+WPL_HIDDEN int wpl_push_inspect(lua_State *L, wp_pool *p);
+/* Whether any live pool is wedged: tasks wait while every worker is stuck
+ * or past its deadline.  Any thread; no Lua. */
+WPL_HIDDEN int wpl_pools_wedged(void);
+/* GET /debug/pools: every live pool's view as a JSON array, malloc'd (the
+ * caller frees), or NULL out of memory.  Any thread; no Lua. */
+WPL_HIDDEN char *wpl_pools_json(size_t *len);
+/* workerpool.metrics_collector(name, fn | nil)   [-0, +0, e] */
+WPL_HIDDEN int wpl_metrics_collector(lua_State *L);
 /* The same text, malloc'd (the caller frees), or NULL out of memory.  Any
  * thread; no Lua. */
 WPL_HIDDEN char *wpl_metrics_text(size_t *len);
 /* [-0, +0, m] Registers the metatables metrics.c uses. */
 WPL_HIDDEN void wpl_metrics_init(lua_State *L);
+/* Counts one admission decision of p's policies for the tenant (NULL:
+ * none): admitted, or refused for `reason` (NULL: "policy").  Any thread;
+ * no Lua; never fails (a full dictionary loses the count). */
+WPL_HIDDEN void wpl_metrics_admission(wp_pool *p, const char *tenant,
+                                      int admitted, const char *reason);
+/* Remembers pool p (a new reference) for workerpool_pool_stopped, with
+ * its tenant_label_limit; forgets an earlier pool of the same name.  Any
+ * thread; no Lua. */
+WPL_HIDDEN void wpl_metrics_pool_created(wp_pool *p, int tenant_label_limit);
 
 /* ---- health and metrics endpoints (http.c) ---------------------------- */
 
@@ -119,11 +139,21 @@ WPL_HIDDEN int wpl_host_watch(lua_State *L, wp_future *f);
 /* pool:use(policy) for the pool handle at 1.   [-0, +1, e] */
 WPL_HIDDEN int wpl_policy_use(lua_State *L, wp_pool *p);
 /* [-0, +0|1|2, e] Runs the admission of p's policies in this state for a
- * task with options o: returns 0 (no policies: nothing pushed), 1 (admitted:
- * the task table pushed) or -1 (refused: nil and the reason pushed; the drop
- * is counted). */
-WPL_HIDDEN int wpl_policy_admit(lua_State *L, wp_pool *p,
-                                const wp_task_opts *o);
+ * task with options o whose function or handler is at stack index tslot:
+ * returns 0 (no policies: nothing pushed), 1 (admitted: the task table
+ * pushed), -1 (refused: nil and the reason pushed; the drop is counted) or
+ * 2 (degraded: a policy named a handler to run instead; it replaced the
+ * task at tslot, and the reason is pushed). */
+WPL_HIDDEN int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o,
+                                int tslot);
+/* pool:policies() for p.   [-0, +1, e] */
+WPL_HIDDEN int wpl_policy_list(lua_State *L, wp_pool *p);
+/* [-0, +0, m] Marks the future userdata at fut as run degraded for the
+ * refusal reason at why. */
+WPL_HIDDEN void wpl_policy_mark_degraded(lua_State *L, int fut, int why);
+/* [-0, +1, m] Pushes the refusal the future at fut ran degraded for, or
+ * false. */
+WPL_HIDDEN int wpl_policy_degraded(lua_State *L, int fut);
 /* [-0, +0, e] After a successful submit: arranges for every policy's done
  * to run, on this state's thread, when the future at fut ends; task is the
  * index of the task table. */

@@ -125,6 +125,7 @@ void wpl_log_event(const wp_event *ev) {
   if ((f = json_object()) == NULL) return;
   json_object_set_new(f, "pool", wpl_json_str(ev->pool));
   if (ev->task) json_object_set_new(f, "task", wpl_json_str(ev->task));
+  if (ev->tenant) json_object_set_new(f, "tenant", wpl_json_str(ev->tenant));
   if (ev->worker) json_object_set_new(f, "worker", json_integer(ev->worker));
   switch (ev->type) {
   case WP_EV_POOL_CREATED:

@@ -98,6 +98,7 @@ static const char *const pool_options[] = {"name",
                                            "memory_limit",
                                            "max_tasks_per_worker",
                                            "drop_log_interval",
+                                           "tenant_label_limit",
                                            NULL};
 
 /* [-0, +0, e] Raises on a key of opts that is not an option. */
@@ -212,7 +213,7 @@ static int wpl_new(lua_State *L) {
   char err[4096], *file = NULL, initname[512];
   const char *init_file;
   size_t len = 0;
-  int r, saved;
+  int r, saved, label_limit;
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   check_option_names(L);
@@ -253,6 +254,9 @@ static int wpl_new(lua_State *L) {
   o.max_tasks_per_worker =
       (int)int_option(L, "max_tasks_per_worker", 1, INT32_MAX, 0, 0,
                       "max_tasks_per_worker must be a positive integer");
+  label_limit =
+      (int)int_option(L, "tenant_label_limit", 0, INT32_MAX, 0, 100,
+                      "tenant_label_limit must be a non-negative integer");
   lua_settop(L, 1); /* the strings below stay on the stack, anchored */
   o.name = str_option(L, 1, "name");         /* 2 */
   o.init = str_option(L, 1, "init");         /* 3 */
@@ -300,6 +304,7 @@ static int wpl_new(lua_State *L) {
   if (r == WP_EINVAL || r == WP_EEXISTS)
     return luaL_error(L, "workerpool.new: %s", err);
   if (r) return luaL_error(L, "workerpool.new: %s", wp_strerror(r));
+  wpl_metrics_pool_created(u->p, label_limit);
   return 1;
 }
 
@@ -478,18 +483,23 @@ static int submit(lua_State *L, const char *what, int ret) {
   wp_task_opts o;
   double submit_timeout;
   wpl_future *fu;
-  int self, task, nargs, r, parkable, admitted, then_wait = ret == RET_WAIT;
+  int self, task, nargs, r, parkable, admitted, degraded;
+  int then_wait = ret == RET_WAIT;
   luaL_checkany(L, 2);
   self = parse_task(L, what, &o);
   task = self + 1;
   nargs = lua_gettop(L) - task;
-  if ((admitted = wpl_policy_admit(L, u->p, &o)) < 0) {
+  if ((admitted = wpl_policy_admit(L, u->p, &o, task)) < 0) {
     if (then_wait) return lua_error(L); /* submit_wait raises the reason */
     return 2;                           /* submit: nil, the reason */
   }
-  parkable =
-      wp_pool_blocks_when_full(u->p, &submit_timeout) && lua_isyieldable(L);
-  if (ret == RET_TRUE && !admitted && !parkable) {
+  degraded = admitted == 2; /* the fallback handler replaced the task */
+  if (degraded) admitted = 0;
+  /* A degraded submit waits for room in its thread: submit_k would parse
+   * the descriptor again and lose the fallback. */
+  parkable = !degraded && wp_pool_blocks_when_full(u->p, &submit_timeout) &&
+             lua_isyieldable(L);
+  if (ret == RET_TRUE && !admitted && !degraded && !parkable) {
     /* Nothing will ever look at the future: none is made for Lua. */
     o.nowait = 0;
     r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, NULL);
@@ -502,6 +512,10 @@ static int submit(lua_State *L, const char *what, int ret) {
   fu->f = NULL;
   lua_pushvalue(L, FUTURE_MT);
   lua_setmetatable(L, -2);
+  if (degraded) {
+    wpl_policy_mark_degraded(L, -1, -2);
+    lua_remove(L, -2); /* the reason */
+  }
   o.nowait = parkable;
   r = submit_guarded(L, u->p, task, nargs, what, &o, &fu->f,
                      admitted ? lua_gettop(L) - 1 : 0);
@@ -792,9 +806,23 @@ static int pool_stats(lua_State *L) {
   return wpl_push_stats(L, checkpool(L)->p);
 }
 
-/* pool:use(policy) -> pool   [-0, +1, e] See docs/policies.md. */
+/* pool:use(policy) / pool:use("module", opts) -> pool   [-0, +1, e]
+ * Attaches to the pool for every submitting state; see docs/policies.md. */
 static int pool_use(lua_State *L) {
   return wpl_policy_use(L, checkpool(L)->p);
+}
+
+/* pool:inspect() -> {workers = {{id =, state =, task =, tenant =,
+ * running_s =, overdue =, tasks_done =, memory =}, ...}, queued =,
+ * oldest_queued_s =, wedged =}   [-0, +1, e] */
+static int pool_inspect(lua_State *L) {
+  return wpl_push_inspect(L, checkpool(L)->p);
+}
+
+/* pool:policies() -> {{name =, module =, fn =, local =}, ...}
+ * [-0, +1, e] */
+static int pool_policies(lua_State *L) {
+  return wpl_policy_list(L, checkpool(L)->p);
 }
 
 /* workerpool.poll()   [-0, +0, e] Runs the done hooks of policies for
@@ -968,6 +996,13 @@ static int future_status(lua_State *L) {
   return 1;
 }
 
+/* f:degraded() -> reason | false   [-0, +1, e] The refusal (e.g. "open")
+ * for which a policy's fallback handler ran instead of the task. */
+static int future_degraded(lua_State *L) {
+  checkfuture(L);
+  return wpl_policy_degraded(L, 1);
+}
+
 /* [-0, +0, -] */
 static int future_gc(lua_State *L) {
   wpl_future *u = tofuture(L, 1);
@@ -1037,6 +1072,7 @@ static const luaL_Reg module_funcs[] = {
     {"sleep", wpl_sleep},
     {"now", wpl_now},
     {"metrics", wpl_metrics},
+    {"metrics_collector", wpl_metrics_collector},
     {"poll", wpl_poll},
     {"spawn", wpl_spawn},
     {"after", wpl_after},
@@ -1055,7 +1091,8 @@ static const luaL_Reg pool_methods[] = {
     {"running", pool_running}, {"workers", pool_workers},
     {"size", pool_size},       {"stats", pool_stats},
     {"use", pool_use},         {"resize", pool_resize},
-    {"name", pool_name},       {NULL, NULL}};
+    {"name", pool_name},       {"policies", pool_policies},
+    {"inspect", pool_inspect}, {NULL, NULL}};
 
 static const luaL_Reg pool_meta[] = {{"__gc", pool_gc},
                                      {"__close", pool_close},
@@ -1064,10 +1101,13 @@ static const luaL_Reg pool_meta[] = {{"__gc", pool_gc},
 
 static const luaL_Reg future_meta[] = {{"__gc", future_gc}, {NULL, NULL}};
 
-static const luaL_Reg future_methods[] = {
-    {"wait", future_wait},       {"done", future_done},
-    {"cancel", future_cancel},   {"status", future_status},
-    {"on_done", future_on_done}, {NULL, NULL}};
+static const luaL_Reg future_methods[] = {{"wait", future_wait},
+                                          {"done", future_done},
+                                          {"cancel", future_cancel},
+                                          {"status", future_status},
+                                          {"on_done", future_on_done},
+                                          {"degraded", future_degraded},
+                                          {NULL, NULL}};
 
 /* [-0, +0, m] Fills the metatable at mt: `methods` in __index, then the
  * metamethods; each function gets both metatables as upvalues. */

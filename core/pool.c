@@ -269,6 +269,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   uv_mutex_lock(&p->mu);
   stuck = w->stuck;
   w->cur = NULL;
+  w->tasks_done++;
   f->worker = NULL; /* w may be freed once it exits: cancel must not see it */
   /* The queue's reference goes only now: the watchdog reads w->cur under
    * mu (its name, or a reference to resolve it as stuck). */
@@ -660,6 +661,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   p->qtail = f;
   f->queued = 1;
   p->nqueued++;
+  if (p->nqueued > p->nqueued_peak) p->nqueued_peak = p->nqueued;
   atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->queued_bytes += f->msg_len;
   p->last_active = f->t_submit;

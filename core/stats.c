@@ -87,6 +87,7 @@ void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
   memset(s, 0, sizeof *s);
   uv_mutex_lock(&p->mu);
   s->queued = p->nqueued;
+  s->queued_peak = p->nqueued_peak;
   s->queued_bytes = p->queued_bytes;
   s->running = p->nrunning;
   s->workers = p->nworkers;

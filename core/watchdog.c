@@ -24,6 +24,7 @@
 typedef struct pass {
   wp_event ev[MAX_EVENTS];
   char task[MAX_EVENTS][64];
+  char tenant[MAX_EVENTS][64];
   int n;
   wp_future *stuck[MAX_EVENTS]; /* to resolve, referenced */
   wp_status stuck_status[MAX_EVENTS];
@@ -44,6 +45,11 @@ static wp_event *new_event(pass *ps, wp_pool *p, wp_event_type type,
       strncpy(ps->task[ps->n], w->cur->name, sizeof ps->task[0] - 1);
       ps->task[ps->n][sizeof ps->task[0] - 1] = '\0';
       ev->task = ps->task[ps->n];
+    }
+    if (w->cur && w->cur->tenant) {
+      strncpy(ps->tenant[ps->n], w->cur->tenant, sizeof ps->tenant[0] - 1);
+      ps->tenant[ps->n][sizeof ps->tenant[0] - 1] = '\0';
+      ev->tenant = ps->tenant[ps->n];
     }
   }
   ps->n++;

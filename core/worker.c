@@ -256,6 +256,7 @@ static void task_event(wp__worker *w, wp_future *f, wp_event_type type,
   ev.type = type;
   ev.pool = wp_pool_name(w->pool);
   ev.task = f->name;
+  ev.tenant = f->tenant;
   ev.message = msg;
   ev.worker = w->id;
   ev.seconds = seconds;

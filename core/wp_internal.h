@@ -201,6 +201,7 @@ struct wp__worker {
   int stuck;                     /* abandoned: its thread exits after cur
                                     (or after closing L, see close_stuck) */
   int tasks_run;                 /* since the state was created */
+  uint64_t tasks_done;           /* by this worker, for wp_pool_inspect */
   atomic_uint_fast64_t run_seq;  /* number of the running task; 0 idle */
   atomic_uint_fast64_t kill_seq; /* run_seq to interrupt */
   atomic_int kill_reason;        /* WP_TIMEOUT or WP_CANCELLED */
@@ -329,6 +330,7 @@ struct wp_pool {
   _Alignas(WP__CACHE_LINE) uv_mutex_t mu;
   wp_future *qhead, *qtail; /* FIFO of queued futures */
   size_t nqueued;
+  size_t nqueued_peak;   /* the highest nqueued since the pool began */
   size_t queued_bytes;   /* message bytes of the queued futures */
   uint64_t last_active;  /* when a task was last submitted, taken or done */
   uint64_t next_seq;     /* sequence number of the last submission */

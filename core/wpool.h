@@ -246,11 +246,33 @@ typedef struct wp_pool_stats {
   size_t memory_max;                        /* the largest state */
   wp_hist duration;                         /* start to end */
   wp_hist dwell;                            /* submit to start */
+  size_t queued_peak;                       /* most queued at once */
 } wp_pool_stats;
 
 /* A consistent-enough snapshot: counters are read without stopping the
  * pool.  Never fails. */
 WP_API void wp_pool_get_stats(wp_pool *p, wp_pool_stats *out);
+
+/* What each worker is doing now (wp_pool_inspect). */
+#define WP_INSPECT_TEXT 128
+typedef struct wp_worker_info {
+  int id;
+  int state;   /* 0 idle, 1 running, 2 stuck (abandoned past a deadline) */
+  int overdue; /* its task is past its deadline, being interrupted */
+  char task[WP_INSPECT_TEXT];   /* the task's name, truncated; "" none */
+  char tenant[WP_INSPECT_TEXT]; /* its tenant, truncated; "" none */
+  int has_task, has_tenant;     /* whether the task has a name / tenant */
+  double running_s;             /* how long the task has run; 0 idle */
+  uint64_t tasks_done;          /* tasks this worker ended */
+  size_t memory;                /* bytes allocated by its state */
+} wp_worker_info;
+
+/* Writes up to max workers of p (in no particular order) into out, the
+ * queue length into *queued and the age in seconds of the oldest queued
+ * task into *oldest_s (0 when none), and returns how many workers there
+ * are.  Takes p's lock briefly; no allocation.  Any thread. */
+WP_API int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max,
+                           size_t *queued, double *oldest_s);
 
 /* Counts a task the caller gave up on before it reached the pool: refused
  * by a policy (WP_DROP_POLICY), or still facing a full queue after waiting
@@ -288,6 +310,7 @@ typedef struct wp_event {
   int worker;          /* worker id, or 0 */
   int64_t n, n2;
   double seconds;
+  const char *tenant; /* the task's tenant, or NULL */
 } wp_event;
 
 /* Installs the process-wide event sink (NULL: none).  fn is called from

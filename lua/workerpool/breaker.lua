@@ -145,7 +145,12 @@ function breaker.new(opts)
   self.half_open_max = opt_int(opts, "half_open_max", 1) or 1
   self.is_failure = opt_fn(opts, "is_failure") or breaker.default_is_failure
   self.on_state_change = opt_fn(opts, "on_state_change")
-  self.fallback = opt_fn(opts, "fallback")
+  if type(opts.fallback) == "string" then
+    if opts.fallback == "" then fail("fallback must be a function or a handler name", 2) end
+    self.fallback = opts.fallback
+  else
+    self.fallback = opt_fn(opts, "fallback")
+  end
   local dname = opts.dict or "workerpool.breaker"
   if type(dname) ~= "string" or dname == "" then fail("dict must be a non-empty string", 2) end
   local cap = opt_int(opts, "capacity", 1)
@@ -154,6 +159,16 @@ function breaker.new(opts)
   self.dict, self.dict_name, self.key = d, dname, "b:" .. opts.name
   self.now = clock.resolve(opts.clock)
     or fail("clock must be a function or a table with a now() function", 2)
+  -- workerpool.metrics() reports the breakers of every dict named here.
+  local md = workerpool.shared("workerpool.metrics", { capacity = 4 << 20 })
+  if md then md:set("B\31" .. dname, true) end
+  local c = clock.portable(opts.clock)
+  if c ~= false then
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.clock = c
+    self.spec = { module = "workerpool.breaker", fn = "new", opts = o }
+  end
   return self
 end
 
@@ -210,9 +225,15 @@ local function mark(task, name, gen)
   g[name] = gen
 end
 
+-- A refusal: with a fallback handler name, the third result asks submit
+-- to run that handler instead (degraded mode).
 function B:refuse(reason)
   self.dict:incr("r:" .. reason .. ":" .. self.name, 1, 0)
   self.refused = reason -- for breaker:submit, in this state only
+  if type(self.fallback) == "string" then
+    self.dict:incr("f:" .. self.name, 1, 0)
+    return nil, reason, self.fallback
+  end
   return nil, reason
 end
 
@@ -424,7 +445,7 @@ function B:submit(pool, task, ...)
   local f, err, ename = pool:submit(task, ...)
   local reason = self.refused
   self.refused = nil
-  if f == nil and reason ~= nil and self.fallback then
+  if f == nil and reason ~= nil and type(self.fallback) == "function" then
     return self.fallback(reason, task, ...)
   end
   return f, err, ename

@@ -16,12 +16,23 @@ end
 
 -- The now() function a policy's `clock` option names: the monotonic
 -- clock when c is nil, c itself when it is a function, c.now when c is a
--- table with a now() function; nil for anything else.
+-- table with a now() function, the shared clock `name` for {shared =
+-- name}; nil for anything else.
 function clock.resolve(c)
   if c == nil then return clock.monotonic end
   if type(c) == "function" then return c end
   if type(c) == "table" and type(c.now) == "function" then return c.now end
+  if type(c) == "table" and type(c.shared) == "string" then return clock.shared(c.shared).now end
   return nil
+end
+
+-- The form of a `clock` option that another state can rebuild: nil for
+-- the monotonic clock, {shared = name} for a shared clock; false when the
+-- clock exists only in this state (a function of its own).
+function clock.portable(c)
+  if c == nil or c == clock.monotonic then return nil end
+  if type(c) == "table" and type(c.shared) == "string" then return { shared = c.shared } end
+  return false
 end
 
 -- A clock read from shared dictionary `name` (key "now"), so every state
@@ -29,7 +40,7 @@ end
 function clock.shared(name)
   local dict = workerpool.shared(name)
   if dict:get("now") == nil then dict:add("now", 0.0) end
-  local c = {}
+  local c = { shared = name }
   function c.now() return dict:get("now") end
   function c.set(t) dict:set("now", t + 0.0) end
   function c.advance(dt) dict:incr("now", dt + 0.0, 0.0) end

@@ -48,6 +48,18 @@ local function check_clock(what, c)
     or fail(what, "clock must be a function or a table with a now() function", 3)
 end
 
+-- The spec pool:use records so that every submitting state can rebuild
+-- the policy (docs/policies.md), or nil when the clock is local to this
+-- state.
+local function spec_of(fn, opts)
+  local c = clock.portable(opts.clock)
+  if c == false then return nil end
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.clock = c
+  return { module = "workerpool.tenant", fn = fn, opts = o }
+end
+
 local function open_dict(what, name, capacity)
   if type(name) ~= "string" or name == "" then
     fail(what, "dict must be a non-empty string", 3)
@@ -128,6 +140,7 @@ function tenant.bucket(opts)
     overrides = overrides,
     cost = cost,
     now = check_clock(what, opts.clock),
+    spec = spec_of("bucket", opts),
   }, Bucket)
 end
 
@@ -255,6 +268,7 @@ function tenant.concurrency(opts)
     dict_name = dictname,
     limit = limit,
     overrides = overrides,
+    spec = spec_of("concurrency", opts),
   }, Conc)
 end
 

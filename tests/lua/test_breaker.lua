@@ -101,7 +101,7 @@ T.test("consecutive failures open it; open rejects with 'open'; log and metric",
   T.eq(why, "open")
   T.eq(select(2, pcall(p.submit_wait, p, work, "ok")), "open",
     "submit_wait raises 'open'")
-  T.eq(p:stats().dropped.policy, 2)
+  T.eq(p:stats().dropped.breaker_open, 2)
   local s = b:stats()
   T.eq(s.transitions.open, 1)
   T.eq(s.transitions.closed, 0)
@@ -435,17 +435,17 @@ end)
 T.test("half-open admits exactly half_open_max trials across racing states", function()
   local MAX = 3
   local gd = fresh("gate")
-  local b, c, _, cname = setup { consecutive_failures = 1, open_timeout = 1, half_open_max = MAX }
+  -- no closures over this state: the racers rebuild the host's breaker
+  local b, c = setup { consecutive_failures = 1, open_timeout = 1, half_open_max = MAX,
+    on_state_change = function() end }
   local target = newpool { name = fresh("target"), max_workers = 8 }
   local racers = newpool { max_workers = 4, min_workers = 4 }
   target:use(b)
   T.eq(run(target, "fail"), false)
   c.advance(1)
-  local race = function(bname, cn, tname, dn, ctl)
+  local race = function(tname, dn, ctl)
     local W = require "workerpool"
-    local bk = W.breaker.new { name = bname, consecutive_failures = 1, open_timeout = 1,
-      half_open_max = 3, clock = require("workerpool.clock").shared(cn) }
-    local pool = W.get(tname):use(bk)
+    local pool = W.get(tname) -- the host's breaker guards it here too
     local d = W.shared(ctl)
     d:incr("ready", 1, 0)
     while (d:get("ready") or 0) < 4 do end
@@ -463,7 +463,7 @@ T.test("half-open admits exactly half_open_max trials across racing states", fun
   end
   local ctl = fresh("ctl")
   local fs = {}
-  for i = 1, 4 do fs[i] = racers:submit(race, b.name, cname, target:name(), gd, ctl) end
+  for i = 1, 4 do fs[i] = racers:submit(race, target:name(), gd, ctl) end
   -- release the trials only once every racer made all its attempts
   T.eventually(function() return b:stats().rejected.half_open >= 200 - MAX end, 30,
     "all attempts made")
@@ -508,7 +508,7 @@ T.test("fallback: breaker:submit sends refused tasks to a degraded handler", fun
   T.eq(bb, "cached")
   T.eq(joined(calls), "open open")
   T.eq(select(2, p:submit(work, "x")), "open", "plain submit is still refused")
-  T.eq(p:stats().dropped.policy, 3, "the fallback does not hide the drops")
+  T.eq(p:stats().dropped.breaker_open, 3, "the fallback does not hide the drops")
   -- a refusal by another policy is not the breaker's: no fallback
   local p2 = newpool()
   local b2 = setup { consecutive_failures = 1, fallback = function() error("not me") end }
@@ -560,7 +560,8 @@ T.test("argument errors", function()
   bad({ name = "x", half_open_max = 0 }, "half_open_max must be an integer from 1")
   bad({ name = "x", is_failure = true }, "is_failure must be a function")
   bad({ name = "x", on_state_change = 1 }, "on_state_change must be a function")
-  bad({ name = "x", fallback = "f" }, "fallback must be a function")
+  bad({ name = "x", fallback = 5 }, "fallback must be a function")
+  bad({ name = "x", fallback = "" }, "fallback must be a function or a handler name")
   bad({ name = "x", clock = 3 }, "clock must be a function or a table with a now() function")
   bad({ name = "x", dict = "" }, "dict must be a non-empty string")
   bad({ name = "x", timeout = 1 }, "unknown option 'timeout'")

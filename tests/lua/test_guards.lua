@@ -1207,9 +1207,15 @@ function()
   else
     skip("promtool check metrics")
   end
-  -- a stopped pool leaves the exposition
+  -- a stopped pool leaves the exposition, except for workerpool_pool_stopped
+  T.ok(workerpool.metrics():find("workerpool_pool_stopped{" .. lbl .. "} 0", 1, true),
+    "a running pool is not stopped")
   p:stop()
-  T.eq(workerpool.metrics():find(lbl, 1, true), nil, "a stopped pool is not listed")
+  local stopped_line = "workerpool_pool_stopped{" .. lbl:gsub("%p", "%%%0") .. "} 1\n"
+  local rest = workerpool.metrics():gsub(stopped_line, "")
+  T.eq(rest:find(lbl, 1, true), nil, "a stopped pool is not listed")
+  T.ok(workerpool.metrics():find("workerpool_pool_stopped{" .. lbl .. "} 1", 1, true),
+    "workerpool_pool_stopped is 1 once it stopped")
 end)
 
 case("metrics: pool names with quotes, backslashes and newlines are escaped",

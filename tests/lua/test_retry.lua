@@ -223,7 +223,7 @@ T.test("every attempt passes the pool's policies; a refused retry ends it", func
   T.eq(r:info().tries, 2)
   T.eq(b:state(), "open")
   T.eq(cap:in_flight("t"), 0, "each attempt's slot came back")
-  T.eq(p:stats().dropped.policy, 1)
+  T.eq(p:stats().dropped.breaker_open, 1)
   -- a first submit refused by a policy: nil, reason
   local f, why = retry.submit(p, opts(), flaky, dn)
   T.eq(f, nil)

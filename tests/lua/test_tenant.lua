@@ -69,7 +69,8 @@ T.test("bucket: starts full at burst, refuses with rate_limited, refills at rate
   T.eq(b:remaining("acme"), 0.0)
   c.advance(100)
   T.eq(b:remaining("acme"), 3.0, "refill stops at burst")
-  T.eq(p:stats().dropped.policy, 2, "each refusal is a policy drop")
+  T.eq(p:stats().dropped.rate_limited, 2, "each refusal is a rate_limited drop")
+  T.eq(p:stats().dropped.policy, 0)
   T.eq(p:stop_wait(), 0)
 end)
 
@@ -233,7 +234,7 @@ T.test("bucket: argument errors", function()
     "capacity must be a positive integer")
 end)
 
-T.test("bucket: a worker state building the same bucket shares its tokens", function()
+T.test("bucket: a worker state submitting to the pool passes the host's bucket", function()
   local c, cname = fake_clock()
   local dname = fresh("b")
   local b = tenant.bucket { rate = 1, burst = 4, dict = dname, clock = c }
@@ -246,7 +247,7 @@ T.test("bucket: a worker state building the same bucket shares its tokens", func
     local bk = W.tenant.bucket { rate = 1, burst = 4, dict = dn,
       clock = require("workerpool.clock").shared(cn) }
     local seen = bk:remaining("t")
-    local pool = W.get(tname):use(bk)
+    local pool = W.get(tname) -- no policy attached here: the pool's apply
     local admitted = 0
     while pool:submit { fn = function() end, tenant = "t" } do admitted = admitted + 1 end
     return seen, admitted, select(2, pool:submit { fn = function() end, tenant = "t" })
@@ -358,7 +359,7 @@ T.test("bucket: never more than burst + rate*t over any interval, 4 workers + ho
     T.eq(#times, math.floor(bound), "every refilled token was taken (" .. per .. ")")
     T.ok(tries > #times * 2, "most attempts were refused (" .. per .. ")")
     -- the pool counted what the states saw
-    T.eq(target:stats().dropped.policy, tries - #times, "dropped.policy = refusals")
+    T.eq(target:stats().dropped.rate_limited, tries - #times, "dropped.rate_limited = refusals")
     T.eq(submitters:stop_wait(), 0)
     T.eq(target:stop_wait(), 0)
     T.eq(target:stats().completed.ok, #times, "every admitted task ran")
@@ -391,7 +392,7 @@ T.test("concurrency: at most limit in flight per tenant; done frees the slot", f
   T.eq(cap:remaining("t"), 2)
   T.eq(cap:in_flight("t"), 0)
   T.eq(cap:remaining("u"), 2)
-  T.eq(p:stats().dropped.policy, 1)
+  T.eq(p:stats().dropped.concurrency, 1)
 end)
 
 T.test("concurrency: done runs at the state's next workerpool call or poll()", function()
@@ -522,8 +523,8 @@ T.test("concurrency: never more than limit running, 4 workers + host", function(
   end
   local submit_loop = function(dn, sn, tname, limit, count, fn)
     local W = require "workerpool"
-    local cap = W.tenant.concurrency { limit = limit, dict = dn }
-    local pool = W.get(tname):use(cap)
+    local cap = W.tenant.concurrency { limit = limit, dict = dn } -- to read the count
+    local pool = W.get(tname) -- the host's cap applies here too
     local fs, admitted = {}, 0
     while admitted < count do
       local f = pool:submit({ fn = fn, tenant = "acme" }, sn)
@@ -537,11 +538,11 @@ T.test("concurrency: never more than limit running, 4 workers + host", function(
     for _, f in ipairs(fs) do assert(f:wait()) end
     return admitted, cap:in_flight("acme")
   end
+  local cap = tenant.concurrency { limit = LIMIT, dict = dname }
+  target:use(cap)
   local fs = {}
   for i = 1, 4 do fs[i] = submitters:submit(submit_loop, dname, sname, target:name(), LIMIT, 40,
       task) end
-  local cap = tenant.concurrency { limit = LIMIT, dict = dname }
-  target:use(cap)
   local mine, admitted = {}, 0
   while admitted < 40 do
     local f = target:submit({ fn = task, tenant = "acme" }, sname)
@@ -582,7 +583,7 @@ T.test("compose: concurrency refuses -> the bucket's token is given back", funct
   T.eq(g, nil)
   T.eq(why, "concurrency_limited")
   T.eq(b:remaining("t"), 4.0, "undo gave the token back")
-  T.eq(p:stats().dropped.policy, 1)
+  T.eq(p:stats().dropped.concurrency, 1)
   wp.shared(gd):set("open", true)
   T.eq(f:wait(), true)
   T.eq(p:stop_wait(), 0)
