@@ -3,6 +3,9 @@
  *
  *   workerpool["pipeline.pack"](list)   -> string | nil, reason
  *   workerpool["pipeline.unpack"](s)    -> list, n
+ *   workerpool["pipeline.cut"](s, init, k)  -> last, count
+ *   workerpool["pipeline.split"](s)     -> list, n
+ *   workerpool["pipeline.results"](...) -> n, v | n, {v1, ..., vn}
  *
  * A stage worker packs its batch of outputs into one string, the host
  * passes that string on to the next stage without looking inside, and the
@@ -21,6 +24,12 @@
  * 'T' varint array length, 4-byte hash count, the array values, then
  * key/value pairs.  unpack bounds every read and raises on a malformed
  * string.
+ *
+ * A `lines` source crosses to its first stage as raw blocks instead: the
+ * host cuts the file's bytes after every k-th newline (cut) and the
+ * stage's worker splits the block into its lines (split), so the host
+ * makes no Lua value per line.  results lets a fused chain take the
+ * results of a handler call without a vararg Lua function.
  */
 #include <stdint.h>
 #include <string.h>
@@ -266,11 +275,88 @@ static int unpack(lua_State *L) {
   return 2;
 }
 
+/* cut(s, init, k) -> last, count   [-0, +2, v]
+ * Finds up to k newlines in s from byte init (1-based) on; last is the
+ * position of the last one found (init - 1 when none), count how many. */
+static int cut(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_Integer init = luaL_checkinteger(L, 2), k = luaL_checkinteger(L, 3);
+  lua_Integer count = 0;
+  size_t pos, last;
+  luaL_argcheck(L, init >= 1 && (lua_Unsigned)init <= (lua_Unsigned)len + 1, 2,
+                "out of range");
+  pos = (size_t)init - 1;
+  last = pos;
+  while (count < k && pos < len) {
+    const char *nl = memchr(s + pos, '\n', len - pos);
+    if (!nl) break;
+    pos = (size_t)(nl - s) + 1;
+    last = pos;
+    count++;
+  }
+  lua_pushinteger(L, (lua_Integer)last);
+  lua_pushinteger(L, count);
+  return 2;
+}
+
+/* split(s) -> list, n   [-0, +2, m]
+ * The lines of s, as the file:read("l") loop reads them: split at each
+ * newline (dropped), a last line without one kept, none after a final
+ * newline. */
+static int split(lua_State *L) {
+  size_t len, pos = 0;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_Integer n = 0;
+  lua_createtable(L, 128, 0);
+  while (pos < len) {
+    const char *nl = memchr(s + pos, '\n', len - pos);
+    size_t end = nl ? (size_t)(nl - s) : len;
+    lua_pushlstring(L, s + pos, end - pos);
+    lua_rawseti(L, -2, ++n);
+    pos = end + 1;
+  }
+  lua_pushinteger(L, n);
+  return 2;
+}
+
+/* results(...) -> n, v | n, list   [-0, +2, m]
+ * n, the number of arguments, and the only one (nil when none) when n is
+ * 0 or 1, else a list of all of them. */
+static int results(lua_State *L) {
+  int n = lua_gettop(L), i;
+  luaL_checkstack(L, 2, "pipeline.results");
+  if (n <= 1) {
+    lua_pushinteger(L, n);
+    if (n == 0)
+      lua_pushnil(L);
+    else
+      lua_pushvalue(L, 1);
+    return 2;
+  }
+  lua_pushinteger(L, n);
+  lua_createtable(L, n, 0);
+  for (i = 1; i <= n; i++) {
+    lua_pushvalue(L, i);
+    lua_rawseti(L, -2, i);
+  }
+  return 2;
+}
+
 void wpl_pack_open(lua_State *L) {
   wp_register_cfunction("workerpool.pipeline.pack", pack);
   wp_register_cfunction("workerpool.pipeline.unpack", unpack);
+  wp_register_cfunction("workerpool.pipeline.cut", cut);
+  wp_register_cfunction("workerpool.pipeline.split", split);
+  wp_register_cfunction("workerpool.pipeline.results", results);
   lua_pushcfunction(L, pack);
   lua_setfield(L, -2, "pipeline.pack");
   lua_pushcfunction(L, unpack);
   lua_setfield(L, -2, "pipeline.unpack");
+  lua_pushcfunction(L, cut);
+  lua_setfield(L, -2, "pipeline.cut");
+  lua_pushcfunction(L, split);
+  lua_setfield(L, -2, "pipeline.split");
+  lua_pushcfunction(L, results);
+  lua_setfield(L, -2, "pipeline.results");
 }

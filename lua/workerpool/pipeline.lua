@@ -403,7 +403,7 @@ end
 local WORKER_CODE = [==[
 local wp = require "workerpool"
 local m, tb, select, xpcall = __wp_m, debug.traceback, select, xpcall
-local pack, unpack = wp["pipeline.pack"], wp["pipeline.unpack"]
+local pack, unpack, split = wp["pipeline.pack"], wp["pipeline.unpack"], wp["pipeline.split"]
 local outs, from, errs, no
 local function put(i, ok, ...)
   if not ok then
@@ -422,12 +422,13 @@ local function put(i, ok, ...)
     end
   end
 end
--- items: a list, or a string packed by the stage before.  Returns the
+-- items: a list, a string packed by the stage before, or (raw) a block of
+-- source lines to split.  Returns the
 -- outputs (packed when packout and they are plain data), the index of the
 -- input each came from (nil when it is output k from input k, all kept),
 -- and the errors by input index.
-function __wp_map(name, items, packout)
-  if type(items) == "string" then items = unpack(items) end
+function __wp_map(name, items, packout, raw)
+  if type(items) == "string" then items = (raw and split or unpack)(items) end
   local h = m[name]
   local n = #items
   outs, from, errs, no = {}, {}, nil, 0
@@ -446,8 +447,8 @@ function __wp_one(name, item)
   return table.pack(m[name](item))
 end
 local acc
-function __wp_add(items, key)
-  if type(items) == "string" then items = unpack(items) end
+function __wp_add(items, key, raw)
+  if type(items) == "string" then items = (raw and split or unpack)(items) end
   local add, e = m[__wp_fns.add], nil
   local d = key and wp.shared("wpool.pipeline")
   if acc == nil then acc = m[__wp_fns.init]() end
@@ -472,12 +473,22 @@ end
 -- the outputs of the last map stage (packed when packout), the input index
 -- each came from, the failures {j, i, attempts, error, item} and counts
 -- per stage {in, out, ok, dropped, retried}.
-function __wp_chain(items, packout)
-  if type(items) == "string" then items = unpack(items) end
+--
+-- An item first runs the whole chain under one xpcall (run below: an
+-- xpcall and a vararg call per stage cost as much as this job's work).
+-- When a stage raises there, cur_j and cur_v say which stage and input,
+-- and feed takes over from that failed first attempt with the stage's
+-- retries; a fan-out (more than one result) goes on through feed too.
+local results = wp["pipeline.results"]
+function __wp_chain(items, packout, raw)
+  if type(items) == "string" then items = (raw and split or unpack)(items) end
   local def, mods = __wp_chain_def, __wp_mods
   local last = #def
-  local counts = {}
-  for j = 1, last do counts[j] = { 0, 0, 0, 0, 0 } end
+  local counts, fn = {}, {}
+  for j = 1, last do
+    counts[j] = { 0, 0, 0, 0, 0 }
+    fn[j] = mods[j][def[j].reduce and def[j].add or def[j].handler]
+  end
   local o, f, no, recs = {}, {}, 0, nil
   local feed
   local function emit(j, i, ...)
@@ -503,16 +514,23 @@ function __wp_chain(items, packout)
     emit(j, i, ...)
     return true
   end
-  feed = function(j, i, v)
+  -- feed(j, i, v [, e1]): item i's value v into stage j, with its retries;
+  -- e1: stage j already counted v in and its first attempt raised e1.
+  feed = function(j, i, v, e1)
     local d, c = def[j], counts[j]
-    c[1] = c[1] + 1
     local attempts, e, ok = 0, nil, nil
-    while true do
+    if e1 ~= nil then
+      attempts, e = 1, e1
+    else
+      c[1] = c[1] + 1
+    end
+    while attempts == 0 or attempts <= d.retries do
+      if attempts > 0 then c[5] = c[5] + 1 end
       attempts = attempts + 1
       if d.reduce then
         if acc == nil then acc = mods[j][d.init]() end
         local r
-        ok, r = xpcall(mods[j][d.add], tb, acc, v)
+        ok, r = xpcall(fn[j], tb, acc, v)
         if ok and r == nil then
           ok, r = false, "add returned nil (it must return the accumulator)"
         end
@@ -523,16 +541,80 @@ function __wp_chain(items, packout)
         end
         e = r
       else
-        ok, e = finished(j, i, xpcall(mods[j][d.handler], tb, v))
+        ok, e = finished(j, i, xpcall(fn[j], tb, v))
         if ok then return end
       end
-      if attempts > d.retries then break end
-      c[5] = c[5] + 1
     end
     recs = recs or {}
     recs[#recs + 1] = { j, i, attempts, tostring(e), v }
   end
-  for i = 1, #items do feed(1, i, items[i]) end
+  local cur_j, cur_v, pend
+  local function run(i, v)
+    local j = 1
+    while true do
+      local c = counts[j]
+      c[1] = c[1] + 1
+      cur_j, cur_v = j, v
+      if def[j].reduce then
+        if acc == nil then -- init runs unprotected, in feed
+          c[1] = c[1] - 1
+          pend = "init"
+          return
+        end
+        local r = fn[j](acc, v)
+        if r == nil then
+          pend = "add returned nil (it must return the accumulator)"
+          return
+        end
+        acc = r
+        c[3] = c[3] + 1
+        return
+      end
+      local n, x = results(fn[j](v))
+      c[3] = c[3] + 1
+      if n > 1 then
+        cur_j = nil -- what raises below is not this stage's error
+        local made = 0
+        for k = 1, n do
+          local y = x[k]
+          if y ~= nil then
+            made = made + 1
+            if j == last then
+              no = no + 1
+              o[no], f[no] = y, i
+            else
+              feed(j + 1, i, y)
+            end
+          end
+        end
+        c[2] = c[2] + made
+        if made == 0 then c[4] = c[4] + 1 end
+        return
+      end
+      if x == nil then
+        c[4] = c[4] + 1
+        return
+      end
+      c[2] = c[2] + 1
+      if j == last then
+        no = no + 1
+        o[no], f[no] = x, i
+        return
+      end
+      j, v = j + 1, x
+    end
+  end
+  for i = 1, #items do
+    local ok, e = xpcall(run, tb, i, items[i])
+    if not ok then
+      if cur_j == nil then error(e, 0) end
+      feed(cur_j, i, cur_v, e)
+    elseif pend then
+      local p = pend
+      pend = nil
+      if p == "init" then feed(cur_j, i, cur_v) else feed(cur_j, i, cur_v, p) end
+    end
+  end
   if packout then o = pack(o, no) or o end
   return o, f, recs, counts
 end
@@ -707,6 +789,9 @@ end
 
 -- ---- sources and sinks -----------------------------------------------------
 
+-- The seqs of a raw block: seqs[i] is seq0 + i - 1, computed on use.
+local SEQS = { __index = function(t, i) return rawget(t, "seq0") + i - 1 end }
+
 local function open_source(plan, skip)
   local src = plan.source
   if src.type == "lua" then
@@ -729,6 +814,37 @@ local function open_source(plan, skip)
   if src.path == "-" then fh = io.stdin else fh, err = io.open(src.path, "rb") end
   if not fh then return nil, "cannot open source: " .. tostring(err) end
   local jsonl = src.type == "jsonl"
+  if not jsonl and src.path ~= "-" then
+    -- A lines file goes to stage 1 in raw blocks of whole lines (see
+    -- read_source): block(k) -> the next k lines as one string and their
+    -- count (fewer at the end), or nil at the end of the file.
+    local cut, buf, pos = workerpool["pipeline.cut"], "", 1
+    local function block(k)
+      while true do
+        local last, cnt = cut(buf, pos, k)
+        if cnt == k then
+          local b = buf:sub(pos, last)
+          pos = last + 1
+          return b, k
+        end
+        local more = fh:read(1 << 16)
+        if not more then
+          if pos > #buf then return nil end
+          local b = buf:sub(pos)
+          buf, pos = "", 1
+          return b, cnt + (b:byte(-1) ~= 10 and 1 or 0)
+        end
+        buf, pos = buf:sub(pos) .. more, 1
+      end
+    end
+    local left = skip
+    while left > 0 do
+      local _, n = block(math.min(left, 65536))
+      if not n then break end
+      left = left - n
+    end
+    return { block = block, close = function() fh:close() end }
+  end
   local function rawline()
     local l = fh:read("l")
     if jsonl then
@@ -1012,9 +1128,9 @@ function M.run(config, opts)
   end
 
   -- Submitting a part of a unit (a batch or a subset of it).
-  local unpack = workerpool["pipeline.unpack"]
+  local unpack, split = workerpool["pipeline.unpack"], workerpool["pipeline.split"]
   local function items_of(u)
-    if not u.items then u.items = unpack(u.blob) end
+    if not u.items then u.items = u.raw and split(u.raw) or unpack(u.blob) end
     return u.items
   end
 
@@ -1025,8 +1141,9 @@ function M.run(config, opts)
       local all = items_of(u)
       for k = 1, #idx do items[k] = all[idx[k]] end
     else
-      items = u.blob or u.items
+      items = u.raw or u.blob or u.items
     end
+    local raw = items == u.raw
     local n = idx and #idx or u.n
     local f, e
     if st.kind == "reduce" then
@@ -1036,10 +1153,10 @@ function M.run(config, opts)
         shared:set(key, 0)
       end
       f, e = st.pool:submit({ handler = "__wp_add", timeout = st.timeout and st.timeout * n },
-                            items, key)
+                            items, key, raw)
       if f then return { fut = f, idx = idx, key = key, n = n } end
     elseif st.group then
-      f, e = st.pool:submit({ handler = "__wp_chain" }, items, st.pack_out)
+      f, e = st.pool:submit({ handler = "__wp_chain" }, items, st.pack_out, raw)
       if f then return { fut = f, idx = idx, n = n } end
     elseif st.policies then
       local item = items_of(u)[idx and idx[1] or 1]
@@ -1056,7 +1173,7 @@ function M.run(config, opts)
       if f then return { fut = f, idx = idx, n = n, one = true } end
     else
       f, e = st.pool:submit({ handler = "__wp_map", timeout = st.timeout and st.timeout * n },
-                            st.handler, items, st.pack_out)
+                            st.handler, items, st.pack_out, raw)
       if f then return { fut = f, idx = idx, n = n } end
     end
     abort = true
@@ -1065,7 +1182,7 @@ function M.run(config, opts)
 
   -- A unit: seqs[i] and items[i] for i = 1..n, parts in flight, results.
   local function make_unit(st, q)
-    local u = { items = q.items, blob = q.blob, seqs = q.seqs, n = q.n, parts = {} }
+    local u = { items = q.items, blob = q.blob, raw = q.raw, seqs = q.seqs, n = q.n, parts = {} }
     st.c["in"] = st.c["in"] + u.n
     local part, e = submit_part(st, u, nil)
     if part then
@@ -1303,7 +1420,7 @@ function M.run(config, opts)
     local st = stages[k]
     while st.ct >= st.ch and (st.t - st.h + 1) < st.cap and not abort do
       local q = st.chunks[st.ch]
-      if q.blob or q.n <= st.batch then
+      if q.blob or q.raw or q.n <= st.batch then
         st.chunks[st.ch] = nil
         st.ch = st.ch + 1
       else
@@ -1319,12 +1436,30 @@ function M.run(config, opts)
     end
   end
 
-  -- Reads source items into stage 1's pending list.
+  -- Reads source items into stage 1's pending list: from a lines file,
+  -- blocks of up to `batch` raw lines that stage 1's workers split, with
+  -- the seq of line i computed from the block's first (no Lua value per
+  -- line on the host; a stage with policies splits them on the host);
+  -- from other sources, one item at a time.
   local src_c = new_counts()
   local function read_source()
     local st = stages[1]
     local want = (st.queue - st.np) // st.batch * st.batch
     local got = 0
+    if source.block then
+      while got < want do
+        local ok, b, n = pcall(source.block, math.min(st.batch, want - got))
+        if not ok then failure = failure or tostring(b); eof = true; return got end
+        if b == nil then eof = true; break end
+        st.ct = st.ct + 1
+        st.chunks[st.ct] = { n = n, raw = b, seqs = setmetatable({ seq0 = next_seq }, SEQS) }
+        st.np = st.np + n
+        next_seq = next_seq + n
+        src_c["in"] = src_c["in"] + n
+        got = got + n
+      end
+      return got
+    end
     local items, seqs = {}, {}
     while got < want do
       local ok, v = pcall(source.read)

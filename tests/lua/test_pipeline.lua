@@ -61,6 +61,15 @@ M.seen = {}
 function M.collect(x) M.seen[#M.seen + 1] = x end
 function M.by_tenant(x) return x.id end
 function M.fails(x) error("down") end
+function M.no_bad(x)
+  if x:find("bad", 1, true) then error("bad line") end
+  return x
+end
+function M.add_count(a, x)
+  if x == "7" then return nil end
+  if x == "9" then error("nine") end
+  return a + 1
+end
 function M.degraded(x) return "degraded " .. x.id end
 return M
 ]])
@@ -391,6 +400,98 @@ T.test("resume skips the checkpointed items and appends", function()
   T.eq(table.concat(lines_of("out.txt"), " "), "1 2 3 4 5 6 7 8 9 10")
 end)
 
+T.test("the block helpers: cut, split and results", function()
+  local cut, split = workerpool["pipeline.cut"], workerpool["pipeline.split"]
+  local results = workerpool["pipeline.results"]
+  T.eq(select("#", cut("a\nbb\nc", 1, 2)), 2)
+  local last, n = cut("a\nbb\nc", 1, 2)
+  T.eq(last, 5); T.eq(n, 2)
+  last, n = cut("a\nbb\nc", 6, 5)
+  T.eq(last, 5); T.eq(n, 0)
+  last, n = cut("a\n\n", 3, 9)
+  T.eq(last, 3); T.eq(n, 1)
+  T.eq(select(2, pcall(cut, "ab", 4, 1)):match("out of range") ~= nil, true)
+  local t
+  t, n = split("a\n\nb\r\nc")
+  T.eq(n, 4); T.eq(table.concat(t, "|"), "a||b\r|c")
+  t, n = split("a\n")
+  T.eq(n, 1); T.eq(t[1], "a")
+  t, n = split("")
+  T.eq(n, 0); T.eq(#t, 0)
+  n, t = results()
+  T.eq(n, 0); T.eq(t, nil)
+  n, t = results(nil)
+  T.eq(n, 1); T.eq(t, nil)
+  n, t = results(1, nil, 3)
+  T.eq(n, 3); T.eq(t[1], 1); T.eq(t[2], nil); T.eq(t[3], 3)
+end)
+
+T.test("a lines file in raw blocks: exact lines and seqs, resume from inside a block", function()
+  -- Blank lines, a CR, a bad line in every block and no final newline.
+  local t = {}
+  for i = 1, 500 do
+    t[i] = i % 50 == 0 and ("bad " .. i) or i % 7 == 0 and "" or i % 11 == 0 and (i .. "\r")
+           or tostring(i)
+  end
+  write("blk.txt", table.concat(t, "\n"))
+  for _, fuse in ipairs{ false, true } do
+    local stages = { stage{ name = "nb", handler = "no_bad", workers = 2, batch = 7, queue = 30 } }
+    if fuse then stages[2] = stage{ name = "id", handler = "id", fuse = true } end
+    local rep = assert(pipeline.run(cfg{
+      source = { type = "lines", path = F"blk.txt" }, stages = stages,
+      dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+    T.eq(rep.read, 500)
+    local out, k = lines_of("out.txt"), 0
+    for i = 1, 500 do
+      if i % 50 ~= 0 then
+        k = k + 1
+        if out[k] ~= t[i] then T.eq(out[k], t[i], "line " .. i) end
+      end
+    end
+    T.eq(#out, 490)
+    local dead = lines_of("dead.jsonl")
+    T.eq(#dead, 10)
+    for j, l in ipairs(dead) do
+      local d = json.decode(l)
+      T.eq(d.seq, 50 * j); T.eq(d.item, "bad " .. 50 * j); T.eq(d.stage, "nb")
+    end
+    check_counts(rep)
+  end
+  -- resume: the checkpoint ends inside the first block read
+  write("cp3.json", '{"pipeline": "t", "seq": 123, "complete": false}\n')
+  write("out.txt", "")
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "lines", path = F"blk.txt" },
+    stages = { stage{ name = "id", handler = "id", batch = 10 } },
+    checkpoint = F"cp3.json", ordered = true }, { resume = true }))
+  T.eq(rep.read, 377)
+  local out = lines_of("out.txt")
+  T.eq(#out, 377)
+  T.eq(out[1], t[124]); T.eq(out[377], t[500])
+end)
+
+T.test("a fused chain: add returning nil or raising, retries counted per item", function()
+  numbers(20)
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "id", handler = "id", workers = 2, batch = 4 },
+               stage{ name = "n", kind = "reduce", fuse = true, init = "zero", add = "add_count",
+                      merge = "merge", finish = "finish", retries = 2 } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" } }))
+  T.eq(table.concat(lines_of("out.txt"), " "), "18 total")
+  local n = rep.stages[2]
+  T.eq(n["in"], 20); T.eq(n.ok, 18); T.eq(n.dead_lettered, 2); T.eq(n.retried, 4)
+  local dead = lines_of("dead.jsonl")
+  table.sort(dead)
+  T.eq(#dead, 2)
+  local a, b = json.decode(dead[1]), json.decode(dead[2])
+  if a.seq > b.seq then a, b = b, a end
+  T.eq(a.seq, 7); T.eq(a.attempts, 3); T.eq(a.item, "7")
+  T.ok(a.error:find("add returned nil", 1, true), a.error)
+  T.eq(b.seq, 9); T.eq(b.attempts, 3)
+  T.ok(b.error:find("nine", 1, true), b.error)
+  check_counts(rep)
+end)
+
 T.test("policies: refused items wait and are retried; breaker fallback", function()
   local items = {}
   for i = 1, 30 do
@@ -426,6 +527,6 @@ end)
 
 T.run()
 for _, f in ipairs(made) do os.remove(f) end
-for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json" } do
+for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json", "cp3.json" } do
   os.remove(F(f))
 end
