@@ -102,7 +102,10 @@ struct wtimer {
   wtimer *next, *prev; /* in h->timers while active */
   int fn_ref;          /* the callback, while active */
   int active;
-  int refs; /* the userdata's and the running timer's */
+  int refs;          /* the userdata's and the running timer's */
+  double period_ns;  /* every(): the period; 0 for after() */
+  uint64_t start_ns; /* every(): loop time when it was created, in ns */
+  uint64_t ticks;    /* every(): the index of the tick last scheduled */
 };
 
 struct wpool_host {
@@ -799,12 +802,39 @@ static void wtimer_stop(wtimer *t) {
   uv_close((uv_handle_t *)&t->t, wtimer_close_cb);
 }
 
+static void wtimer_cb(uv_timer_t *handle);
+
+/* every(): schedules the next tick at a fixed rate against the start time,
+ * tick n at start + n * period, so lateness never accumulates: ticks that
+ * came late are followed by overdue ones at once until the count catches
+ * up.  Ticks more than a second (and a period) overdue, after a stall, are
+ * skipped instead of fired in a burst.  libuv timers count whole
+ * milliseconds of loop time: the timeout is rounded up, so a tick is never
+ * early and at most about 1 ms late. */
+static void wtimer_schedule(wtimer *t) {
+  uv_loop_t *loop = t->t.loop;
+  uint64_t now, due;
+  uv_update_time(loop);
+  now = uv_now(loop) * 1000000u; /* the base uv_timer_start counts from */
+  t->ticks++;
+  due = t->start_ns + (uint64_t)((double)t->ticks * t->period_ns);
+  if (now > due && (double)(now - due) > fmax(1e9, t->period_ns)) {
+    t->ticks = (uint64_t)((double)(now - t->start_ns) / t->period_ns);
+    due = now;
+  }
+  uv_timer_start(&t->t, wtimer_cb,
+                 due > now ? (due - now + 999999) / 1000000 : 0, 0);
+}
+
 /* [-0, +0, m] Runs a timer's callback in a new host coroutine. */
 static int fire_pmain(lua_State *L) {
   wtimer *t = lua_touserdata(L, 1);
   wpool_host *h = t->h;
   lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
-  if (!uv_timer_get_repeat(&t->t)) wtimer_stop(t); /* after(): once */
+  if (t->period_ns == 0)
+    wtimer_stop(t); /* after(): once */
+  else
+    wtimer_schedule(t); /* before the callback, which may cancel it */
   co_resume(h, co_new(h, L, 0), 0, L);
   return 0;
 }
@@ -843,7 +873,13 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
   *ud = t;
   uv_timer_init(h->loop, &t->t);
   uv_update_time(h->loop);
-  uv_timer_start(&t->t, wtimer_cb, ms, repeat ? ms : 0);
+  if (repeat) {
+    t->period_ns = fmax(s * 1e9, 1e6);
+    t->start_ns = uv_now(h->loop) * 1000000u;
+    wtimer_schedule(t);
+  } else {
+    uv_timer_start(&t->t, wtimer_cb, ms, 0);
+  }
   return 1;
 }
 
