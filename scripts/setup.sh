@@ -7,7 +7,7 @@ set -euo pipefail
 
 # Building: the compiler, cmake, pkg-config and the libraries.
 packages=(build-essential cmake pkg-config lua5.4 liblua5.4-dev libuv1-dev
-          libjansson-dev libhttp-parser-dev)
+          libjansson-dev libhttp-parser-dev lua-luv-dev)
 # Testing: Criterion, the linters, the HTTP tests' curl, wrk, promtool and
 # python3, luv for the benchmark smoke test, luarocks and man for the
 # install tests.

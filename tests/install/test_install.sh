@@ -3,7 +3,8 @@
 # prefix and checks what a user gets there: the layout, the library's
 # SONAME and exported symbols, the Lua module in a stock lua5.4, the man
 # page, and scripts/examples/embed_tick.c built out of tree both with
-# pkg-config and with find_package(wpool), each run to completion.
+# pkg-config and with find_package(wpool), each run to completion, and a
+# small C host whose require "luv" runs a timer on the host loop.
 set -euo pipefail
 src=$1
 build=$2
@@ -65,6 +66,40 @@ export PKG_CONFIG_PATH=$p/lib/pkgconfig
 LD_LIBRARY_PATH=$p/lib "$tmp/pc/embed_tick" >"$tmp/pc/out" \
   || fail "pkg-config build: embed_tick failed: $(cat "$tmp/pc/out")"
 grep -q "$want" "$tmp/pc/out" || fail "pkg-config build: $(cat "$tmp/pc/out")"
+
+# A C host's require "luv" is luv on the host's own loop.
+cat >"$tmp/pc/luv_host.c" <<'C'
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <uv.h>
+#include "wpool_host.h"
+int main(void) {
+  uv_loop_t loop;
+  lua_State *L = luaL_newstate();
+  wpool_host *h;
+  int fired;
+  uv_loop_init(&loop);
+  luaL_openlibs(L);
+  if (wpool_host_new(&loop, L, &h) != 0) return 1;
+  if (luaL_dostring(L, "local uv = require 'luv'\n"
+                       "local t = uv.new_timer()\n"
+                       "t:start(1, 0, function() t:close(); fired = true end)"))
+    return fprintf(stderr, "%s\n", lua_tostring(L, -1)), 1;
+  uv_run(&loop, UV_RUN_DEFAULT); /* ends once the luv timer closed */
+  lua_getglobal(L, "fired");
+  fired = lua_toboolean(L, -1);
+  wpool_host_close(h);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  lua_close(L);
+  uv_loop_close(&loop);
+  puts(fired ? "luv on the host loop" : "the luv timer never fired");
+  return !fired;
+}
+C
+(cd "$tmp/pc" && cc -o luv_host luv_host.c $(pkg-config --cflags --libs wpool)) \
+  || fail "luv host build"
+LD_LIBRARY_PATH=$p/lib "$tmp/pc/luv_host" || fail "luv in a C host"
 
 cat >"$tmp/cm/CMakeLists.txt" <<'CM'
 cmake_minimum_required(VERSION 3.16)
