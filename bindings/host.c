@@ -794,6 +794,29 @@ static int traceback_msgh(lua_State *L) {
   return 1;
 }
 
+/* [-0, +0, e] Closes every luv handle still open (found through the
+ * registry, where luv keeps each open handle), so that the loop run after
+ * wpool_host_close ends even when the script left a server listening. */
+static int close_luv_pmain(lua_State *L) {
+  static const char closer[] =
+      "local reg, open = ..., {}\n"
+      "for _, v in pairs(reg) do\n"
+      "  local mt = type(v) == 'userdata' and getmetatable(v)\n"
+      "  local name = type(mt) == 'table' and rawget(mt, '__name')\n"
+      "  if type(name) == 'string' and name:match('^uv_') then\n"
+      "    local ok, closing = pcall(function() return v:is_closing() end)\n"
+      "    if ok and closing == false then open[#open + 1] = v end\n"
+      "  end\n"
+      "end\n"
+      "for _, v in ipairs(open) do pcall(v.close, v) end\n";
+  (void)lua_touserdata(L, 1);
+  if (luaL_loadbuffer(L, closer, sizeof closer - 1, "=close_luv") != LUA_OK)
+    return lua_error(L);
+  lua_pushvalue(L, LUA_REGISTRYINDEX);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
 /* luv's callback runner (luv_set_callback): an error in a luv callback is
  * logged as coroutine.error with its traceback, instead of luv's default
  * of printing it and exiting the process.  Returns what luv expects: the
@@ -1652,6 +1675,7 @@ void wpool_host_close(wpool_host *h) {
     uv_thread_join(&o->tid);
     free(o);
   }
+  host_call(h, close_luv_pmain, h); /* luv handles the script left open */
   while (h->timers)
     wtimer_stop(h->timers);
   wpl_http_close(h->http);

@@ -98,4 +98,26 @@ T.test("await outside a host coroutine raises a clear error", function()
   T.raises(function() wp.await(42) end, "bad argument #1 to 'await'")
 end)
 
+T.test("SIGTERM ends wpool run even with a luv server left listening", function()
+  local src, ready = os.tmpname(), os.tmpname()
+  os.remove(ready)
+  local fh = assert(io.open(src, "w"))
+  fh:write(string.format([[
+local uv = require "luv"
+local s = uv.new_tcp()
+assert(s:bind("127.0.0.1", 0))
+assert(s:listen(8, function() end))
+io.open(%q, "w"):write("ready"):close()
+]], ready))
+  fh:close()
+  local ok, out = T.sh(string.format([[sh -c '
+timeout 60 %s run %s & p=$!
+n=0; while [ ! -s %s ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
+kill -TERM $p; wait $p; echo "status $?"']], arg[-2], src, ready))
+  os.remove(src)
+  os.remove(ready)
+  T.ok(ok, out)
+  T.ok(out:find("status 0", 1, true), out)
+end)
+
 T.run_host()
