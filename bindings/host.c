@@ -809,7 +809,6 @@ static int close_luv_pmain(lua_State *L) {
       "  end\n"
       "end\n"
       "for _, v in ipairs(open) do pcall(v.close, v) end\n";
-  (void)lua_touserdata(L, 1);
   if (luaL_loadbuffer(L, closer, sizeof closer - 1, "=close_luv") != LUA_OK)
     return lua_error(L);
   lua_pushvalue(L, LUA_REGISTRYINDEX);
@@ -858,8 +857,8 @@ typedef struct awaiter {
 } awaiter;
 enum { AWAIT_CALLING, AWAIT_EARLY, AWAIT_WAITING, AWAIT_DONE };
 
-/* The callback await passes to fn: [-n, +0, -] resumes the awaiting
- * coroutine with its arguments; a second call is logged. */
+/* The callback await passes to fn   [-0, +0, m]: resumes the awaiting
+ * coroutine with its arguments; a second call is logged and ignored. */
 static int await_cb(lua_State *L) {
   awaiter *aw = lua_touserdata(L, lua_upvalueindex(1));
   int n = lua_gettop(L);
