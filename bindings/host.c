@@ -39,13 +39,27 @@
 #include "lbind.h"
 #include "wpool_host.h"
 
+/* luv.h declares a function type without a prototype. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
+#include <luv/luv.h>
+#pragma GCC diagnostic pop
+
 #define WPL_THREAD_MT "workerpool.thread"
 #define WPL_TIMER_MT "workerpool.timer"
 
 static const char host_key = 'h', cos_key = 'c', watch_key = 'w',
                   ready_key = 'r', shutdown_key = 's';
 
-enum { PARK_NONE, PARK_FUTURE, PARK_SLEEP, PARK_JOIN, PARK_CALL, PARK_READY };
+enum {
+  PARK_NONE,
+  PARK_FUTURE,
+  PARK_SLEEP,
+  PARK_JOIN,
+  PARK_CALL,
+  PARK_READY,
+  PARK_AWAIT
+};
 enum { CO_RUNNING, CO_DONE, CO_ERROR };
 enum { MSG_FUTURE, MSG_OFFLOAD };
 
@@ -64,6 +78,7 @@ typedef struct wpl_co {
   int is_main;           /* errors end the loop */
   wp_future *f;          /* awaited future, while PARK_FUTURE */
   struct wpl_co *joined; /* awaited coroutine, while PARK_JOIN */
+  void *awaiter;         /* its await, while PARK_AWAIT */
   ptimer *timer;         /* sleep or wait timeout, or NULL */
   int nres;              /* results (or 1: the error) on the thread's stack */
 } wpl_co;
@@ -102,7 +117,10 @@ struct wtimer {
   wtimer *next, *prev; /* in h->timers while active */
   int fn_ref;          /* the callback, while active */
   int active;
-  int refs; /* the userdata's and the running timer's */
+  int refs;          /* the userdata's and the running timer's */
+  double period_ns;  /* every(): the period; 0 for after() */
+  uint64_t start_ns; /* every(): loop time when it was created, in ns */
+  uint64_t ticks;    /* every(): the index of the tick last scheduled */
 };
 
 struct wpool_host {
@@ -765,6 +783,168 @@ static void idle_cb(uv_idle_t *idle) {
   host_call(h, run_ready_pmain, h);
 }
 
+/* ---- luv on the host loop, and await --------------------------------- */
+
+/* [-1, +1, m] Message handler: the error (another value by its
+ * __tostring) with a traceback. */
+static int traceback_msgh(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL) msg = luaL_tolstring(L, 1, NULL);
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* [-0, +0, e] Closes every luv handle still open (found through the
+ * registry, where luv keeps each open handle), so that the loop run after
+ * wpool_host_close ends even when the script left a server listening. */
+static int close_luv_pmain(lua_State *L) {
+  static const char closer[] =
+      "local reg, open = ..., {}\n"
+      "for _, v in pairs(reg) do\n"
+      "  local mt = type(v) == 'userdata' and getmetatable(v)\n"
+      "  local name = type(mt) == 'table' and rawget(mt, '__name')\n"
+      "  if type(name) == 'string' and name:match('^uv_') then\n"
+      "    local ok, closing = pcall(function() return v:is_closing() end)\n"
+      "    if ok and closing == false then open[#open + 1] = v end\n"
+      "  end\n"
+      "end\n"
+      "for _, v in ipairs(open) do pcall(v.close, v) end\n";
+  if (luaL_loadbuffer(L, closer, sizeof closer - 1, "=close_luv") != LUA_OK)
+    return lua_error(L);
+  lua_pushvalue(L, LUA_REGISTRYINDEX);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* luv's callback runner (luv_set_callback): an error in a luv callback is
+ * logged as coroutine.error with its traceback, instead of luv's default
+ * of printing it and exiting the process.  Returns what luv expects: the
+ * number of results, or a negative status. */
+static int luv_callback_pcall(lua_State *L, int nargs, int nresults,
+                              int flags) {
+  int base = lua_gettop(L) - nargs, st; /* base: the function */
+  (void)flags;
+  lua_pushcfunction(L, traceback_msgh);
+  lua_insert(L, base);
+  st = lua_pcall(L, nargs, nresults, base);
+  if (st != LUA_OK) {
+    const char *msg = lua_tostring(L, -1);
+    wpl_log(
+        WPL_ERROR, "coroutine.error",
+        json_pack("{s:o}", "error",
+                  wpl_json_str(msg ? msg : "(error object is not a string)")));
+    lua_settop(L, base - 1);
+    return -st;
+  }
+  lua_remove(L, base);
+  return nresults == LUA_MULTRET ? lua_gettop(L) - base + 1 : nresults;
+}
+
+/* [-0, +1, e] luaopen for package.loaded.luv: luv bound to the host loop. */
+static int open_luv(lua_State *L) {
+  wpool_host *h = lua_touserdata(L, lua_upvalueindex(1));
+  luv_set_loop(L, h->loop);
+  luv_set_callback(L, luv_callback_pcall);
+  return luaopen_luv(L);
+}
+
+/* One workerpool.await: the callback's upvalue.  Uservalue 1: the awaiting
+ * coroutine's handle while it waits, then the arguments of a callback that
+ * ran before fn returned. */
+typedef struct awaiter {
+  wpl_co *c;
+  int state; /* AWAIT_* */
+} awaiter;
+enum { AWAIT_CALLING, AWAIT_EARLY, AWAIT_WAITING, AWAIT_DONE };
+
+/* The callback await passes to fn   [-0, +0, m]: resumes the awaiting
+ * coroutine with its arguments; a second call is logged and ignored. */
+static int await_cb(lua_State *L) {
+  awaiter *aw = lua_touserdata(L, lua_upvalueindex(1));
+  int n = lua_gettop(L);
+  wpl_co *c = aw->c;
+  switch (aw->state) {
+  case AWAIT_CALLING: /* before fn returned: await returns these */
+    lua_createtable(L, n, 1);
+    lua_insert(L, 1);
+    for (int i = n; i >= 1; i--)
+      lua_rawseti(L, 1, i);
+    lua_pushinteger(L, n);
+    lua_setfield(L, 1, "n");
+    lua_setiuservalue(L, lua_upvalueindex(1), 1);
+    aw->state = AWAIT_EARLY;
+    return 0;
+  case AWAIT_WAITING:
+    aw->state = AWAIT_DONE;
+    if (c->parked != PARK_AWAIT || c->awaiter != aw || c->h->closed) return 0;
+    c->awaiter = NULL;
+    lua_pushnil(L);
+    lua_setiuservalue(L, lua_upvalueindex(1), 1);
+    luaL_checkstack(c->co, n + LUA_MINSTACK, NULL);
+    lua_xmove(L, c->co, n);
+    co_resume(c->h, c, n, L);
+    return 0;
+  default:
+    lua_settop(L, 0);
+    luaL_traceback(L, L,
+                   "workerpool.await: the callback was called more than once; "
+                   "this call was ignored",
+                   1);
+    wpl_log(WPL_ERROR, "coroutine.error",
+            json_pack("{s:o}", "error", wpl_json_str(lua_tostring(L, -1))));
+    return 0;
+  }
+}
+
+/* workerpool.await(fn, ...) -> the callback's arguments   [-0, +?, e]
+ * Calls fn(..., callback) and suspends the calling host coroutine until
+ * callback runs. */
+int wpl_await(lua_State *L) {
+  wpl_co *c = co_current(L);
+  int n = lua_gettop(L), st;
+  awaiter *aw;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  if (c == NULL)
+    return luaL_error(
+        L,
+        "workerpool.await must be called from a host coroutine (the main "
+        "script of `wpool run`, workerpool.spawn, a timer or on_done "
+        "callback)%s",
+        host_of(L) ? ", not a luv callback or a coroutine the script made"
+                   : ": run the script with `wpool run`");
+  aw = lua_newuserdatauv(L, sizeof *aw, 1);
+  aw->c = c;
+  aw->state = AWAIT_CALLING;
+  lua_pushvalue(L, 1);
+  lua_rotate(L, 2, 1); /* fn, fn, args..., aw */
+  lua_pushvalue(L, -1);
+  lua_pushcclosure(L, await_cb, 1); /* fn, fn, args..., aw, cb */
+  lua_rotate(L, -2, 1);             /* fn, fn, args..., cb, aw */
+  lua_insert(L, 2);                 /* fn, aw, fn, args..., cb */
+  st = lua_pcall(L, n, 0, 0);
+  if (st != LUA_OK) {
+    aw->state = AWAIT_DONE; /* a later call of the callback is ignored */
+    return lua_error(L);
+  }
+  if (aw->state == AWAIT_EARLY) {
+    aw->state = AWAIT_DONE;
+    lua_getiuservalue(L, 2, 1);
+    lua_getfield(L, -1, "n");
+    n = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    luaL_checkstack(L, n, NULL);
+    for (int i = 1; i <= n; i++)
+      lua_rawgeti(L, 3, i);
+    return n;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref); /* kept while it waits */
+  lua_setiuservalue(L, 2, 1);
+  aw->state = AWAIT_WAITING;
+  c->awaiter = aw;
+  park(c, PARK_AWAIT);
+  return lua_yield(L, 0);
+}
+
 /* ---- on_done, timers, on_shutdown ------------------------------------ */
 
 int wpl_host_on_done(lua_State *L, wp_future *f) {
@@ -799,12 +979,39 @@ static void wtimer_stop(wtimer *t) {
   uv_close((uv_handle_t *)&t->t, wtimer_close_cb);
 }
 
+static void wtimer_cb(uv_timer_t *handle);
+
+/* every(): schedules the next tick at a fixed rate against the start time,
+ * tick n at start + n * period, so lateness never accumulates: ticks that
+ * came late are followed by overdue ones at once until the count catches
+ * up.  Ticks more than a second (and a period) overdue, after a stall, are
+ * skipped instead of fired in a burst.  libuv timers count whole
+ * milliseconds of loop time: the timeout is rounded up, so a tick is never
+ * early and at most about 1 ms late. */
+static void wtimer_schedule(wtimer *t) {
+  uv_loop_t *loop = t->t.loop;
+  uint64_t now, due;
+  uv_update_time(loop);
+  now = uv_now(loop) * 1000000u; /* the base uv_timer_start counts from */
+  t->ticks++;
+  due = t->start_ns + (uint64_t)((double)t->ticks * t->period_ns);
+  if (now > due && (double)(now - due) > fmax(1e9, t->period_ns)) {
+    t->ticks = (uint64_t)((double)(now - t->start_ns) / t->period_ns);
+    due = now;
+  }
+  uv_timer_start(&t->t, wtimer_cb,
+                 due > now ? (due - now + 999999) / 1000000 : 0, 0);
+}
+
 /* [-0, +0, m] Runs a timer's callback in a new host coroutine. */
 static int fire_pmain(lua_State *L) {
   wtimer *t = lua_touserdata(L, 1);
   wpool_host *h = t->h;
   lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
-  if (!uv_timer_get_repeat(&t->t)) wtimer_stop(t); /* after(): once */
+  if (t->period_ns == 0)
+    wtimer_stop(t); /* after(): once */
+  else
+    wtimer_schedule(t); /* before the callback, which may cancel it */
   co_resume(h, co_new(h, L, 0), 0, L);
   return 0;
 }
@@ -843,7 +1050,13 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
   *ud = t;
   uv_timer_init(h->loop, &t->t);
   uv_update_time(h->loop);
-  uv_timer_start(&t->t, wtimer_cb, ms, repeat ? ms : 0);
+  if (repeat) {
+    t->period_ns = fmax(s * 1e9, 1e6);
+    t->start_ns = uv_now(h->loop) * 1000000u;
+    wtimer_schedule(t);
+  } else {
+    uv_timer_start(&t->t, wtimer_cb, ms, 0);
+  }
   return 1;
 }
 
@@ -1193,6 +1406,9 @@ static int stranded_pmain(lua_State *L) {
     case PARK_SLEEP:
       lua_pushliteral(L, "a sleep");
       break;
+    case PARK_AWAIT:
+      lua_pushliteral(L, "the callback of a workerpool.await");
+      break;
     case PARK_JOIN:
       for (i = 0; i < depth && seen[i] != t; i++)
         ;
@@ -1308,6 +1524,13 @@ void wpl_host_init(lua_State *L) {
 static int host_new_pmain(lua_State *L) {
   wpool_host *h = lua_touserdata(L, 1);
   luaL_requiref(L, "workerpool", luaopen_workerpool, 0);
+  lua_getglobal(L, "package"); /* require "luv": luv on the host's loop */
+  lua_getfield(L, -1, "loaded");
+  lua_pushlightuserdata(L, h);
+  lua_pushcclosure(L, open_luv, 1);
+  lua_call(L, 0, 1);
+  lua_setfield(L, -2, "luv");
+  lua_pop(L, 2);
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &cos_key);
   lua_newtable(L);
@@ -1451,6 +1674,7 @@ void wpool_host_close(wpool_host *h) {
     uv_thread_join(&o->tid);
     free(o);
   }
+  host_call(h, close_luv_pmain, h); /* luv handles the script left open */
   while (h->timers)
     wtimer_stop(h->timers);
   wpl_http_close(h->http);

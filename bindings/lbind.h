@@ -128,6 +128,7 @@ WPL_HIDDEN int wpl_host_adopt(lua_State *L, wp_pool *p);
 WPL_HIDDEN int wpl_spawn(lua_State *L);
 WPL_HIDDEN int wpl_after(lua_State *L);
 WPL_HIDDEN int wpl_every(lua_State *L);
+WPL_HIDDEN int wpl_await(lua_State *L);
 WPL_HIDDEN int wpl_on_shutdown(lua_State *L);
 /* [-1, +0, e] In a host state, has the function at the top called (in a
  * host coroutine, with ok, results...) once f ends, and returns 1.

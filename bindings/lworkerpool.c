@@ -1077,6 +1077,7 @@ static const luaL_Reg module_funcs[] = {
     {"spawn", wpl_spawn},
     {"after", wpl_after},
     {"every", wpl_every},
+    {"await", wpl_await},
     {"on_shutdown", wpl_on_shutdown},
     {"log", wpl_lua_log},
     {"set_log_level", wpl_lua_set_log_level},

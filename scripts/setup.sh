@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # setup.sh: installs the Debian packages wpool needs to build and test.
 # Safe to run again: packages already present are left alone.  Needs root
-# (or sudo) only when something is missing.
+# (or sudo) only when something is missing.  Benchmark-only tools
+# (valgrind) are installed by scripts/bench/run.sh itself.
 set -euo pipefail
 
+# Building: the compiler, cmake, pkg-config and the libraries.
 packages=(build-essential cmake pkg-config lua5.4 liblua5.4-dev libuv1-dev
-          libjansson-dev libcriterion-dev libhttp-parser-dev lua-check
-          clang-format curl wrk prometheus python3 lua-luv valgrind
-          clang-14 libclang-rt-14-dev)
+          libjansson-dev libhttp-parser-dev lua-luv-dev)
+# Testing: Criterion, the linters, the HTTP tests' curl, wrk, promtool and
+# python3, luv for the benchmark smoke test, luarocks and man for the
+# install tests.
+packages+=(libcriterion-dev lua-check clang-format curl wrk prometheus python3
+           lua-luv luarocks man-db)
+# Fuzzing (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes.
+packages+=(clang-14 libclang-rt-14-dev)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -20,19 +20,29 @@ local function bad_arg(n, msg)
   error(string.format("bad argument #%d to 'map' (%s)", n, msg), 5)
 end
 
--- Runs in a worker: calls task on items[1..count] and returns the first
--- result of each.  An error is returned as {index = i, error = value}, i
--- being the item's place in the chunk, so the caller can name the item.
-local function run_chunk(task, items, count)
+-- Runs in a worker: calls task on items[1..count], the items #first.. of
+-- the list, and returns the first result of each.  An error is raised as a
+-- string naming the item ("item #i: message" and the traceback; a value
+-- that is not a string by its tostring), so the task.error log line and
+-- what map raises both carry the real message.
+local function run_chunk(task, items, count, first)
   local fn = task
   if type(task) == "string" then
     fn = rawget(_ENV, task)
     if type(fn) ~= "function" then
       local W = require "workerpool"
-      error(string.format("no handler '%s' in pool '%s' (the init script "
-        .. "must define a global function of that name)", task,
-        tostring(W.pool_name())), 0)
+      error(string.format("items #%d-#%d: no handler '%s' in pool '%s' (the "
+        .. "init script must define a global function of that name)", first,
+        first + count - 1, task, tostring(W.pool_name())), 0)
     end
+  end
+  local function message(e)
+    if type(e) ~= "string" then
+      local ok, s = pcall(tostring, e)
+      e = ok and type(s) == "string" and s
+        or string.format("(error object is a %s value)", type(e))
+    end
+    return debug and debug.traceback and debug.traceback(e, 2) or e
   end
   local out, at = {}, 0
   local ok, err = xpcall(function()
@@ -40,8 +50,8 @@ local function run_chunk(task, items, count)
       at = i
       out[i] = (fn(items[i]))
     end
-  end, debug and debug.traceback or tostring)
-  if not ok then error({ index = at, error = err }, 0) end
+  end, message)
+  if not ok then error(string.format("item #%d: %s", first + at - 1, err), 0) end
   return out
 end
 
@@ -67,14 +77,10 @@ local function cancel_all(futures, from)
   for k = from, #futures do futures[k]:cancel() end
 end
 
--- Raises what ended the chunk of items first..last: the error of the item
--- that raised (a string gets "item #i: " in front), or why it never ran.
+-- Raises what ended the chunk of items first..last: the error run_chunk
+-- raised, which names its item(s), or why the chunk never ran.
 local function chunk_error(first, last, err)
-  if type(err) == "table" and math.type(err.index) == "integer" and err.error ~= nil then
-    local i, e = first + err.index - 1, err.error
-    if type(e) == "string" then error(string.format("item #%d: %s", i, e), 0) end
-    error(e, 0)
-  end
+  if type(err) == "string" and err:find("^items? #%d") then error(err, 0) end
   error(string.format("items #%d-#%d: %s", first, last, tostring(err)), 0)
 end
 
@@ -100,7 +106,8 @@ function M.map(pool, task, list, opts)
   for first = 1, n, chunk do
     local last = math.min(first + chunk - 1, n)
     local items = table.move(list, first, last, 1, {})
-    local ok, f, err, code = pcall(pool.submit, pool, run_chunk, task, items, last - first + 1)
+    local ok, f, err, code = pcall(pool.submit, pool, run_chunk, task, items,
+      last - first + 1, first)
     if not ok then -- nothing of this call runs
       cancel_all(futures, 1)
       submit_error(f, first, last)

@@ -24,6 +24,25 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# Benchmark-only tools, installed here rather than by scripts/setup.sh:
+# valgrind for the callgrind counts of a full run.
+case " ${args[*]-} " in
+  *" --quick "*|*" --no-callgrind "*) ;;
+  *)
+    if ! command -v valgrind >/dev/null; then
+      if [ "$(id -u)" -eq 0 ]; then
+        echo "run.sh: installing valgrind" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq \
+          --no-install-recommends valgrind >/dev/null
+      else
+        echo "run.sh: valgrind is not installed (apt-get install valgrind, or --no-callgrind)" >&2
+        exit 2
+      fi
+    fi ;;
+esac
+
 if [ $do_build -eq 1 ]; then
   bash scripts/build.sh "$build" >/dev/null
 fi

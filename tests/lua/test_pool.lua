@@ -1110,13 +1110,13 @@ case("map: the first failing item raises, named; later chunks are cancelled", fu
   T.eq(ok, false)
   T.ok(err:find("^item #7: .*bad 7"), err)
   T.ok(err:find("stack traceback", 1, true), "with the worker's traceback")
-  -- A non-string error value is raised as it is.
+  -- A non-string error value is raised by its tostring (issue 14).
   ok, err = pcall(p.map, p, function(x)
-    if x == 3 then error({ code = x }) end
+    local mt = { __tostring = function(e) return "code " .. e.code end }
+    if x == 3 then error(setmetatable({ code = x }, mt)) end
   end, list, { chunk = 2 })
   T.eq(ok, false)
-  T.eq(type(err), "table")
-  T.eq(err.code, 3)
+  T.ok(err:find("^item #3: code 3"), err)
   -- Chunks after the failing one are cancelled: the one running is
   -- interrupted or ends, the queued ones never start.
   local gate = T.gate
