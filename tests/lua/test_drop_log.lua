@@ -72,6 +72,19 @@ for _, t in ipairs { "t1", "t2", "t3", "t4" } do
 end
 out.dlo = o:stats().dropped
 o:stop_wait()
+
+-- More tenants than the summary's table holds (WP_DROP_TENANT_ROWS), and
+-- more lines than one watchdog pass writes.
+local m = W.new { name = "dlm" .. S, max_workers = 1, tenant_label_limit = 1000,
+                  drop_log_interval = 3600 }
+m:use(tenant.bucket { rate = 1e-6, burst = 1, dict = "dl.m" .. S })
+for i = 1, 130 do
+  local t = "m" .. i
+  assert(assert(m:submit { fn = noop, tenant = t }):wait(30))
+  assert(not m:submit { fn = noop, tenant = t })
+end
+out.dlm = m:stats().dropped
+m:stop_wait()
 return out
 ]]
 
@@ -126,7 +139,19 @@ T.test("tasks.dropped: per reason and tenant; untenanted; other", function()
     same(sum, { ["rate_limited/t1"] = 1, ["rate_limited/t2"] = 1,
                 ["rate_limited/other"] = 2 }, "dlo")
     for k, n in pairs(lines) do T.eq(n, 1, "one line for " .. k) end
+    sum, lines = summaries(log, "dlm" .. S)
+    local total, named = 0, 0
+    for k, n in pairs(sum) do
+      T.ok(k:match("^rate_limited/"), k)
+      T.eq(lines[k], 1, "one line for " .. k)
+      total = total + n
+      if k ~= "rate_limited/other" then named = named + 1 end
+    end
+    T.eq(total, 130, "every drop in a summary")
+    T.eq(named, 118, "tenants with a line of their own")
+    T.eq(sum["rate_limited/other"], 12)
   end
+  T.eq(stats.dlm.rate_limited, 130)
   T.eq(stats.dl.rate_limited, 3)
   T.eq(stats.dl.concurrency, 2)
   T.eq(stats.dl.policy, 0)
