@@ -85,7 +85,9 @@ void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
   static const int summary[] = {WP__DROP_FULL, WP__DROP_POLICY,
                                 WP__DROP_RATE_LIMITED, WP__DROP_CONCURRENCY,
                                 WP__DROP_BREAKER_OPEN};
-  int reason = (unsigned)why < 5 ? summary[why] : WP__DROP_POLICY;
+  int reason = (unsigned)why < sizeof summary / sizeof *summary
+                   ? summary[why]
+                   : WP__DROP_POLICY;
   int core = reason == WP__DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY;
   char t[sizeof p->drop_rows[0].tenant];
   wp__droprow *row;

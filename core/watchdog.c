@@ -92,9 +92,8 @@ static void drops_locked(wp_pool *p, pass *ps, uint64_t now) {
   for (i = 0; i < WP__NDROPS; i++) {
     uint64_t total = atomic_load(&p->c.dropped[i]);
     uint64_t plain = total - p->drops_logged[i] - p->drops_tabled[i];
-    if (plain == 0) {
-      p->drops_logged[i] = total - p->drops_tabled[i];
-    } else if ((ev = new_event(ps, p, WP_EV_DROPPED, NULL)) != NULL) {
+    if (plain == 0) continue;
+    if ((ev = new_event(ps, p, WP_EV_DROPPED, NULL)) != NULL) {
       ev->n = (int64_t)plain;
       ev->reason = reasons[i];
       ev->seconds = (double)p->drop_interval_ns / 1e9;
