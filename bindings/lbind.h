@@ -83,8 +83,9 @@ WPL_HIDDEN char *wpl_metrics_text(size_t *len);
 /* [-0, +0, m] Registers the metatables metrics.c uses. */
 WPL_HIDDEN void wpl_metrics_init(lua_State *L);
 /* Counts one admission decision of p's policies for the tenant (NULL:
- * none): admitted, or refused for `reason` (NULL: "policy").  Any thread;
- * no Lua; never fails (a full dictionary loses the count). */
+ * none): admitted, or refused for `reason` (NULL: "policy"), which also
+ * counts a drop of p with its class and tenant label.  Any thread; no
+ * Lua; never fails (a full dictionary loses the count). */
 WPL_HIDDEN void wpl_metrics_admission(wp_pool *p, const char *tenant,
                                       int admitted, const char *reason);
 /* Remembers pool p (a new reference) for workerpool_pool_stopped, with

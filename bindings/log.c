@@ -160,6 +160,7 @@ void wpl_log_event(const wp_event *ev) {
   case WP_EV_DROPPED:
     snprintf(msg, sizeof msg, "dropped %lld tasks in the last %g s, reason=%s",
              (long long)ev->n, ev->seconds, ev->reason ? ev->reason : "?");
+    /* the tenant is its own field, not in msg: it may be any text */
     json_object_set_new(f, "msg", wpl_json_str(msg));
     json_object_set_new(f, "dropped", json_integer(ev->n));
     json_object_set_new(f, "reason", wpl_json_str(ev->reason));

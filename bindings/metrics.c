@@ -33,6 +33,9 @@
 static const char *const classes[] = {"rate_limited", "concurrency",
                                       "breaker_open"};
 #define NCLASSES 3
+/* The same classes for the core's drop summaries. */
+static const wp_drop_reason drop_reasons[] = {
+    WP_DROP_RATE_LIMITED, WP_DROP_CONCURRENCY, WP_DROP_BREAKER_OPEN};
 
 static wp_shdict *metrics_dict(void) {
   wp_shdict *d = NULL;
@@ -99,11 +102,14 @@ void wpl_metrics_admission(wp_pool *p, const char *tenant, int admitted,
   const char *pool = wp_pool_name(p);
   char k[1400];
   int cls = admitted ? -1 : classify(reason);
+  if (d && tenant) tenant = tenant_label(d, pool, tenant);
+  if (!admitted) /* before the class below: stats' "policy" stays >= 0 */
+    wp_pool_count_drop_tenant(p, cls >= 0 ? drop_reasons[cls] : WP_DROP_POLICY,
+                              tenant);
   if (d == NULL) return;
   if (!admitted && cls >= 0)
     incr_key(d, k, key_of(k, sizeof k, 'd', pool, classes[cls], NULL));
   if (tenant == NULL) return;
-  tenant = tenant_label(d, pool, tenant);
   if (admitted)
     incr_key(d, k, key_of(k, sizeof k, 'a', pool, tenant, NULL));
   else

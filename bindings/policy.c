@@ -521,7 +521,6 @@ int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o,
       return 2;
     }
     lua_pop(L, 1);
-    wp_pool_count_drop(p, WP_DROP_POLICY);
     wpl_metrics_admission(p, o->tenant, 0, lua_tostring(L, -1));
     lua_pushnil(L);
     lua_replace(L, list); /* list task ok reason -> nil reason */

@@ -58,6 +58,58 @@ void wp_pool_count_drop(wp_pool *p, wp_drop_reason why) {
   wp__count_drop(p, why == WP_DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY, 1);
 }
 
+/* Rows kept free for "other" under each reason and the untenanted rows of
+ * the policy classes, so that every drop finds a row. */
+#define RESERVED_ROWS (WP__NSUMMARY + WP__NSUMMARY - WP__NDROPS)
+
+static wp__droprow *find_row(wp_pool *p, int reason, const char *tenant) {
+  int i;
+  for (i = 0; i < p->ndrop_rows; i++) {
+    wp__droprow *r = &p->drop_rows[i];
+    if (r->reason == reason && r->has_tenant == (tenant != NULL) &&
+        (tenant == NULL || strcmp(r->tenant, tenant) == 0))
+      return r;
+  }
+  if (p->ndrop_rows == WP_DROP_TENANT_ROWS ||
+      (tenant && strcmp(tenant, "other") != 0 &&
+       p->ndrop_rows >= WP_DROP_TENANT_ROWS - RESERVED_ROWS))
+    return NULL;
+  p->drop_rows[p->ndrop_rows] = (wp__droprow){reason, tenant != NULL, 0, ""};
+  if (tenant)
+    strcpy(p->drop_rows[p->ndrop_rows].tenant, tenant); /* fits: truncated */
+  return &p->drop_rows[p->ndrop_rows++];
+}
+
+void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
+                               const char *tenant) {
+  static const int summary[] = {WP__DROP_FULL, WP__DROP_POLICY,
+                                WP__DROP_RATE_LIMITED, WP__DROP_CONCURRENCY,
+                                WP__DROP_BREAKER_OPEN};
+  int reason = (unsigned)why < sizeof summary / sizeof *summary
+                   ? summary[why]
+                   : WP__DROP_POLICY;
+  int core = reason == WP__DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY;
+  char t[sizeof p->drop_rows[0].tenant];
+  wp__droprow *row;
+  if (tenant == NULL && reason < WP__NDROPS) { /* the plain summary */
+    wp__count_drop(p, core, 1);
+    return;
+  }
+  if (tenant) {
+    strncpy(t, tenant, sizeof t - 1);
+    t[sizeof t - 1] = '\0';
+  }
+  uv_mutex_lock(&p->mu);
+  row = find_row(p, reason, tenant ? t : NULL);
+  if (row == NULL) row = find_row(p, reason, "other");
+  if (row) { /* always, given the reserved rows */
+    row->n++;
+    p->drops_tabled[core]++;
+  }
+  wp__count_drop(p, core, 1);
+  uv_mutex_unlock(&p->mu);
+}
+
 void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
                         double seconds) {
   wp__stripe *s = WP__STRIPE(p, stripe);

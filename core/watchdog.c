@@ -78,15 +78,54 @@ static void abandon_closing_locked(wp_pool *p, wp__worker *w, wp_event *ev,
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
 }
 
+/* The drop summaries, once drop_interval has passed: one event per
+ * (reason, tenant) row, and one per core reason for the drops counted
+ * without a row.  What does not fit in this pass waits for the next one,
+ * which comes at once.  Needs mu. */
+static void drops_locked(wp_pool *p, pass *ps, uint64_t now) {
+  static const char *const reasons[WP__NSUMMARY] = {
+      "full",         "stopped",     "discarded",   "policy",
+      "rate_limited", "concurrency", "breaker_open"};
+  wp_event *ev;
+  int i, done = 1;
+  if (now < p->next_drop_log) return;
+  for (i = 0; i < WP__NDROPS; i++) {
+    uint64_t total = atomic_load(&p->c.dropped[i]);
+    uint64_t plain = total - p->drops_logged[i] - p->drops_tabled[i];
+    if (plain == 0) continue;
+    if ((ev = new_event(ps, p, WP_EV_DROPPED, NULL)) != NULL) {
+      ev->n = (int64_t)plain;
+      ev->reason = reasons[i];
+      ev->seconds = (double)p->drop_interval_ns / 1e9;
+      p->drops_logged[i] = total - p->drops_tabled[i];
+    } else {
+      done = 0;
+    }
+  }
+  while (p->ndrop_rows > 0 && ps->n < MAX_EVENTS) {
+    wp__droprow *r = &p->drop_rows[p->ndrop_rows - 1];
+    int core = r->reason == WP__DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY;
+    ev = new_event(ps, p, WP_EV_DROPPED, NULL);
+    ev->n = (int64_t)r->n;
+    ev->reason = reasons[r->reason];
+    ev->seconds = (double)p->drop_interval_ns / 1e9;
+    if (r->has_tenant) {
+      memcpy(ps->tenant[ps->n - 1], r->tenant, sizeof r->tenant);
+      ev->tenant = ps->tenant[ps->n - 1];
+    }
+    p->drops_tabled[core] -= r->n;
+    p->drops_logged[core] += r->n;
+    p->ndrop_rows--;
+  }
+  if (done && p->ndrop_rows == 0) p->next_drop_log = now + p->drop_interval_ns;
+}
+
 /* One look at the pool.  Needs mu; returns when to look again. */
 static uint64_t look_locked(wp_pool *p, pass *ps, uint64_t now) {
-  static const char *const reasons[WP__NDROPS] = {"full", "stopped",
-                                                  "discarded", "policy"};
   uint64_t next = now + 1000000000ull; /* at least once a second */
   uint64_t close_grace = (uint64_t)p->stuck_grace_ns;
   wp__worker *w;
   wp_event *ev;
-  int i;
   /* Closing a large state legitimately takes a while: a worker gets at
    * least CLOSE_GRACE_MIN to close its state, even with stuck_grace 0. */
   if (close_grace < CLOSE_GRACE_MIN) close_grace = CLOSE_GRACE_MIN;
@@ -147,19 +186,7 @@ static uint64_t look_locked(wp_pool *p, pass *ps, uint64_t now) {
       }
     }
   }
-  if (now >= p->next_drop_log) {
-    for (i = 0; i < WP__NDROPS; i++) {
-      uint64_t total = atomic_load(&p->c.dropped[i]);
-      if (total != p->drops_logged[i] &&
-          (ev = new_event(ps, p, WP_EV_DROPPED, NULL)) != NULL) {
-        ev->n = (int64_t)(total - p->drops_logged[i]);
-        ev->reason = reasons[i];
-        ev->seconds = (double)p->drop_interval_ns / 1e9;
-        p->drops_logged[i] = total;
-      }
-    }
-    p->next_drop_log = now + p->drop_interval_ns;
-  }
+  drops_locked(p, ps, now);
   return earlier(next, p->next_drop_log);
 }
 
@@ -191,12 +218,16 @@ static void dog_main(void *arg) {
     if (next > now) uv_cond_timedwait(&p->dog_cv, &p->mu, next - now);
   }
   /* Last words: the drops since the last summary. */
-  ps.n = ps.nstuck = 0;
-  p->next_drop_log = 0;
-  look_locked(p, &ps, uv_hrtime());
+  do {
+    ps.n = ps.nstuck = 0;
+    p->next_drop_log = 0;
+    drops_locked(p, &ps, uv_hrtime());
+    uv_mutex_unlock(&p->mu);
+    for (i = 0; i < ps.n; i++)
+      wp__emit(&ps.ev[i]);
+    uv_mutex_lock(&p->mu);
+  } while (ps.n == MAX_EVENTS);
   uv_mutex_unlock(&p->mu);
-  for (i = 0; i < ps.n; i++)
-    if (ps.ev[i].type == WP_EV_DROPPED) wp__emit(&ps.ev[i]);
 }
 
 int wp__watchdog_start(wp_pool *p) {

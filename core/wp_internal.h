@@ -298,6 +298,23 @@ typedef struct wp__counters {
 WP_HIDDEN void wp__hist_add(wp__hist *h, uint64_t ns);
 WP_HIDDEN void wp__count_drop(wp_pool *p, int reason, uint64_t n);
 
+/* The reasons a drop summary names: the core's WP__DROP_* and then the
+ * policy classes, which count as WP__DROP_POLICY. */
+enum {
+  WP__DROP_RATE_LIMITED = WP__NDROPS,
+  WP__DROP_CONCURRENCY,
+  WP__DROP_BREAKER_OPEN,
+  WP__NSUMMARY
+};
+
+/* A (reason, tenant) row of the drop summaries. */
+typedef struct wp__droprow {
+  int reason;     /* WP__DROP_* */
+  int has_tenant; /* else untenanted */
+  uint64_t n;
+  char tenant[64];
+} wp__droprow;
+
 /* ---- the pool (pool.c; watchdog.c and stats.c read it) ---------------- */
 
 enum { WP__RUNNING, WP__DRAINING, WP__STOPPING, WP__STOPPED };
@@ -371,6 +388,12 @@ struct wp_pool {
   uint64_t drop_interval_ns;
   uint64_t next_drop_log;
   uint64_t drops_logged[WP__NDROPS];
+  /* Drops counted with wp_pool_count_drop_tenant since the last summary,
+   * under mu: rows by summary reason (wp__drop_reason) and tenant, and
+   * how many of each core reason's drops the rows hold. */
+  wp__droprow drop_rows[WP_DROP_TENANT_ROWS];
+  int ndrop_rows;
+  uint64_t drops_tabled[WP__NDROPS];
   wp__counters c;
 };
 

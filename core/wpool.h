@@ -277,8 +277,24 @@ WP_API int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max,
 /* Counts a task the caller gave up on before it reached the pool: refused
  * by a policy (WP_DROP_POLICY), or still facing a full queue after waiting
  * on its own (WP_DROP_FULL, see wp_task_opts.nowait). */
-typedef enum { WP_DROP_FULL, WP_DROP_POLICY } wp_drop_reason;
+typedef enum {
+  WP_DROP_FULL,
+  WP_DROP_POLICY,       /* any other policy refusal */
+  WP_DROP_RATE_LIMITED, /* the three below count as WP_DROP_POLICY in */
+  WP_DROP_CONCURRENCY,  /* wp_pool_stats.dropped_policy; the drop */
+  WP_DROP_BREAKER_OPEN  /* summaries name them apart */
+} wp_drop_reason;
 WP_API void wp_pool_count_drop(wp_pool *p, wp_drop_reason why);
+
+/* Like wp_pool_count_drop, and the drop summary (WP_EV_DROPPED) reports
+ * it under why's own reason and tenant (NULL: none; copied, truncated to
+ * 63 bytes).  The caller bounds how many distinct tenants it passes (the
+ * bindings pass "other" past tenant_label_limit); past the pool's table
+ * of WP_DROP_TENANT_ROWS rows per summary interval a tenant is reported
+ * as "other".  Takes p's lock briefly; no allocation.  Any thread. */
+#define WP_DROP_TENANT_ROWS 128
+WP_API void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
+                                      const char *tenant);
 
 /* ------------------------------------------------------------------ */
 /* Events                                                              */
@@ -297,7 +313,8 @@ typedef enum {
                           or, with message "closing its Lua state", the
                           time it has spent closing its state */
   WP_EV_MEMORY_LIMIT,  /* task, worker, n: the limit in bytes */
-  WP_EV_DROPPED        /* n: tasks dropped in the last `seconds`, reason */
+  WP_EV_DROPPED        /* n: tasks dropped in the last `seconds`, reason,
+                          tenant (one event per reason and tenant) */
 } wp_event_type;
 
 typedef struct wp_event {
@@ -306,7 +323,8 @@ typedef struct wp_event {
   const char *task;    /* task name, or NULL */
   const char *message; /* error text, or NULL */
   const char *reason;  /* WP_EV_DROPPED: "full", "stopped", "discarded",
-                          "policy" */
+                          "policy", "rate_limited", "concurrency",
+                          "breaker_open" */
   int worker;          /* worker id, or 0 */
   int64_t n, n2;
   double seconds;
