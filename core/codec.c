@@ -707,7 +707,13 @@ static void dec_function(dec *d, int depth) {
       lua_pop(L, 1);
   }
   if (!cached) {
+    lua_Debug ar;
     if (luaL_loadbufferx(L, bc, len, "=(task)", "b") != LUA_OK) lua_error(L);
+    /* lua_setupvalue trusts the chunk to make as many upvalues as its
+     * prototype names: a message whose counts disagree is forged. */
+    lua_pushvalue(L, -1);
+    lua_getinfo(L, ">u", &ar);
+    if (ar.nups != nups) dec_bad(d);
     if (pure && d->cache) cache_store(d, id);
   }
   f = lua_gettop(L);

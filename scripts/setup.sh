@@ -6,7 +6,8 @@ set -euo pipefail
 
 packages=(build-essential cmake pkg-config lua5.4 liblua5.4-dev libuv1-dev
           libjansson-dev libcriterion-dev libhttp-parser-dev lua-check
-          clang-format curl wrk prometheus python3 lua-luv valgrind)
+          clang-format curl wrk prometheus python3 lua-luv valgrind
+          clang-14 libclang-rt-14-dev)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # test.sh: the whole test run, as CI does it.  Installs what is missing,
 # checks formatting and lint, then builds and runs every test three times:
-# a plain build with -Werror, under ASan+UBSan, and under TSan.
+# a plain build with -Werror, under ASan+UBSan, and under TSan; then the
+# hostile-input campaign of docs/testing.md: the allocation-failure build
+# (build-fault, ASan) and each libFuzzer target for 60 s (build-fuzz).
 #   bash scripts/test.sh            everything
 #   bash scripts/test.sh --quick    the plain build only
 set -euo pipefail
@@ -25,5 +27,12 @@ run build
 if [ $quick -eq 0 ]; then
   run build-asan address
   run build-tsan thread
+  echo "== allocation-failure injection (build-fault)"
+  cmake -S . -B build-fault -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DWPOOL_SANITIZE=address -DWPOOL_FAULT_INJECTION=ON >/dev/null
+  cmake --build build-fault -j "$(nproc)" --target test_fault
+  (cd build-fault && ctest --output-on-failure -R '^fault\.')
+  echo "== fuzzing (build-fuzz)"
+  bash scripts/fuzz.sh all "${WPOOL_FUZZ_SECONDS:-60}"
 fi
 echo "== all tests passed"

@@ -802,6 +802,24 @@ Test(codec, handmade_bad_names_and_chunks) {
                "");
 }
 
+/* A chunk whose header makes fewer upvalues than its prototype names
+ * (found by tests/fuzz/fuzz_decode): lua_setupvalue would write past the
+ * closure. */
+Test(codec, chunk_with_forged_upvalue_count) {
+  wp__buf b = {0};
+  char *chunk;
+  STATES;
+  encode_src("local x, y, z = 1, 2, 3 return function() return x + y + z end",
+             &b);
+  chunk = memmem(b.data, b.len, "\x1bLua", 4);
+  cr_assert_not_null(chunk);
+  /* The header is 31 bytes; the closure's upvalue count follows. */
+  cr_assert_eq(chunk[31], 3);
+  chunk[31] = 1;
+  decode_fails(b.data, b.len, "malformed");
+  wp__buf_free(&b);
+}
+
 /* Error messages name exactly the name in the message, which is not
  * NUL-terminated: what follows it is other values' bytes. */
 Test(codec, bad_names_are_quoted_exactly) {
