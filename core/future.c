@@ -75,7 +75,7 @@ void wp_future_release(wp_future *f) {
 
 wp_status wp_future_status(wp_future *f) {
   int st = atomic_load_explicit(&f->status, memory_order_acquire);
-  return st == WP__CLAIMED ? WP_PENDING : (wp_status)st;
+  return st >= WP__CLAIMED ? WP_PENDING : (wp_status)st;
 }
 
 /* Runs callbacks in registration order: the list is newest first. */
@@ -106,12 +106,23 @@ int wp__future_complete(wp_future *f, wp_status status, const char *result,
   static const char oom[] = {1,   WP__T_STR, 17,  'n', 'o', 't', ' ',
                              'e', 'n',       'o', 'u', 'g', 'h', ' ',
                              'm', 'e',       'm', 'o', 'r', 'y'};
+  static const char cancelled[] = {1,   WP__T_STR, 9,   'c', 'a', 'n',
+                                   'c', 'e',       'l', 'l', 'e', 'd'};
   wp_pool *p = f->pool;
   int expected = WP_PENDING;
   if (!atomic_compare_exchange_strong_explicit(
           &f->status, &expected, WP__CLAIMED, memory_order_acquire,
-          memory_order_relaxed))
-    return 0; /* ended already (stuck, then returned) */
+          memory_order_relaxed)) {
+    if (expected != WP__CANCELLING ||
+        !atomic_compare_exchange_strong_explicit(
+            &f->status, &expected, WP__CLAIMED, memory_order_acquire,
+            memory_order_relaxed))
+      return 0; /* ended already (stuck, then returned) */
+    /* An accepted cancel decides the outcome, however the task ended. */
+    status = WP_CANCELLED;
+    result = cancelled;
+    len = sizeof cancelled;
+  }
   /* f->msg stays: a worker declared stuck may still be reading it. */
   if (len <= sizeof f->result_buf) {
     f->result = len ? f->result_buf : NULL;
@@ -156,7 +167,7 @@ static int future_ended(void *f) {
 /* The status as a sleeping waiter must read it (see wp__future_complete). */
 static int ended_seq_cst(wp_future *f) {
   int st = atomic_load_explicit(&f->status, memory_order_seq_cst);
-  return st != WP_PENDING && st != WP__CLAIMED;
+  return st != WP_PENDING && st < WP__CLAIMED;
 }
 
 int wp_future_wait(wp_future *f, double timeout) {
@@ -196,7 +207,7 @@ int wp_future_cancel(wp_future *f) {
       wp__pool_count_end(f->pool, 0, WP_CANCELLED, -1);
     wp_future_release(f); /* the queue's reference */
     return 1;
-  case 2: /* its worker interrupts it */
+  case 2: /* marked: whoever ends it ends it as cancelled */
     return 1;
   default:
     return 0;

@@ -238,21 +238,21 @@ static int spawn_locked(wp_pool *p);
 
 /* Runs f in w (lock released), then records how it ended.  Returns 1 when
  * the worker must exit afterwards. */
-static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
-                      char *err, size_t errlen) {
-  int failed = 0, stuck;
+static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
+                      size_t errlen) {
+  int stuck;
   wp_status st;
   uint64_t started = w->started, end;
   p->nrunning++;
   p->last_active = started;
   uv_mutex_unlock(&p->mu);
   wp__hist_add(&WP__STRIPE(p, w->id)->dwell, started - f->t_submit);
-  if (*openerr || (w->L == NULL && wp__worker_open(w, err, errlen))) {
+  /* A state that could not be made (or was closed) is made now: a
+   * failure ends only this task, and the next one tries again. */
+  if (w->L == NULL && wp__worker_open(w, err, errlen)) {
     char msg[2100];
     snprintf(msg, sizeof msg, "worker init failed: %s", err);
-    st = wp__future_fail(f, WP_ERROR, msg) ? WP_ERROR : WP_PENDING;
-    *openerr = 0;
-    failed = 1;
+    st = wp__future_fail(f, WP_ERROR, msg) ? wp_future_status(f) : WP_PENDING;
   } else {
     st = wp__worker_run(w, f);
   }
@@ -283,7 +283,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, int *openerr,
   }
   p->last_active = end;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
-  return failed || stuck || p->nworkers > p->max_workers;
+  return stuck || p->nworkers > p->max_workers;
 }
 
 static int work_queued(void *arg) {
@@ -297,10 +297,11 @@ static void worker_main(void *arg) {
   wp_pool *p = w->pool;
   char err[2048];
   wp_future *f;
-  int leave = 0, openerr = 0, detached, failed = 0, spun = 0, was_stuck;
+  int leave = 0, detached, spun = 0, was_stuck;
   wp__worker_bind(w);
-  /* A worker is warm from its start (min_workers rely on it). */
-  if (w->L == NULL) openerr = wp__worker_open(w, err, sizeof err);
+  /* A worker is warm from its start (min_workers rely on it).  Should
+   * that fail, its first task tries again (run_locked). */
+  if (w->L == NULL) wp__worker_open(w, err, sizeof err);
   uv_mutex_lock(&p->mu);
   while (!leave) {
     if ((f = take_locked(p, w)) == NULL) {
@@ -329,17 +330,14 @@ static void worker_main(void *arg) {
       continue;
     }
     spun = 0;
-    failed = openerr || w->L == NULL;
-    leave = run_locked(p, w, f, &openerr, err, sizeof err);
-    failed = failed && leave && !w->stuck;
+    leave = run_locked(p, w, f, err, sizeof err);
   }
   if (!w->stuck) p->nworkers--; /* a stuck one was discounted already */
   w->exiting = 1;
   was_stuck = w->stuck;
-  /* A worker that could not start, or one that left after a shrink, leaves
-   * the queue to others. */
-  if (p->state < WP__STOPPING && !p->paused && (failed || p->qhead))
-    wp__grow_locked(p);
+  /* A worker that left (stuck, or after a shrink) leaves the queue to
+   * others. */
+  if (p->state < WP__STOPPING && !p->paused && p->qhead) wp__grow_locked(p);
   if (w->L) { /* the watchdog bounds the close from now */
     atomic_store(&w->closing, uv_hrtime());
     wp__watchdog_poke(p);
@@ -385,10 +383,39 @@ static int spawn_locked(wp_pool *p) {
   return 0;
 }
 
+/* Takes the queued tasks that could run now out of the queue, for the
+ * watchdog to fail with err: no worker is left to run them and none could
+ * be started.  Needs mu. */
+static void strand_locked(wp_pool *p, int err) {
+  wp_future *f, **tail = &p->stranded;
+  while (*tail)
+    tail = &(*tail)->next;
+  while ((f = p->qhead) != NULL && (!p->paused || f->seq <= p->pause_seq)) {
+    p->qhead = f->next;
+    if (p->qhead)
+      p->qhead->prev = NULL;
+    else
+      p->qtail = NULL;
+    f->next = f->prev = NULL;
+    f->queued = 0; /* cancel now says 0: the watchdog ends it */
+    p->nqueued--;
+    p->queued_bytes -= f->msg_len;
+    *tail = f;
+    tail = &f->next;
+  }
+  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
+  p->strand_err = err;
+  wp__watchdog_poke(p);
+  if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+  if (p->nspace_waiters) uv_cond_broadcast(&p->space_cv);
+}
+
 void wp__grow_locked(wp_pool *p) {
+  int r = 0;
   while (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
-         p->nworkers < p->max_workers && spawn_locked(p) == 0)
+         p->nworkers < p->max_workers && (r = spawn_locked(p)) == 0)
     ;
+  if (r && p->nworkers == 0) strand_locked(p, r);
 }
 
 /* Unlinks exited workers into *out for joining outside the lock. */
@@ -714,9 +741,16 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
     if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
     r = 1;
   } else if (f->worker && f->worker->cur == f && !f->worker->stuck) {
-    wp__worker_interrupt(f->worker, atomic_load(&f->worker->run_seq),
-                         WP_CANCELLED);
-    r = 2;
+    /* f->worker is cleared under mu before its worker can exit (see
+     * run_locked), so it is alive here.  The mark is the decision: a
+     * completion that began before it wins and the cancel says 0. */
+    int st = WP_PENDING;
+    if (atomic_compare_exchange_strong(&f->status, &st, WP__CANCELLING) ||
+        st == WP__CANCELLING) {
+      wp__worker_interrupt(f->worker, atomic_load(&f->worker->run_seq),
+                           WP_CANCELLED);
+      r = 2;
+    }
   }
   uv_mutex_unlock(&p->mu);
   return r;

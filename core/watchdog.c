@@ -8,9 +8,10 @@
  * the worker stops counting toward max_workers and a replacement may
  * start; its state is never reused), abandons a worker whose state takes
  * longer than stuck_grace (at least 1 s) to close (a __gc that never
- * returns), reports
- * slow tasks, and writes the periodic summaries of dropped tasks.  It runs
- * until the last worker has exited, stops and drains included.  It sleeps
+ * returns), reports slow tasks, fails the queued tasks that no worker
+ * could be started for (wp__grow_locked), and writes the periodic
+ * summaries of dropped tasks.  It runs until the last worker has exited,
+ * stops and drains included.  It sleeps
  * until the next thing it must look at; submitting a task with a deadline
  * wakes it.
  */
@@ -190,23 +191,43 @@ static uint64_t look_locked(wp_pool *p, pass *ps, uint64_t now) {
   return earlier(next, p->next_drop_log);
 }
 
+/* Fails the tasks of a list taken from p->stranded, and drops the
+ * queue's references.  Needs nothing locked. */
+static void fail_stranded(wp_pool *p, wp_future *f, int err) {
+  const char *msg = err == WP_ENOMEM ? "not enough memory to start a worker"
+                                     : "could not start a worker thread";
+  while (f) {
+    wp_future *next = f->next;
+    f->next = NULL;
+    if (wp__future_fail(f, WP_ERROR, msg))
+      wp__pool_count_end(p, 0, wp_future_status(f), -1);
+    wp_future_release(f);
+    f = next;
+  }
+}
+
 static void dog_main(void *arg) {
   wp_pool *p = arg;
   pass ps;
   uint64_t now, next;
-  int i;
+  wp_future *stranded;
+  int i, err;
   uv_mutex_lock(&p->mu);
   while (!p->dog_exit) {
     ps.n = ps.nstuck = 0;
     now = uv_hrtime();
     next = look_locked(p, &ps, now);
-    if (ps.n) {
+    stranded = p->stranded;
+    p->stranded = NULL;
+    err = p->strand_err;
+    if (ps.n || stranded) {
       uv_mutex_unlock(&p->mu);
+      fail_stranded(p, stranded, err);
       for (i = 0; i < ps.nstuck; i++) {
         wp_status st = ps.stuck_status[i];
         if (wp__future_fail(ps.stuck[i], st,
                             st == WP_TIMEOUT ? "timeout" : "cancelled"))
-          wp__pool_count_end(p, 0, st, -1);
+          wp__pool_count_end(p, 0, wp_future_status(ps.stuck[i]), -1);
         wp_future_release(ps.stuck[i]);
       }
       for (i = 0; i < ps.n; i++)
@@ -227,7 +248,11 @@ static void dog_main(void *arg) {
       wp__emit(&ps.ev[i]);
     uv_mutex_lock(&p->mu);
   } while (ps.n == MAX_EVENTS);
+  stranded = p->stranded;
+  p->stranded = NULL;
+  err = p->strand_err;
   uv_mutex_unlock(&p->mu);
+  fail_stranded(p, stranded, err);
 }
 
 int wp__watchdog_start(wp_pool *p) {

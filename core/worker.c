@@ -312,6 +312,7 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
     status = (wp_status)atomic_load(&w->kill_reason);
     done = wp__future_fail(f, status,
                            status == WP_TIMEOUT ? "timeout" : "cancelled");
+    if (done) status = wp_future_status(f); /* a cancel may have won */
     if (done && status == WP_TIMEOUT)
       task_event(w, f, WP_EV_TASK_TIMEOUT, NULL,
                  (double)(w->deadline - w->started) / 1e9, 0);
@@ -327,9 +328,10 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
                       : st == LUA_ERRMEM    ? "not enough memory"
                       : lua_tostring(L, -1) ? lua_tostring(L, -1)
                                             : "task failed";
-    status = WP_ERROR;
     done = wp__future_fail(f, WP_ERROR, msg);
-    if (done && !w->limit_hit) task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
+    status = done ? wp_future_status(f) : WP_ERROR;
+    if (done && status == WP_ERROR && !w->limit_hit)
+      task_event(w, f, WP_EV_TASK_ERROR, msg, 0, 0);
   }
   if (w->limit_hit) { /* even when the task caught the error itself */
     atomic_fetch_add(&w->pool->c.memory_limit_hits, 1);

@@ -118,18 +118,22 @@ typedef struct wp__worker wp__worker;
 #define WP__INLINE_MSG 512
 #define WP__INLINE_RESULT 24
 
-/* A future's status while one thread fills in its result: readers still
- * see WP_PENDING. */
+/* A future's status while one thread fills in its result, and that of a
+ * running task whose cancel was accepted: readers still see WP_PENDING.
+ * Whoever completes a WP__CANCELLING future ends it as WP_CANCELLED, so
+ * that a cancel which returned 1 never loses to the task's own end or to
+ * its deadline. */
 #define WP__CLAIMED 100
+#define WP__CANCELLING 101
 
 /* Fields are ordered to pack: a small task's future and message fit in
  * 192 bytes of heap. */
 struct wp_future {
   atomic_int refs;
-  atomic_int status;               /* wp_status, or WP__CLAIMED */
-  atomic_int nwaiters;             /* threads sleeping in wp_future_wait */
-  unsigned char queued;            /* in the queue, under pool->mu */
-  unsigned char msg_owned;         /* msg is malloc'd, not inline_msg */
+  atomic_int status;       /* wp_status, WP__CLAIMED or WP__CANCELLING */
+  atomic_int nwaiters;     /* threads sleeping in wp_future_wait */
+  unsigned char queued;    /* in the queue, under pool->mu */
+  unsigned char msg_owned; /* msg is malloc'd, not inline_msg */
   _Atomic(struct wp__done *) done; /* callbacks, newest first; once ended,
                                       the closed marker (future.c) */
   wp_future *next, *prev;          /* queue links, under pool->mu */
@@ -164,9 +168,11 @@ WP_HIDDEN wp_future *wp__future_new(wp_pool *p, wp__buf *b);
 
 /* Ends a pending future with status and a copy of the len result bytes
  * (NULL for none), wakes its waiters and runs its callbacks.  Only the
- * first completion counts: a later one returns 0.  Out of memory for a
- * large result, the future ends as an error "not enough memory".  Called
- * without any lock held. */
+ * first completion counts: a later one returns 0.  A future whose cancel
+ * was accepted ends as WP_CANCELLED whatever status says; out of memory
+ * for a large result, as an error "not enough memory": the caller reads
+ * the status it ended with from wp_future_status.  Called without any
+ * lock held. */
 WP_HIDDEN int wp__future_complete(wp_future *f, wp_status status,
                                   const char *result, size_t len);
 
@@ -373,6 +379,9 @@ struct wp_pool {
   uint64_t hard_at;    /* when a hard stop interrupted the running tasks
                           (wp_pool_abort), or 0 */
   wp__worker *workers; /* every started, not yet joined worker */
+  wp_future *stranded; /* queued tasks no worker could be started for,
+                          for the watchdog to fail (linked by next) */
+  int strand_err;      /* why: WP_ENOMEM or WP_ESYS */
   wp__worker *spare;   /* the state wp_pool_new made, not yet started */
   uv_cond_t work_cv;   /* idle workers wait for tasks here */
   uv_cond_t state_cv;  /* pause, stop and join waiters */
@@ -403,7 +412,10 @@ WP_HIDDEN int wp__watchdog_start(wp_pool *p);
 WP_HIDDEN void wp__watchdog_stop(wp_pool *p);
 /* Wakes it to look at the running tasks again.  Needs mu. */
 WP_HIDDEN void wp__watchdog_poke(wp_pool *p);
-/* Starts workers for queued tasks that no idle worker will take.  Needs
+/* Starts workers for queued tasks that no idle worker will take.  When
+ * none could be started and no worker is left, the tasks that could run
+ * now leave the queue for p->stranded, and the watchdog fails them ("not
+ * enough memory to start a worker"), so that none waits forever.  Needs
  * mu. */
 WP_HIDDEN void wp__grow_locked(wp_pool *p);
 
@@ -416,7 +428,8 @@ WP_HIDDEN void wp__pool_mrelease(wp_pool *p);
 WP_HIDDEN int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait);
 
 /* Cancels f: 1 when removed from the queue (the caller completes it),
- * 2 when its running task was asked to stop, 0 when it already ended. */
+ * 2 when its running task was marked WP__CANCELLING and asked to stop, 0
+ * when it already ended or its end has begun. */
 WP_HIDDEN int wp__pool_cancel(wp_pool *p, wp_future *f);
 
 #endif

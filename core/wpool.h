@@ -439,7 +439,9 @@ WP_API int wp_future_wait(wp_future *f, double timeout);
 
 /* Cancels a task: a queued one is removed and never runs; a running one
  * is interrupted at its next Lua instruction (docs/guards.md).  Returns 1
- * when the task will resolve as WP_CANCELLED, 0 when it already ended. */
+ * when the task will resolve as WP_CANCELLED (even if it returns or hits
+ * its deadline before the interrupt lands), 0 when it already ended or its
+ * end has begun.  Any thread. */
 WP_API int wp_future_cancel(wp_future *f);
 
 /* Calls cb(f, ud) once the future has ended: at once in the calling thread

@@ -550,6 +550,53 @@ Test(capi, open_hook_error_einit) {
   cr_assert(strstr(err, "the hook refused") != NULL, "%s", err);
 }
 
+/* An open hook that refuses the second state it is asked to make. */
+static atomic_int flaky_calls;
+static void flaky_hook(lua_State *L, void *ud) {
+  open_hook(L, ud);
+  if (atomic_fetch_add(&flaky_calls, 1) + 1 == 2)
+    luaL_error(L, "not enough memory (flaky)");
+}
+
+/* Issue 1 of docs/testing.md's campaign: a worker whose state could not be
+ * made at its start makes it before its first task, which then runs. */
+Test(capi, worker_state_failed_at_start_is_made_at_first_task) {
+  wp_options o;
+  wp_pool *p;
+  wp_future *f[2];
+  const char *keys[2] = {"flaky.a", "flaky.b"};
+  char started[64];
+  double deadline = wp_now() + 30;
+  int i;
+  test_options(&o, "capi.flaky", 2, NULL);
+  o.min_workers = 2; /* state 1: new; state 2: worker 2's start, refused */
+  o.open_state = flaky_hook;
+  p = make_pool_opts(&o);
+  /* Two tasks that block: each worker takes one.  Before the fix, worker
+   * 2's ended at once with "worker init failed". */
+  for (i = 0; i < 2; i++)
+    f[i] = submit_str(p, "block", keys[i]);
+  for (i = 0; i < 2; i++) {
+    snprintf(started, sizeof started, "started:%s", keys[i]);
+    while (shget(started) == 0 && wp_future_status(f[i]) == WP_PENDING) {
+      cr_assert(wp_now() < deadline, "block(%s) never started", keys[i]);
+      uv_sleep(1);
+    }
+  }
+  for (i = 0; i < 2; i++)
+    shset(keys[i]);
+  for (i = 0; i < 2; i++) {
+    size_t len = 0;
+    const char *msg =
+        wp_future_status(f[i]) == WP_ERROR ? error_msg(f[i], &len) : "";
+    cr_assert(msg[0] == '\0', "task %d: %.*s", i, (int)len, msg);
+    wait_ok(f[i]);
+    wp_future_release(f[i]);
+  }
+  cr_assert_eq(atomic_load(&flaky_calls), 3);
+  wp_pool_release(p);
+}
+
 Test(capi, package_path_copied) {
   wp_options o;
   wp_pool *p = NULL;

@@ -7,9 +7,8 @@
  * with completion callbacks, cancel one, wait for them, run one more,
  * stop, and work a shared dictionary) runs again and again: run N makes
  * the N-th allocation of the core fail (and, in the persistent pass, every
- * one after it, the scenario then stopping the pool instead of waiting),
- * for N = 1, 2, ... until a run completes without any injected failure.
- * Every run must:
+ * one after it, the scenario then skipping the extra task), for N = 1, 2, ...
+ * until a run completes without any injected failure. Every run must:
  *   - not crash, hang (every wait is bounded) or leak (LSan checks after
  *     each run, so a leak names its N);
  *   - see each failure as a clean error: WP_ENOMEM, or a task or init
@@ -17,8 +16,9 @@
  *   - leave the pool usable (after a one-shot failure, a last task must
  *     succeed) or cleanly stopped (every future resolved, every callback
  *     run once, stop returns, the pool's name is free again).
- * Two known issues of the core are stepped around unless
- * WPOOL_FAULT_STRICT=1; docs/testing.md describes them.
+ * A worker whose state could not be made tries again at its next task, and
+ * tasks that no worker can be started for fail: so even in the persistent
+ * pass every future resolves before the pool is stopped.
  *
  *   test_fault            both passes, every N
  *   test_fault once       the one-shot pass only (or: persistent)
@@ -155,38 +155,25 @@ static void shdict_part(int run) {
   wp_shdict_flush(d);
 }
 
-/* WPOOL_FAULT_STRICT=1, and how often KNOWN ISSUE 1 was stepped
- * around. */
-static int strict, known1;
-
 /* Runs double(21) and checks it returns 42. */
 static void last_task(wp_pool *p) {
   wp_value arg, v;
   wp_future *f;
-  int r, tries;
+  int r;
   arg.type = WP_TINTEGER;
   arg.u.i = 21;
-  for (tries = 0; tries < 2; tries++) {
-    if ((r = wp_submit_values(p, "double", &arg, 1, &f)) != 0)
-      die("submit after the failure: %s", wp_strerror(r));
-    check_future(f, NULL, 42);
-    if (wp_future_status(f) == WP_OK) {
-      wp_future_release(f);
-      return;
-    }
-    r = wp_future_values(f, &v, 1);
-    /* KNOWN ISSUE 1: a worker whose state could not be made when its
-     * thread started fails the next task it takes, however much later. */
-    if (tries == 0 && !strict && r == 1 && v.type == WP_TSTRING &&
-        memmem(v.u.s.ptr, v.u.s.len, "worker init failed", 18)) {
-      known1++;
-      wp_future_release(f);
-      continue;
-    }
-    if (r == 1 && v.type == WP_TSTRING)
-      die("the pool is broken: '%.*s'", (int)v.u.s.len, v.u.s.ptr);
-    die("the pool is broken: status %d", (int)wp_future_status(f));
+  /* A worker whose state could not be made earlier makes it now. */
+  if ((r = wp_submit_values(p, "double", &arg, 1, &f)) != 0)
+    die("submit after the failure: %s", wp_strerror(r));
+  check_future(f, NULL, 42);
+  if (wp_future_status(f) == WP_OK) {
+    wp_future_release(f);
+    return;
   }
+  r = wp_future_values(f, &v, 1);
+  if (r == 1 && v.type == WP_TSTRING)
+    die("the pool is broken: '%.*s'", (int)v.u.s.len, v.u.s.ptr);
+  die("the pool is broken: status %d", (int)wp_future_status(f));
 }
 
 /* One run of the scenario. */
@@ -247,19 +234,11 @@ static void scenario(lua_State *L, int run) {
     ndone += r == 0;
   }
   if (nf > 0) wp_future_cancel(fs[0]); /* queued, running or done */
-  if (current_persist) {
-    /* KNOWN ISSUE 2: with no memory to start a worker, queued tasks can
-     * be stranded, so waiting could hang; stop discards them instead. */
-    if (strict)
-      for (i = 0; i < nf; i++)
-        check_future(fs[i], want_s[i], want_i[i]);
-    wp_pool_stop(p);
-  } else {
-    for (i = 0; i < nf; i++)
-      check_future(fs[i], want_s[i], want_i[i]);
-    /* Still usable: once the failure is past, one more task succeeds. */
-    if (wp_fault_failed() > 0) last_task(p);
-  }
+  /* Every future resolves, even with no memory left to start a worker. */
+  for (i = 0; i < nf; i++)
+    check_future(fs[i], want_s[i], want_i[i]);
+  /* Still usable: once the failure is past, one more task succeeds. */
+  if (!current_persist && wp_fault_failed() > 0) last_task(p);
   r = wp_pool_stop_wait(p);
   if (r != 0) die("stop_wait: %s", wp_strerror(r));
   if (wp_pool_find("fault")) die("a stopped pool can be found");
@@ -293,7 +272,6 @@ int main(int argc, char **argv) {
   int persist, first = 0, last = 1;
   long n;
   luaL_openlibs(L);
-  strict = getenv("WPOOL_FAULT_STRICT") && atoi(getenv("WPOOL_FAULT_STRICT"));
   if (argc > 1 && strcmp(argv[1], "once") == 0) {
     last = 0;
   } else if (argc > 1 && strcmp(argv[1], "persistent") == 0) {
@@ -304,13 +282,10 @@ int main(int argc, char **argv) {
     return 0;
   }
   for (persist = first; persist <= last; persist++) {
-    known1 = 0;
     for (n = 1; run_once(L, n, persist) > 0; n++)
       ;
     fprintf(stderr, "test_fault: %s: %ld runs\n",
             persist ? "persistent" : "one-shot", n);
-    if (known1)
-      fprintf(stderr, "test_fault: KNOWN ISSUE 1 seen %d times\n", known1);
     if (n < 50) die("too few allocations: is the injector wired in?");
   }
   lua_close(L);
