@@ -565,7 +565,8 @@ static int submit_k(lua_State *L, int status, lua_KContext ctx) {
     wpl_host_park_sleep(L, FULL_RETRY);
     return lua_yieldk(L, 0, ctx, submit_k);
   }
-  if (r == WP_EFULL) wp_pool_count_drop(u->p, WP_DROP_FULL); /* gave up */
+  if (r == WP_EFULL) /* gave up */
+    wp_pool_count_drop_tenant(u->p, WP_DROP_FULL, o.tenant);
   if (submitted(L, u->p, r, admitted, ret) != 1) return 3;
   return ret == RET_WAIT ? submit_wait_from(L, fu) : 1;
 }

@@ -674,7 +674,9 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   if (!r && p->state != WP__RUNNING) r = WP_ESTOPPED;
   if (r) {
     uv_mutex_unlock(&p->mu);
-    if (r != WP_EFULL || !nowait)
+    if (r == WP_EFULL && !nowait && f->tenant)
+      wp_pool_count_drop_tenant(p, WP_DROP_FULL, f->tenant);
+    else if (r != WP_EFULL || !nowait)
       wp__count_drop(p, r == WP_EFULL ? WP__DROP_FULL : WP__DROP_STOPPED, 1);
     return r;
   }

@@ -47,7 +47,7 @@ assert(fb:wait(30))
 out.dl = p:stats().dropped
 p:stop_wait()
 
--- Untenanted drops of a full queue.
+-- Drops of a full queue, untenanted and of tenant "z".
 g:delete("go")
 local q = W.new { name = "dlq" .. S, max_workers = 1, queue_cap = 1,
                   drop_log_interval = 0.01 }
@@ -56,6 +56,10 @@ while drops < 6 do -- a summary interval or more between the drops
   local f, err = q:submit(gate, "dl.gate" .. S)
   if f then fs[#fs + 1] = f else assert(err == "full", err); drops = drops + 1 end
   if drops == 3 then W.sleep(0.05) end
+end
+for _ = 1, 2 do -- a tenanted task refused by the full queue
+  local f, err = q:submit({ fn = gate, tenant = "z" }, "dl.gate" .. S)
+  assert(not f and err == "full", err)
 end
 g:set("go", true)
 for _, f in ipairs(fs) do assert(f:wait(30)) end
@@ -133,8 +137,11 @@ T.test("tasks.dropped: per reason and tenant; untenanted; other", function()
     same(sum, { ["rate_limited/a"] = 3, ["concurrency/b"] = 2 }, "dl")
     for k, n in pairs(lines) do T.eq(n, 1, "one line for " .. k) end
     sum = summaries(log, "dlq" .. S)
-    T.eq(sum["full/-"], stats.dlq.full, "full drops, untenanted")
-    for k in pairs(sum) do T.eq(k, "full/-", "only untenanted full drops") end
+    T.eq(sum["full/-"], stats.dlq.full - 2, "full drops, untenanted")
+    T.eq(sum["full/z"], 2, "full drops of tenant z")
+    for k in pairs(sum) do
+      T.ok(k == "full/-" or k == "full/z", "only full drops: " .. k)
+    end
     sum, lines = summaries(log, "dlo" .. S)
     same(sum, { ["rate_limited/t1"] = 1, ["rate_limited/t2"] = 1,
                 ["rate_limited/other"] = 2 }, "dlo")
@@ -155,7 +162,7 @@ T.test("tasks.dropped: per reason and tenant; untenanted; other", function()
   T.eq(stats.dl.rate_limited, 3)
   T.eq(stats.dl.concurrency, 2)
   T.eq(stats.dl.policy, 0)
-  T.ok(stats.dlq.full >= 6, "full drops: " .. tostring(stats.dlq.full))
+  T.ok(stats.dlq.full >= 8, "full drops: " .. tostring(stats.dlq.full))
   T.eq(stats.dlo.rate_limited, 4)
 end)
 
