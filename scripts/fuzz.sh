@@ -2,7 +2,7 @@
 # fuzz.sh TARGET [SECONDS]: builds the libFuzzer targets of tests/fuzz in
 # build-fuzz/ (clang, ASan+UBSan, -DWPOOL_FUZZ=ON) and runs TARGET for
 # SECONDS (default 60).  TARGET is a name from tests/fuzz/CMakeLists.txt
-# (decode, roundtrip, http), or "all" to run each in turn.
+# (decode, roundtrip, http, pipeline), or "all" to run each in turn.
 #
 # A run starts from the seeds in tests/fuzz/corpus/fuzz_TARGET/ plus what
 # earlier runs found (build-fuzz/corpus/TARGET/, where new inputs go).  A
