@@ -11,5 +11,9 @@ echo "== wpool run scripts/examples/loop.lua"
 build/wpool run scripts/examples/loop.lua
 echo "== wpool run scripts/examples/policies.lua"
 build/wpool run scripts/examples/policies.lua
+echo "== wpool pipeline run scripts/examples/pipeline/access.json (100,000 lines)"
+(cd scripts/examples/pipeline && lua5.4 gen_access_log.lua 100000 access.log &&
+  ../../../build/wpool pipeline run --no-progress access.json 2>/dev/null &&
+  echo "out.jsonl: $(wc -l <out.jsonl) (status, path) groups" && head -n 3 out.jsonl)
 echo "== build/embed_tick (a C program embedding wpool on its own loop)"
 build/embed_tick
