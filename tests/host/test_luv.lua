@@ -108,10 +108,11 @@ local s = uv.new_tcp()
 assert(s:bind("127.0.0.1", 0))
 assert(s:listen(8, function() end))
 io.open(%q, "w"):write("ready"):close()
+require("workerpool").sleep(120) -- the signal comes while the script lives
 ]], ready))
   fh:close()
   local ok, out = T.sh(string.format([[sh -c '
-timeout 60 %s run %s & p=$!
+timeout -k 5 60 %s run %s & p=$!
 n=0; while [ ! -s %s ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
 kill -TERM $p; wait $p; echo "status $?"']], arg[-2], src, ready))
   os.remove(src)
