@@ -111,10 +111,12 @@ io.open(%q, "w"):write("ready"):close()
 require("workerpool").sleep(120) -- the signal comes while the script lives
 ]], ready))
   fh:close()
+  -- The signal goes to wpool itself: timeout(1) would forward its own
+  -- SIGTERM twice (to the child and to its process group).
   local ok, out = T.sh(string.format([[sh -c '
 timeout -k 5 60 %s run %s & p=$!
 n=0; while [ ! -s %s ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done
-kill -TERM $p; wait $p; echo "status $?"']], arg[-2], src, ready))
+pkill -TERM -P $p; wait $p; echo "status $?"']], arg[-2], src, ready))
   os.remove(src)
   os.remove(ready)
   T.ok(ok, out)
