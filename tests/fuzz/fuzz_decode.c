@@ -38,6 +38,24 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return ptr;
 }
 
+/* Lua does not check binary chunks ("maliciously crafted binary chunks
+ * can crash the interpreter", manual 4.6), and a message's bytecode is
+ * trusted: messages never leave the process.  So the decoder's calls to
+ * luaL_loadbufferx are wrapped at link time (-Wl,--wrap): a binary chunk
+ * fails as a clean error, and the rest of the function path still runs. */
+int __real_luaL_loadbufferx(lua_State *L, const char *buff, size_t sz,
+                            const char *name, const char *mode);
+int __wrap_luaL_loadbufferx(lua_State *L, const char *buff, size_t sz,
+                            const char *name, const char *mode);
+int __wrap_luaL_loadbufferx(lua_State *L, const char *buff, size_t sz,
+                            const char *name, const char *mode) {
+  if (sz > 0 && buff[0] == LUA_SIGNATURE[0]) {
+    lua_pushliteral(L, "binary chunk not loaded by the fuzzer");
+    return LUA_ERRSYNTAX;
+  }
+  return __real_luaL_loadbufferx(L, buff, sz, name, mode);
+}
+
 /* require in the fuzzed state: refuses every module, so that names read
  * from the input never reach the file system. */
 static int no_require(lua_State *L) {
