@@ -219,6 +219,14 @@ static wpool_host *check_host(lua_State *L, const char *what) {
   return h;
 }
 
+/* workerpool.in_host() -> boolean   [-0, +1, -] Whether L runs inside a
+ * live wpool host, where spawn, after, every and on_shutdown work. */
+int wpl_in_host(lua_State *L) {
+  wpool_host *h = host_of(L);
+  lua_pushboolean(L, h != NULL && !h->closed);
+  return 1;
+}
+
 static void update_async_ref(wpool_host *h) {
   if (h->closed) return;
   if (h->nwatched > 0 || h->offloads)

@@ -125,6 +125,8 @@ WPL_HIDDEN int wpl_host_park_call(lua_State *L, wp_pool *p, wpl_blocking_fn op,
  * 0 outside a host (the caller then stops the pool itself). */
 WPL_HIDDEN int wpl_host_adopt(lua_State *L, wp_pool *p);
 
+/* workerpool.in_host(): whether the calling state runs in a host loop. */
+WPL_HIDDEN int wpl_in_host(lua_State *L);
 /* Module functions that need a host loop (they raise without one). */
 WPL_HIDDEN int wpl_spawn(lua_State *L);
 WPL_HIDDEN int wpl_after(lua_State *L);

@@ -45,11 +45,15 @@ static const char usage[] =
     "exit status: 0 done, 1 bad config, I/O error or a stage failed,\n"
     "2 usage error, 3 interrupted with work left undone\n";
 
-static int usage_error(const char *fmt, const char *arg) {
+int wpl_usage_error(const char *help, const char *fmt, const char *arg) {
   fprintf(stderr, "wpool: ");
   fprintf(stderr, fmt, arg);
-  fprintf(stderr, "\nTry 'wpool pipeline --help'.\n");
+  fprintf(stderr, "\nTry '%s'.\n", help);
   return 2;
+}
+
+static int usage_error(const char *fmt, const char *arg) {
+  return wpl_usage_error("wpool pipeline --help", fmt, arg);
 }
 
 /* [-0, +1, -] The number of signals so far (upvalue 1: the cli). */

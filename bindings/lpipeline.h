@@ -38,6 +38,11 @@ WPL_HIDDEN void wpl_pack_open(lua_State *L);
  * stack, and registers its functions so that they cross states by name. */
 WPL_HIDDEN void wpl_json_open(lua_State *L);
 
+/* Prints "wpool: " and fmt with arg, then "Try '<help>'." to stderr, and
+ * returns 2, the exit status of a usage error.  Main thread only. */
+WPL_HIDDEN int wpl_usage_error(const char *help, const char *fmt,
+                               const char *arg);
+
 /* `wpool pipeline ...`: argv[0] is "pipeline".  Returns the exit status:
  * 0 done, 1 bad config, unreadable source, unwritable sink or a failed
  * stage, 2 bad usage, 3 interrupted with work left undone. */

@@ -1075,6 +1075,7 @@ static const luaL_Reg module_funcs[] = {
     {"metrics", wpl_metrics},
     {"metrics_collector", wpl_metrics_collector},
     {"poll", wpl_poll},
+    {"in_host", wpl_in_host},
     {"spawn", wpl_spawn},
     {"after", wpl_after},
     {"every", wpl_every},

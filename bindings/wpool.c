@@ -45,10 +45,7 @@ static const char usage[] =
     "work\n";
 
 static int usage_error(const char *fmt, const char *arg) {
-  fprintf(stderr, "wpool: ");
-  fprintf(stderr, fmt, arg);
-  fprintf(stderr, "\nTry 'wpool --help'.\n");
-  return 2;
+  return wpl_usage_error("wpool --help", fmt, arg);
 }
 
 /* [-0, +0, m] Sets the global `arg` the way lua.c does: arg[0] is the

@@ -13,7 +13,7 @@
 -- that builds a breaker with the same name (the host, worker states, any
 -- pool it guards) sees and moves the same breaker. See docs/policies.md.
 local workerpool = require "workerpool"
-local clock = require "workerpool.clock"
+local util = require "workerpool.util"
 
 local breaker = {}
 
@@ -54,38 +54,7 @@ end
 
 -- ---- options ------------------------------------------------------------
 
-local function fail(msg, level)
-  error("breaker.new: " .. msg, (level or 1) + 1)
-end
-
-local function opt_int(opts, k, lo, hi)
-  local v = opts[k]
-  if v == nil then return nil end
-  local n = type(v) == "number" and math.tointeger(v)
-  if not n or n < lo or (hi and n > hi) then
-    fail(string.format("%s must be an integer from %d%s (got %s)", k, lo,
-      hi and (" to " .. hi) or " up", tostring(v)), 3)
-  end
-  return n
-end
-
-local function opt_num(opts, k, lo, hi, lo_open)
-  local v = opts[k]
-  if v == nil then return nil end
-  if type(v) ~= "number" or v ~= v or v == math.huge or (lo_open and v <= lo) or v < lo
-      or (hi and v > hi) then
-    local range = lo_open and ("> " .. lo) or (">= " .. lo)
-    if hi then range = range .. " and <= " .. hi end
-    fail(string.format("%s must be a number %s (got %s)", k, range, tostring(v)), 3)
-  end
-  return v
-end
-
-local function opt_fn(opts, k)
-  local v = opts[k]
-  if v ~= nil and type(v) ~= "function" then fail(k .. " must be a function", 3) end
-  return v
-end
+local RATE = { above = 0, max = 1 }
 
 local KNOWN = {
   name = true, consecutive_failures = true, window = true, failure_rate = true,
@@ -112,20 +81,15 @@ B.__index = B
 --   [, is_failure = fn(outcome, duration)] [, on_state_change = fn(name, from, to)]
 --   [, fallback = fn(reason, task, ...)] [, dict =] [, capacity =] [, clock =]}
 function breaker.new(opts)
-  if type(opts) ~= "table" then fail("options must be a table", 2) end
-  for k in pairs(opts) do
-    if not KNOWN[k] then fail(string.format("unknown option '%s'", tostring(k)), 2) end
-  end
-  if type(opts.name) ~= "string" or opts.name == "" then
-    fail("name must be a non-empty string", 2)
-  end
-  local self = setmetatable({ name = opts.name }, B)
-  self.consecutive_failures = opt_int(opts, "consecutive_failures", 1)
-  self.failure_rate = opt_num(opts, "failure_rate", 0, 1, true)
-  self.slow_call_s = opt_num(opts, "slow_call_s", 0, nil, true)
-  self.slow_call_rate = opt_num(opts, "slow_call_rate", 0, 1, true)
+  local ck = util.checker(breaker.new, "breaker.new: %s")
+  ck:options(opts, KNOWN)
+  local self = setmetatable({ name = ck:string("name", opts.name) }, B)
+  self.consecutive_failures = ck:integer("consecutive_failures", opts.consecutive_failures, {})
+  self.failure_rate = ck:number("failure_rate", opts.failure_rate, RATE)
+  self.slow_call_s = ck:number("slow_call_s", opts.slow_call_s, { above = 0 })
+  self.slow_call_rate = ck:number("slow_call_rate", opts.slow_call_rate, RATE)
   if self.slow_call_rate and not self.slow_call_s then
-    fail("slow_call_rate needs slow_call_s", 2)
+    ck:fail("slow_call_rate needs slow_call_s")
   end
   if self.slow_call_s and not self.slow_call_rate then self.slow_call_rate = 1.0 end
   local windowed = self.failure_rate or self.slow_call_s
@@ -133,42 +97,33 @@ function breaker.new(opts)
     self.consecutive_failures = 5 -- gobreaker trips after 5 consecutive failures
   end
   if (opts.window ~= nil or opts.min_calls ~= nil) and not windowed then
-    fail("window and min_calls need failure_rate or slow_call_s", 2)
+    ck:fail("window and min_calls need failure_rate or slow_call_s")
   end
-  self.window = opt_int(opts, "window", 1, 10000) or (windowed and 100 or 0)
-  self.min_calls = opt_int(opts, "min_calls", 1, math.max(self.window, 1)) or self.window
-  self.open_timeout = opt_num(opts, "open_timeout", 0) or 60.0
-  self.max_open_timeout = opt_num(opts, "max_open_timeout", 0)
+  self.window = ck:integer("window", opts.window,
+    { max = 10000, default = windowed and 100 or 0 })
+  self.min_calls = ck:integer("min_calls", opts.min_calls,
+    { max = math.max(self.window, 1), default = self.window })
+  self.open_timeout = ck:number("open_timeout", opts.open_timeout, { default = 60.0 })
+  self.max_open_timeout = ck:number("max_open_timeout", opts.max_open_timeout, {})
   if self.max_open_timeout and self.max_open_timeout < self.open_timeout then
-    fail("max_open_timeout must not be below open_timeout", 2)
+    ck:fail("max_open_timeout must not be below open_timeout")
   end
-  self.half_open_max = opt_int(opts, "half_open_max", 1) or 1
-  self.is_failure = opt_fn(opts, "is_failure") or breaker.default_is_failure
-  self.on_state_change = opt_fn(opts, "on_state_change")
+  self.half_open_max = ck:integer("half_open_max", opts.half_open_max, { default = 1 })
+  self.is_failure = ck:func("is_failure", opts.is_failure) or breaker.default_is_failure
+  self.on_state_change = ck:func("on_state_change", opts.on_state_change)
   if type(opts.fallback) == "string" then
-    if opts.fallback == "" then fail("fallback must be a function or a handler name", 2) end
+    if opts.fallback == "" then ck:fail("fallback must be a function or a handler name") end
     self.fallback = opts.fallback
   else
-    self.fallback = opt_fn(opts, "fallback")
+    self.fallback = ck:func("fallback", opts.fallback)
   end
+  self.now = ck:clock(opts.clock)
   local dname = opts.dict or "workerpool.breaker"
-  if type(dname) ~= "string" or dname == "" then fail("dict must be a non-empty string", 2) end
-  local cap = opt_int(opts, "capacity", 1)
-  local d, err = workerpool.shared(dname, cap and { capacity = cap } or nil)
-  if not d then fail(string.format("cannot open dict '%s': %s", dname, err), 2) end
-  self.dict, self.dict_name, self.key = d, dname, "b:" .. opts.name
-  self.now = clock.resolve(opts.clock)
-    or fail("clock must be a function or a table with a now() function", 2)
+  self.dict, self.dict_name, self.key = ck:dict(dname, opts.capacity), dname, "b:" .. opts.name
   -- workerpool.metrics() reports the breakers of every dict named here.
   local md = workerpool.shared("workerpool.metrics", { capacity = 4 << 20 })
   if md then md:set("B\31" .. dname, true) end
-  local c = clock.portable(opts.clock)
-  if c ~= false then
-    local o = {}
-    for k, v in pairs(opts) do o[k] = v end
-    o.clock = c
-    self.spec = { module = "workerpool.breaker", fn = "new", opts = o }
-  end
+  self.spec = util.spec("workerpool.breaker", "new", opts)
   return self
 end
 
@@ -214,6 +169,26 @@ function B:put(raw, r)
   local ok, err = self.dict:cas(self.key, raw, encode(r))
   if ok == nil then return nil, "breaker '" .. self.name .. "': " .. tostring(err) end
   return ok
+end
+
+-- Moves the record by step(self, r, ...) until the cas holds: step
+-- returns the record to write, or nil to leave r as it is. Runs changed()
+-- when the state moved. Returns the record written, or r when step
+-- returned nil; nil and a message when the dictionary is full.
+function B:update(step, ...)
+  while true do
+    local raw = self.dict:get(self.key)
+    local r = decode(raw)
+    local n = step(self, r, ...)
+    if n == nil then return r end
+    local ok, err = self:put(raw, n)
+    if ok then
+      if n.state ~= r.state then self:changed(r.state, n.state) end
+      return n
+    elseif ok == nil then
+      return nil, err
+    end
+  end
 end
 
 local function mark(task, name, gen)
@@ -284,15 +259,15 @@ end
 
 -- Frees a half-open trial slot of generation gen (a refused or ignored
 -- task).
+local function free_step(_, r, gen)
+  if r.gen ~= gen or r.state ~= HALF or r.trials == 0 then return nil end
+  local n = copy(r)
+  n.trials = r.trials - 1
+  return n
+end
+
 function B:free_trial(gen)
-  while true do
-    local raw = self.dict:get(self.key)
-    local r = decode(raw)
-    if r.gen ~= gen or r.state ~= HALF or r.trials == 0 then return end
-    local n = copy(r)
-    n.trials = r.trials - 1
-    if self:put(raw, n) ~= false then return end
-  end
+  self:update(free_step, gen)
 end
 
 -- policy:undo(task): the task was not queued after all.
@@ -326,6 +301,24 @@ function B:should_trip(n)
   return false
 end
 
+-- The step of done: r with one call of generation gen counted.
+local function count_step(self, r, gen, failure, slow)
+  if r.gen ~= gen then return nil end -- a late result of an older generation
+  if r.state == CLOSED then
+    local n = copy(r)
+    self:record(n, failure, slow)
+    if self:should_trip(n) then return self:enter(r, OPEN, self.now()) end
+    return n
+  elseif r.state == HALF then
+    if failure then return self:enter(r, OPEN, self.now()) end
+    local n = copy(r)
+    n.successes = r.successes + 1
+    if n.successes >= self.half_open_max then return self:enter(r, CLOSED) end
+    return n
+  end
+  return nil -- open admits nothing in its own generation
+end
+
 -- policy:done(task, outcome, duration_s): counts the call, unless it was
 -- admitted in an earlier generation.
 function B:done(task, outcome, duration)
@@ -333,58 +326,24 @@ function B:done(task, outcome, duration)
   if not gen then return end
   local verdict = self.is_failure(outcome, duration)
   if verdict == "ignore" then return self:free_trial(gen) end
-  local failure = verdict and true or false
-  local slow = self.slow_call_s ~= nil and (duration or 0) >= self.slow_call_s
-  while true do
-    local raw = self.dict:get(self.key)
-    local r = decode(raw)
-    if r.gen ~= gen then return end -- a late result of an older generation
-    local n, to
-    if r.state == CLOSED then
-      n = copy(r)
-      self:record(n, failure, slow)
-      if self:should_trip(n) then
-        n, to = self:enter(r, OPEN, self.now()), OPEN
-      end
-    elseif r.state == HALF then
-      if failure then
-        n, to = self:enter(r, OPEN, self.now()), OPEN
-      else
-        n = copy(r)
-        n.successes = r.successes + 1
-        if n.successes >= self.half_open_max then n, to = self:enter(r, CLOSED), CLOSED end
-      end
-    else
-      return -- open admits nothing in its own generation
-    end
-    local ok = self:put(raw, n)
-    if ok then
-      if to then self:changed(r.state, to) end
-      return
-    elseif ok == nil then
-      return -- a full dictionary: the call is not counted
-    end
-  end
+  -- a full dictionary: the call is not counted
+  self:update(count_step, gen, verdict and true or false,
+    self.slow_call_s ~= nil and (duration or 0) >= self.slow_call_s)
 end
 
 -- ---- inspection and control ----------------------------------------------
 
 -- The record brought to now: an open breaker whose timeout passed becomes
 -- half-open here (as gobreaker's State does).
+local function due_step(self, r)
+  if r.state ~= OPEN or self.now() < r.opened_at + r.open_for then return nil end
+  return self:enter(r, HALF)
+end
+
 function B:current()
-  while true do
-    local raw = self.dict:get(self.key)
-    local r = decode(raw)
-    if r.state ~= OPEN or self.now() < r.opened_at + r.open_for then return r end
-    local n = self:enter(r, HALF)
-    local ok, err = self:put(raw, n)
-    if ok then
-      self:changed(OPEN, HALF)
-      return n
-    elseif ok == nil then
-      error(err, 3)
-    end
-  end
+  local r, err = self:update(due_step)
+  if r == nil then error(err, 3) end
+  return r
 end
 
 -- breaker:state() -> "closed" | "open" | "half-open"
@@ -414,20 +373,15 @@ end
 
 -- Forces a state: breaker:reset() closes, breaker:trip() opens (for
 -- open_timeout from now). Both start a new generation.
+local function force_step(self, r, state)
+  local n = self:enter(r, state, self.now())
+  if state == OPEN then n.trips, n.open_for = 1, self.open_timeout end
+  return n
+end
+
 function B:force(state)
-  while true do
-    local raw = self.dict:get(self.key)
-    local r = decode(raw)
-    local n = self:enter(r, state, self.now())
-    if state == OPEN then n.trips, n.open_for = 1, self.open_timeout end
-    local ok, err = self:put(raw, n)
-    if ok then
-      if r.state ~= state then self:changed(r.state, state) end
-      return
-    elseif ok == nil then
-      error(err, 3)
-    end
-  end
+  local r, err = self:update(force_step, state)
+  if r == nil then error(err, 3) end
 end
 
 function B:reset() self:force(CLOSED) end
@@ -465,9 +419,16 @@ end
 
 -- ---- metrics ------------------------------------------------------------------
 
-local function label(s)
-  return (s:gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
-end
+local label = util.label
+
+-- The counters, one family each: the dictionary key "<key>:<value>:<breaker>"
+-- holds the count of the series {breaker=, <label>=value}.
+local COUNTERS = {
+  { key = "x", name = "workerpool_breaker_transitions_total", label = "to",
+    help = "State changes, by target state." },
+  { key = "r", name = "workerpool_breaker_rejected_total", label = "reason",
+    help = "Tasks refused, by reason." },
+}
 
 -- breaker.metrics([dict]) -> Prometheus text for every breaker of dict
 -- (default "workerpool.breaker"): state, transitions, rejections. Append
@@ -476,45 +437,32 @@ function breaker.metrics(dname)
   local d = workerpool.shared(dname or "workerpool.breaker")
   local keys = d:keys() or {}
   table.sort(keys)
-  local state, trans, rej = {}, {}, {}
-  for _, k in ipairs(keys) do
-    local name = k:match("^b:(.*)$")
-    if name then
-      local raw = d:get(k)
-      if raw then
-        local r = decode(raw)
-        for _, s in ipairs { CLOSED, OPEN, HALF } do
-          local n = STATE_NAMES[s]
-          state[#state + 1] = string.format(
-            'workerpool_breaker_state{breaker="%s",state="%s"} %d',
-            label(name), n, r.state == s and 1 or 0)
-        end
-      end
-    end
-    local t, tname = k:match("^x:([^:]+):(.*)$")
-    if t then
-      trans[#trans + 1] = string.format(
-        'workerpool_breaker_transitions_total{breaker="%s",to="%s"} %d',
-        label(tname), t, d:get(k) or 0)
-    end
-    local why, rname = k:match("^r:([^:]+):(.*)$")
-    if why then
-      rej[#rej + 1] = string.format(
-        'workerpool_breaker_rejected_total{breaker="%s",reason="%s"} %d',
-        label(rname), why, d:get(k) or 0)
-    end
-  end
   local out = {
     "# HELP workerpool_breaker_state Current state of each circuit breaker (1: current).",
     "# TYPE workerpool_breaker_state gauge",
   }
-  table.move(state, 1, #state, #out + 1, out)
-  out[#out + 1] = "# HELP workerpool_breaker_transitions_total State changes, by target state."
-  out[#out + 1] = "# TYPE workerpool_breaker_transitions_total counter"
-  table.move(trans, 1, #trans, #out + 1, out)
-  out[#out + 1] = "# HELP workerpool_breaker_rejected_total Tasks refused, by reason."
-  out[#out + 1] = "# TYPE workerpool_breaker_rejected_total counter"
-  table.move(rej, 1, #rej, #out + 1, out)
+  for _, k in ipairs(keys) do
+    local name = k:match("^b:(.*)$")
+    local raw = name and d:get(k)
+    if raw then
+      local r = decode(raw)
+      for _, s in ipairs { CLOSED, OPEN, HALF } do
+        out[#out + 1] = string.format('workerpool_breaker_state{breaker="%s",state="%s"} %d',
+          label(name), STATE_NAMES[s], r.state == s and 1 or 0)
+      end
+    end
+  end
+  for _, c in ipairs(COUNTERS) do
+    out[#out + 1] = "# HELP " .. c.name .. " " .. c.help
+    out[#out + 1] = "# TYPE " .. c.name .. " counter"
+    for _, k in ipairs(keys) do
+      local v, name = k:match("^" .. c.key .. ":([^:]+):(.*)$")
+      if v then
+        out[#out + 1] = string.format('%s{breaker="%s",%s="%s"} %d', c.name, label(name),
+          c.label, v, d:get(k) or 0)
+      end
+    end
+  end
   return table.concat(out, "\n") .. "\n"
 end
 

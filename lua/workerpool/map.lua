@@ -8,16 +8,18 @@
 -- items costs a few hundred submits, not 200,000.  Results come back in
 -- list order.  Under a host loop (`wpool run`) the waiting suspends only
 -- the calling coroutine.  See docs/api.md.
+local util = require "workerpool.util"
+
 local M = {}
 
 local KNOWN = { chunk = true }
 local MAX_CHUNK = 1024   -- items per task when opts.chunk is not given
 local PER_WORKER = 4     -- aim for this many chunks per worker
 
--- Errors name the line that called pool:map: levels count bad_arg (or
--- submit_error), check (or M.map), M.map, and the C method pool_map.
-local function bad_arg(n, msg)
-  error(string.format("bad argument #%d to 'map' (%s)", n, msg), 5)
+-- Errors name the line that called pool:map, the C method whose frame
+-- util.raise finds above M.map.
+local function bad_arg(pool, n, msg)
+  util.raise(pool.map, string.format("bad argument #%d to 'map' (%s)", n, msg))
 end
 
 -- Runs in a worker: calls task on items[1..count], the items #first.. of
@@ -55,22 +57,15 @@ local function run_chunk(task, items, count, first)
   return out
 end
 
-local function check(task, list, opts)
+local function check(pool, task, list, opts)
   local tt = type(task)
   if tt ~= "string" and tt ~= "function" then
-    bad_arg(1, "handler name or function expected, got " .. tt)
+    bad_arg(pool, 1, "handler name or function expected, got " .. tt)
   end
-  if type(list) ~= "table" then bad_arg(2, "table expected, got " .. type(list)) end
+  if type(list) ~= "table" then bad_arg(pool, 2, "table expected, got " .. type(list)) end
   if opts == nil then return nil end
-  if type(opts) ~= "table" then bad_arg(3, "table of options expected, got " .. type(opts)) end
-  for k in pairs(opts) do
-    if not KNOWN[k] then bad_arg(3, string.format("unknown option '%s'", tostring(k))) end
-  end
-  local chunk = opts.chunk
-  if chunk ~= nil and (math.type(chunk) ~= "integer" or chunk < 1) then
-    bad_arg(3, "chunk must be a positive integer")
-  end
-  return chunk
+  local ck = util.checker(pool.map, "bad argument #3 to 'map' (%s)")
+  return ck:integer("chunk", ck:options(opts, KNOWN).chunk, {})
 end
 
 local function cancel_all(futures, from)
@@ -86,18 +81,16 @@ end
 
 -- A submit that raised names its argument #2 (the task) or #3 (the items):
 -- say it in map's terms.
-local function submit_error(msg, first, last)
+local function submit_error(pool, msg, first, last)
   msg = tostring(msg)
   local which, why = msg:match("^bad argument #(%d) to 'submit' %((.*)%)$")
-  if which == "2" then error(string.format("bad argument #1 to 'map' (%s)", why), 4) end
-  if which == "3" then
-    error(string.format("bad argument #2 to 'map' (items #%d-#%d: %s)", first, last, why), 4)
-  end
+  if which == "2" then bad_arg(pool, 1, why) end
+  if which == "3" then bad_arg(pool, 2, string.format("items #%d-#%d: %s", first, last, why)) end
   error(msg, 0)
 end
 
 function M.map(pool, task, list, opts)
-  local chunk = check(task, list, opts)
+  local chunk = check(pool, task, list, opts)
   local n = #list
   local results = {}
   if n == 0 then return results end
@@ -110,7 +103,7 @@ function M.map(pool, task, list, opts)
       last - first + 1, first)
     if not ok then -- nothing of this call runs
       cancel_all(futures, 1)
-      submit_error(f, first, last)
+      submit_error(pool, f, first, last)
     end
     if not f then
       cancel_all(futures, 1)

@@ -491,17 +491,20 @@ function __wp_chain(items, packout, raw)
   end
   local o, f, no, recs = {}, {}, 0, nil
   local feed
-  local function emit(j, i, ...)
+  -- spread(j, i, n, x): stage j's n results for item i (x: the one, or
+  -- a list of n) go on to stage j + 1 or out; nils are dropped.
+  local function spread(j, i, n, x)
     local c, made = counts[j], 0
-    for k = 1, select("#", ...) do
-      local x = select(k, ...)
-      if x ~= nil then
+    for k = 1, n do
+      local y = x
+      if n > 1 then y = x[k] end
+      if y ~= nil then
         made = made + 1
         if j == last then
           no = no + 1
-          o[no], f[no] = x, i
+          o[no], f[no] = y, i
         else
-          feed(j + 1, i, x)
+          feed(j + 1, i, y)
         end
       end
     end
@@ -511,7 +514,7 @@ function __wp_chain(items, packout, raw)
   local function finished(j, i, ok, ...)
     if not ok then return false, (...) end
     counts[j][3] = counts[j][3] + 1
-    emit(j, i, ...)
+    spread(j, i, results(...))
     return true
   end
   -- feed(j, i, v [, e1]): item i's value v into stage j, with its retries;
@@ -574,21 +577,7 @@ function __wp_chain(items, packout, raw)
       c[3] = c[3] + 1
       if n > 1 then
         cur_j = nil -- what raises below is not this stage's error
-        local made = 0
-        for k = 1, n do
-          local y = x[k]
-          if y ~= nil then
-            made = made + 1
-            if j == last then
-              no = no + 1
-              o[no], f[no] = y, i
-            else
-              feed(j + 1, i, y)
-            end
-          end
-        end
-        c[2] = c[2] + made
-        if made == 0 then c[4] = c[4] + 1 end
+        spread(j, i, n, x)
         return
       end
       if x == nil then
@@ -899,7 +888,7 @@ function M.run(config, opts)
   local interrupted = opts.interrupted -- internal hook of `wpool pipeline run`
   if not interrupted then
     local flag = 0
-    pcall(workerpool.on_shutdown, function() flag = flag + 1 end)
+    if workerpool.in_host() then workerpool.on_shutdown(function() flag = flag + 1 end) end
     interrupted = function() return flag end
   end
   local drain_timeout = opts.drain_timeout or 25

@@ -12,13 +12,9 @@
 -- plain Lua or a worker state the retries happen inside r:wait() (and
 -- r:done() moves things along without blocking). See docs/policies.md.
 local workerpool = require "workerpool"
-local clock = require "workerpool.clock"
+local util = require "workerpool.util"
 
 local retry = {}
-
-local function fail(msg, level)
-  error("retry.submit: " .. msg, (level or 1) + 1)
-end
 
 local KNOWN = { attempts = true, base = true, max_delay = true, retry_on = true,
   jitter = true, random = true, sleep = true, clock = true }
@@ -26,42 +22,26 @@ local OUTCOMES = { ok = true, error = true, timeout = true, cancelled = true, di
 local JITTER = { full = true, equal = true, none = true }
 
 local function check_opts(opts)
-  if opts == nil then opts = {} end
-  if type(opts) ~= "table" then fail("options must be a table", 3) end
-  for k in pairs(opts) do
-    if not KNOWN[k] then fail(string.format("unknown option '%s'", tostring(k)), 3) end
-  end
+  local ck = util.checker(retry.submit, "retry.submit: %s")
+  opts = ck:options(opts == nil and {} or opts, KNOWN)
   local o = {}
-  local attempts = opts.attempts == nil and 3 or opts.attempts
-  o.attempts = type(attempts) == "number" and math.tointeger(attempts)
-  if not o.attempts or o.attempts < 1 then
-    fail("attempts must be a positive integer (tries in all, the first included)", 3)
-  end
-  o.base = opts.base == nil and 0.1 or opts.base
-  if type(o.base) ~= "number" or o.base ~= o.base or o.base < 0 or o.base == math.huge then
-    fail("base must be a non-negative number of seconds", 3)
-  end
-  o.max_delay = opts.max_delay == nil and 30.0 or opts.max_delay
-  if type(o.max_delay) ~= "number" or o.max_delay ~= o.max_delay or o.max_delay < 0 then
-    fail("max_delay must be a non-negative number of seconds", 3)
-  end
+  o.attempts = ck:integer("attempts", opts.attempts, { default = 3 })
+  o.base = ck:number("base", opts.base, { unit = "seconds", default = 0.1 })
+  o.max_delay = ck:number("max_delay", opts.max_delay, { inf = true, unit = "seconds",
+    default = 30.0 })
   o.retry_on = opts.retry_on or { error = true, timeout = true }
-  if type(o.retry_on) ~= "table" then fail("retry_on must be a table of outcomes", 3) end
+  if type(o.retry_on) ~= "table" then ck:fail("retry_on must be a table of outcomes") end
   for k in pairs(o.retry_on) do
     if not OUTCOMES[k] or k == "ok" then
-      fail(string.format("retry_on: '%s' is not a failed outcome (error, timeout, "
-        .. "cancelled or discarded)", tostring(k)), 3)
+      ck:fail("retry_on: '%s' is not a failed outcome (error, timeout, cancelled or discarded)",
+        tostring(k))
     end
   end
   o.jitter = opts.jitter or "full"
-  if not JITTER[o.jitter] then fail("jitter must be \"full\", \"equal\" or \"none\"", 3) end
-  for _, k in ipairs { "random", "sleep" } do
-    if opts[k] ~= nil and type(opts[k]) ~= "function" then fail(k .. " must be a function", 3) end
-  end
-  o.random = opts.random or math.random
-  o.sleep = opts.sleep or workerpool.sleep
-  o.now = clock.resolve(opts.clock)
-    or fail("clock must be a function or a table with a now() function", 3)
+  if not JITTER[o.jitter] then ck:fail('jitter must be "full", "equal" or "none"') end
+  o.random = ck:func("random", opts.random) or math.random
+  o.sleep = ck:func("sleep", opts.sleep) or workerpool.sleep
+  o.now = ck:clock(opts.clock)
   return o
 end
 
@@ -238,7 +218,7 @@ end
 -- submit failed: stopped, full, or refused by a policy)
 function retry.submit(pool, opts, task, ...)
   if type(pool) ~= "userdata" or type(pool.submit) ~= "function" then
-    fail("bad argument #1 (pool expected)", 2)
+    util.raise(retry.submit, "retry.submit: bad argument #1 (pool expected)")
   end
   local o = check_opts(opts)
   local self = setmetatable({ pool = pool, o = o, task = task, args = pack(...),
@@ -246,11 +226,9 @@ function retry.submit(pool, opts, task, ...)
   local f, err, ename = pool:submit(task, ...)
   if not f then return nil, err, ename end
   self.tries, self.f, self.phase = 1, f, "running"
-  -- Under a host loop a coroutine drives the retries; spawn raises
-  -- elsewhere.
-  local ok, co = pcall(workerpool.spawn, drive, self)
-  if ok then
-    self.host, self.co = true, co
+  -- Under a host loop a coroutine drives the retries.
+  if workerpool.in_host() then
+    self.host, self.co = true, workerpool.spawn(drive, self)
   end
   return self
 end

@@ -11,8 +11,7 @@
 -- (cas for the bucket, cas and incr for the concurrency cap): two states
 -- never both take the last token or the last slot. Tasks without a tenant
 -- share the key "-". See docs/policies.md.
-local workerpool = require "workerpool"
-local clock = require "workerpool.clock"
+local util = require "workerpool.util"
 
 local tenant = {}
 
@@ -21,55 +20,6 @@ local NO_TENANT = "-"
 local function key_of(t)
   if t == nil then return NO_TENANT end
   return t
-end
-
--- ---- argument checks --------------------------------------------------
-
-local function fail(what, msg, level)
-  error(string.format("%s: %s", what, msg), (level or 1) + 1)
-end
-
-local function positive(what, name, v, allow_inf)
-  if type(v) ~= "number" or v ~= v or v <= 0 or (not allow_inf and v == math.huge) then
-    fail(what, string.format("%s must be a positive%s number (got %s)", name,
-      allow_inf and "" or " finite", tostring(v)), 3)
-  end
-  return v
-end
-
-local function check_keys(what, opts, known)
-  for k in pairs(opts) do
-    if not known[k] then fail(what, string.format("unknown option '%s'", tostring(k)), 3) end
-  end
-end
-
-local function check_clock(what, c)
-  return clock.resolve(c)
-    or fail(what, "clock must be a function or a table with a now() function", 3)
-end
-
--- The spec pool:use records so that every submitting state can rebuild
--- the policy (docs/policies.md), or nil when the clock is local to this
--- state.
-local function spec_of(fn, opts)
-  local c = clock.portable(opts.clock)
-  if c == false then return nil end
-  local o = {}
-  for k, v in pairs(opts) do o[k] = v end
-  o.clock = c
-  return { module = "workerpool.tenant", fn = fn, opts = o }
-end
-
-local function open_dict(what, name, capacity)
-  if type(name) ~= "string" or name == "" then
-    fail(what, "dict must be a non-empty string", 3)
-  end
-  if capacity ~= nil and (math.type(capacity) ~= "integer" or capacity <= 0) then
-    fail(what, "capacity must be a positive integer (bytes)", 3)
-  end
-  local d, err = workerpool.shared(name, capacity and { capacity = capacity } or nil)
-  if not d then fail(what, string.format("cannot open dict '%s': %s", name, err), 3) end
-  return d
 end
 
 -- ---- token bucket -----------------------------------------------------
@@ -81,67 +31,69 @@ local Bucket = {}
 Bucket.__index = Bucket
 
 local PACK = "<dd"
+local RATE = { above = 0, inf = true, required = true }
+local BURST = { above = 0, required = true }
 
-local function bucket_conf(what, name, c, base)
-  if type(c) ~= "table" then fail(what, name .. " must be a table {rate=, burst=}", 4) end
-  for k in pairs(c) do
-    if k ~= "rate" and k ~= "burst" then
-      fail(what, string.format("%s: unknown field '%s'", name, tostring(k)), 4)
-    end
-  end
+-- A {rate =, burst =} table (`field` in messages); base fills what it
+-- leaves out.
+local function bucket_conf(ck, field, c, base)
+  ck:options(c, { rate = true, burst = true }, field)
   local rate = c.rate == nil and base and base.rate or c.rate
   local burst = c.burst == nil and base and base.burst or c.burst
-  positive(what, name .. ".rate", rate, true)
-  positive(what, name .. ".burst", burst, false)
-  return { rate = rate, burst = burst }
+  return { rate = ck:number(field .. ".rate", rate, RATE),
+           burst = ck:number(field .. ".burst", burst, BURST) }
+end
+
+-- The overrides option: {[tenant] = conf(field, v)} for every entry.
+local function overrides_of(ck, v, conf)
+  local out = {}
+  if v == nil then return out end
+  if type(v) ~= "table" then ck:fail("overrides must be a table") end
+  for name, c in pairs(v) do
+    if type(name) ~= "string" then ck:fail("overrides keys must be tenant names") end
+    out[name] = conf("overrides." .. name, c)
+  end
+  return out
+end
+
+-- The policy object of constructor `fn`: fields, with the dictionary
+-- (option dict, default "workerpool.tenant.<fn>") and the spec added.
+local function policy(ck, fn, opts, fields, mt)
+  local name = opts.dict or "workerpool.tenant." .. fn
+  fields.dict, fields.dict_name = ck:dict(name, opts.capacity), name
+  fields.spec = util.spec("workerpool.tenant", fn, opts)
+  return setmetatable(fields, mt)
 end
 
 -- tenant.bucket{rate = r, burst = b [, dict =] [, capacity =] [, cost =]
 --               [, overrides = {name = {rate =, burst =}}]
 --               [, default = {rate =, burst =}] [, clock =]}
 function tenant.bucket(opts)
-  local what = "tenant.bucket"
-  if type(opts) ~= "table" then fail(what, "options must be a table", 2) end
-  check_keys(what, opts, { rate = true, burst = true, dict = true, capacity = true,
+  local ck = util.checker(tenant.bucket, "tenant.bucket: %s")
+  ck:options(opts, { rate = true, burst = true, dict = true, capacity = true,
     cost = true, overrides = true, default = true, clock = true })
   local default
   if opts.default ~= nil then
     if opts.rate ~= nil or opts.burst ~= nil then
-      fail(what, "give either rate and burst or default, not both", 2)
+      ck:fail("give either rate and burst or default, not both")
     end
-    default = bucket_conf(what, "default", opts.default)
+    default = bucket_conf(ck, "default", opts.default)
   else
-    default = { rate = positive(what, "rate", opts.rate, true),
-                burst = positive(what, "burst", opts.burst, false) }
-  end
-  local overrides = {}
-  if opts.overrides ~= nil then
-    if type(opts.overrides) ~= "table" then fail(what, "overrides must be a table", 2) end
-    for name, c in pairs(opts.overrides) do
-      if type(name) ~= "string" then fail(what, "overrides keys must be tenant names", 2) end
-      overrides[name] = bucket_conf(what, "overrides." .. name, c, default)
-    end
+    default = { rate = ck:number("rate", opts.rate, RATE),
+                burst = ck:number("burst", opts.burst, BURST) }
   end
   local cost = opts.cost
   if cost == nil then
     cost = 1
-  elseif type(cost) == "number" then
-    if cost ~= cost or cost < 0 or cost == math.huge then
-      fail(what, "cost must be a non-negative number or a function(task)", 2)
-    end
-  elseif type(cost) ~= "function" then
-    fail(what, "cost must be a non-negative number or a function(task)", 2)
+  elseif type(cost) ~= "function" and (type(cost) ~= "number" or cost ~= cost
+      or cost < 0 or cost == math.huge) then
+    ck:fail("cost must be a non-negative number or a function(task)")
   end
-  local dictname = opts.dict or "workerpool.tenant.bucket"
-  return setmetatable({
-    dict = open_dict(what, dictname, opts.capacity),
-    dict_name = dictname,
-    default = default,
-    overrides = overrides,
-    cost = cost,
-    now = check_clock(what, opts.clock),
-    spec = spec_of("bucket", opts),
-  }, Bucket)
+  local overrides = overrides_of(ck, opts.overrides, function(field, c)
+    return bucket_conf(ck, field, c, default)
+  end)
+  return policy(ck, "bucket", opts, { default = default, overrides = overrides, cost = cost,
+    now = ck:clock(opts.clock) }, Bucket)
 end
 
 function Bucket:config(name)
@@ -231,45 +183,19 @@ end
 local Conc = {}
 Conc.__index = Conc
 
-local function check_limit(what, name, v)
-  local n = type(v) == "number" and math.tointeger(v)
-  if not n or n < 1 then
-    fail(what, string.format("%s must be a positive integer (got %s)", name, tostring(v)), 4)
-  end
-  return n
-end
+local LIMIT = { min = 1, required = true }
 
 -- tenant.concurrency{limit = n [, dict =] [, capacity =]
 --                    [, overrides = {name = n or {limit = n}}]}
 function tenant.concurrency(opts)
-  local what = "tenant.concurrency"
-  if type(opts) ~= "table" then fail(what, "options must be a table", 2) end
-  check_keys(what, opts, { limit = true, dict = true, capacity = true, overrides = true })
-  local limit = check_limit(what, "limit", opts.limit)
-  local overrides = {}
-  if opts.overrides ~= nil then
-    if type(opts.overrides) ~= "table" then fail(what, "overrides must be a table", 2) end
-    for name, v in pairs(opts.overrides) do
-      if type(name) ~= "string" then fail(what, "overrides keys must be tenant names", 2) end
-      if type(v) == "table" then
-        for k in pairs(v) do
-          if k ~= "limit" then
-            fail(what, string.format("overrides.%s: unknown field '%s'", name, tostring(k)), 2)
-          end
-        end
-        v = v.limit
-      end
-      overrides[name] = check_limit(what, "overrides." .. name, v)
-    end
-  end
-  local dictname = opts.dict or "workerpool.tenant.concurrency"
-  return setmetatable({
-    dict = open_dict(what, dictname, opts.capacity),
-    dict_name = dictname,
-    limit = limit,
-    overrides = overrides,
-    spec = spec_of("concurrency", opts),
-  }, Conc)
+  local ck = util.checker(tenant.concurrency, "tenant.concurrency: %s")
+  ck:options(opts, { limit = true, dict = true, capacity = true, overrides = true })
+  local limit = ck:integer("limit", opts.limit, LIMIT)
+  local overrides = overrides_of(ck, opts.overrides, function(field, v)
+    if type(v) == "table" then v = ck:options(v, { limit = true }, field).limit end
+    return ck:integer(field, v, LIMIT)
+  end)
+  return policy(ck, "concurrency", opts, { limit = limit, overrides = overrides }, Conc)
 end
 
 function Conc:limit_of(name)

@@ -379,4 +379,18 @@ T.test("an error in a spawned coroutine does not stop the loop", function()
   T.eq(pool:stop_wait(), 0)
 end)
 
+-- ---- in_host ------------------------------------------------------------
+
+T.test("in_host() is true in the main coroutine, spawned ones and timers", function()
+  T.eq(wp.in_host(), true)
+  T.eq(select(2, wp.spawn(function() return wp.in_host() end):join()), true)
+  local seen
+  wp.after(0, function() seen = wp.in_host() end)
+  wp.sleep(0.05)
+  T.eq(seen, true)
+  -- A worker state of the host's pools is not the host.
+  local pool <close> = wp.new { max_workers = 1 }
+  T.eq(pool:submit_wait(function() return require("workerpool").in_host() end), false)
+end)
+
 T.run_host()

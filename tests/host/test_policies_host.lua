@@ -114,6 +114,19 @@ T.test("retry: the backoff sleeps in a host coroutine, the loop keeps running", 
   T.eq(p:stop_wait(), 0)
 end)
 
+T.test("retry: a spawn that fails raises instead of retrying without the loop", function()
+  -- retry used to try pcall(spawn) to find the host, so a real failure
+  -- went unseen and the retries blocked the loop in r:wait().
+  local p = newpool()
+  local spawn = wp.spawn
+  wp.spawn = function() error("spawn failed") end
+  local ok, err = pcall(retry.submit, p, { attempts = 2 }, flaky, fresh("d"), 1)
+  wp.spawn = spawn
+  T.eq(ok, false)
+  T.ok(tostring(err):find("spawn failed", 1, true), tostring(err))
+  T.eq(p:stop_wait(), 0)
+end)
+
 T.test("retry: several at once, waited with and without timeout", function()
   local p = newpool { max_workers = 4 }
   local rs = {}

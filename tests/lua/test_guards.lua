@@ -1150,9 +1150,7 @@ local function promtool(text)
   return ok, out
 end
 
-local function esc(name)
-  return (name:gsub("\\", "\\\\"):gsub('"', '\\"'):gsub("\n", "\\n"))
-end
+local esc = require("workerpool.util").label
 
 case("metrics: names, pool labels, values, and promtool accepts the text",
 function()

@@ -182,7 +182,7 @@ case("names: any UTF-8 name makes a valid exposition (promtool)", function()
   end
   local m = wp.metrics()
   for _, n in ipairs(names) do
-    local lbl = n:gsub("\\", "\\\\"):gsub('"', '\\"'):gsub("\n", "\\n")
+    local lbl = require("workerpool.util").label(n)
     T.ok(m:find('workerpool_submitted_total{pool="' .. lbl .. '"} 1\n', 1,
       true), "escaped: " .. lbl)
   end
