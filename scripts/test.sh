@@ -29,7 +29,8 @@ if [ $quick -eq 0 ]; then
   run build-tsan thread
   echo "== allocation-failure injection (build-fault)"
   cmake -S . -B build-fault -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DWPOOL_SANITIZE=address -DWPOOL_FAULT_INJECTION=ON >/dev/null
+    -DWPOOL_SANITIZE=address -DWPOOL_FAULT_INJECTION=ON -DWPOOL_WERROR=ON \
+    >/dev/null
   cmake --build build-fault -j "$(nproc)" --target test_fault
   (cd build-fault && ctest --output-on-failure -R '^fault\.')
   echo "== fuzzing (build-fuzz)"
