@@ -22,7 +22,7 @@ if [ -f "$dir/CMakeCache.txt" ] &&
   ! grep -q '^CMAKE_C_COMPILER:.*clang-14$' "$dir/CMakeCache.txt"; then
   rm -rf "$dir"
 fi
-cmake -S . -B "$dir" -DCMAKE_C_COMPILER=clang-14 -DWPOOL_FUZZ=ON \
+cmake -S . -B "$dir" -DCMAKE_C_COMPILER=clang-14 -DWPOOL_FUZZ=ON -DWPOOL_WERROR=ON \
   -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 read -r -a targets <"$dir/fuzz_targets.txt"
 IFS=';' read -r -a targets <<<"${targets[*]}"
