@@ -274,16 +274,41 @@ typedef struct wp_worker_info {
 WP_API int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max,
                            size_t *queued, double *oldest_s);
 
-/* Counts a task the caller gave up on before it reached the pool: refused
- * by a policy (WP_DROP_POLICY), or still facing a full queue after waiting
- * on its own (WP_DROP_FULL, see wp_task_opts.nowait). */
+/* Why a task was dropped before it ran, generated from one list: name,
+ * reason (the `reason` of WP_EV_DROPPED, the label of the dropped metrics,
+ * the key of pool:stats().dropped).  Its error name is "E" #name (the
+ * NAME of a Lua refusal: "ERATE_LIMITED", ...).
+ *   FULL          the queue was full
+ *   POLICY        any policy refusal not classed below
+ *   RATE_LIMITED  a rate limit; these three count as WP_DROP_POLICY in
+ *   CONCURRENCY   a concurrency cap; wp_pool_stats.dropped_policy, and the
+ *   BREAKER_OPEN  an open circuit breaker; summaries name them apart
+ *   STOPPED       submitted to a stopped pool (counted by the pool)
+ *   DISCARDED     queued, then discarded by a stop (counted by the pool) */
+#define WP_DROP_MAP(XX)                                                        \
+  XX(FULL, "full")                                                             \
+  XX(POLICY, "policy")                                                         \
+  XX(RATE_LIMITED, "rate_limited")                                             \
+  XX(CONCURRENCY, "concurrency")                                               \
+  XX(BREAKER_OPEN, "breaker_open")                                             \
+  XX(STOPPED, "stopped")                                                       \
+  XX(DISCARDED, "discarded")
+
 typedef enum {
-  WP_DROP_FULL,
-  WP_DROP_POLICY,       /* any other policy refusal */
-  WP_DROP_RATE_LIMITED, /* the three below count as WP_DROP_POLICY in */
-  WP_DROP_CONCURRENCY,  /* wp_pool_stats.dropped_policy; the drop */
-  WP_DROP_BREAKER_OPEN  /* summaries name them apart */
+#define WP__DROP(name, str) WP_DROP_##name,
+  WP_DROP_MAP(WP__DROP)
+#undef WP__DROP
 } wp_drop_reason;
+
+/* The reason of a drop ("full", "rate_limited", ...); "unknown" for any
+ * other value.  Never fails. */
+WP_API const char *wp_drop_reason_name(int why);
+
+/* Counts a task the caller gave up on before it reached the pool: refused
+ * by a policy (WP_DROP_POLICY and the classes after it), or still facing a
+ * full queue after waiting on its own (WP_DROP_FULL, see
+ * wp_task_opts.nowait).  The pool counts WP_DROP_STOPPED and
+ * WP_DROP_DISCARDED itself; callers do not pass them. */
 WP_API void wp_pool_count_drop(wp_pool *p, wp_drop_reason why);
 
 /* Like wp_pool_count_drop, and the drop summary (WP_EV_DROPPED) reports
@@ -322,9 +347,7 @@ typedef struct wp_event {
   const char *pool;    /* borrowed for the call */
   const char *task;    /* task name, or NULL */
   const char *message; /* error text, or NULL */
-  const char *reason;  /* WP_EV_DROPPED: "full", "stopped", "discarded",
-                          "policy", "rate_limited", "concurrency",
-                          "breaker_open" */
+  const char *reason;  /* WP_EV_DROPPED: a reason of WP_DROP_MAP */
   int worker;          /* worker id, or 0 */
   int64_t n, n2;
   double seconds;
@@ -412,14 +435,30 @@ WP_API int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
 /* Futures                                                             */
 /* ------------------------------------------------------------------ */
 
+/* The statuses of a future, generated from one list: name, Lua name.
+ *   PENDING    queued or running (0)
+ *   OK         returned; results available
+ *   ERROR      raised; the error value is the only result
+ *   DISCARDED  dropped by stop() before it started
+ *   CANCELLED  cancelled: removed from the queue, or interrupted
+ *   TIMEOUT    interrupted, or abandoned as stuck, at its deadline */
+#define WP_STATUS_MAP(XX)                                                      \
+  XX(PENDING, "pending")                                                       \
+  XX(OK, "ok")                                                                 \
+  XX(ERROR, "error")                                                           \
+  XX(DISCARDED, "discarded")                                                   \
+  XX(CANCELLED, "cancelled")                                                   \
+  XX(TIMEOUT, "timeout")
+
 typedef enum {
-  WP_PENDING = 0, /* queued or running */
-  WP_OK,          /* returned; results available */
-  WP_ERROR,       /* raised; the error value is the only result */
-  WP_DISCARDED,   /* dropped by stop() before it started */
-  WP_CANCELLED,   /* cancelled: removed from the queue, or interrupted */
-  WP_TIMEOUT      /* interrupted, or abandoned as stuck, at its deadline */
+#define WP__STATUS(name, str) WP_##name,
+  WP_STATUS_MAP(WP__STATUS)
+#undef WP__STATUS
 } wp_status;
+
+/* The name of a status as Lua sees it (f:status(), a policy's done hook):
+ * "pending", "ok", ...; "unknown" for any other value.  Never fails. */
+WP_API const char *wp_status_name(int status);
 
 /* Name of the pool f was submitted to; valid while f is referenced. */
 WP_API const char *wp_future_pool_name(const wp_future *f);
