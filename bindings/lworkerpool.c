@@ -21,9 +21,8 @@
 
 #include "lbind.h"
 #include "lpipeline.h"
+#include "options.h"
 #include "wpool_host.h"
-
-#define WPL_MAX_WORKERS 10000
 
 const char wpl_pool_class[] = WPL_POOL_MT;
 const char wpl_future_class[] = WPL_FUTURE_MT;
@@ -64,73 +63,91 @@ static wpl_future *checkfuture(lua_State *L) {
 
 /* ---- workerpool.new -------------------------------------------------- */
 
-static const char *const pool_options[] = {"name",
-                                           "max_workers",
-                                           "min_workers",
-                                           "idle_timeout",
-                                           "init",
-                                           "init_file",
-                                           "queue_cap",
-                                           "on_full",
-                                           "submit_timeout",
-                                           "task_timeout",
-                                           "stuck_grace",
-                                           "slow_task",
-                                           "memory_limit",
-                                           "max_tasks_per_worker",
-                                           "drop_log_interval",
-                                           "tenant_label_limit",
-                                           NULL};
+/* What workerpool.new reads from its options (the rows of
+ * core/options.c): a wp_options and the options the bindings keep. */
+typedef struct new_args {
+  wp_options o;
+  const char *init_file;
+  int tenant_label_limit;
+  /* By row: 0 when the key was absent; else 1, or for a string the
+   * stack index where it stays anchored. */
+  int given[WP__OPT_MAX];
+} new_args;
+
+/* The length of string option k, given. */
+static size_t given_len(lua_State *L, const new_args *a, const char *k) {
+  return lua_rawlen(L, a->given[wp__option_find(k) - wp__options]);
+}
+
+/* Where the value of row d goes.  Of the rows the bindings keep,
+ * init_file is the string and tenant_label_limit the number. */
+static void *slot_of(new_args *a, const wp__option *d) {
+  if (d->offset != WP__OPT_NOFIELD) return (char *)&a->o + d->offset;
+  if (d->type == WP__OPT_STRING) return &a->init_file;
+  return &a->tenant_label_limit;
+}
 
 /* [-0, +0, e] Raises on a key of opts that is not an option. */
 static void check_option_names(lua_State *L) {
   lua_pushnil(L);
   while (lua_next(L, 1)) {
-    int i, known = 0;
     lua_pop(L, 1);
-    if (lua_type(L, -1) == LUA_TSTRING)
-      for (i = 0; pool_options[i] && !known; i++)
-        known = strcmp(lua_tostring(L, -1), pool_options[i]) == 0;
-    if (!known)
+    if (lua_type(L, -1) != LUA_TSTRING ||
+        wp__option_find(lua_tostring(L, -1)) == NULL)
       luaL_error(L, "workerpool.new: unknown option '%s'",
                  luaL_tolstring(L, -1, NULL));
   }
 }
 
-/* [-0, +0, e] opts[k] as an integer in [lo, hi]; def when absent, unless
- * required.  Anything else raises msg. */
-static lua_Integer int_option(lua_State *L, const char *k, lua_Integer lo,
-                              lua_Integer hi, int required, lua_Integer def,
-                              const char *msg) {
-  lua_Integer v = def;
-  int ok;
-  int t = lua_getfield(L, 1, k);
-  if (t == LUA_TNIL) {
-    if (required) luaL_error(L, "workerpool.new: %s", msg);
-  } else {
-    v = lua_tointegerx(L, -1, &ok);
-    if (t != LUA_TNUMBER || !ok || v < lo)
-      luaL_error(L, "workerpool.new: %s", msg);
-    if (v > hi)
-      luaL_error(L, "workerpool.new: %s (at most %I)", msg, (LUAI_UACINT)hi);
-  }
-  lua_pop(L, 1);
-  return v;
+/* [-0, +0, e] Raises "workerpool.new: NAME must ..." for row d. */
+static int option_error(lua_State *L, const wp__option *d) {
+  return luaL_error(L, "workerpool.new: %s %s", d->name, d->must);
 }
 
-/* [-0, +0, e] opts[k] as a number of seconds: def when absent; else it
- * must be finite and above 0 (or at least 0 with zero_ok). */
-static double secs_option(lua_State *L, const char *k, double def,
-                          int zero_ok) {
-  double v = def;
-  if (lua_getfield(L, 1, k) != LUA_TNIL) {
-    v = lua_type(L, -1) == LUA_TNUMBER ? (double)lua_tonumber(L, -1) : NAN;
-    if (!isfinite(v) || v < 0 || (v == 0 && !zero_ok))
-      luaL_error(L, "workerpool.new: %s must be a %s number of seconds", k,
-                 zero_ok ? "non-negative" : "positive");
+/* [-0, +0|1, e] Reads row d of the options at 1 into a, or raises.  A
+ * string stays on the stack (anchored there); other values are popped. */
+static void read_option(lua_State *L, new_args *a, const wp__option *d) {
+  void *at = slot_of(a, d);
+  int t = lua_getfield(L, 1, d->name), ok;
+  double v;
+  lua_Integer i;
+  a->given[d - wp__options] = t != LUA_TNIL;
+  if (d->type == WP__OPT_STRING) {
+    if (t != LUA_TNIL && t != LUA_TSTRING) option_error(L, d);
+    *(const char **)at = lua_tostring(L, -1); /* NULL when absent */
+    if (t != LUA_TNIL) a->given[d - wp__options] = lua_gettop(L);
+    return;
   }
-  lua_pop(L, 1);
-  return v;
+  if (t == LUA_TNIL) {
+    if (d->flags & WP__OPT_REQUIRED) option_error(L, d);
+    lua_pop(L, 1);
+    v = d->def;
+  } else if (d->type == WP__OPT_CHOICE) {
+    const char *w = lua_tostring(L, -1);
+    for (i = 0; t == LUA_TSTRING && d->choices[i]; i++)
+      if (strcmp(w, d->choices[i]) == 0) break;
+    if (t != LUA_TSTRING || d->choices[i] == NULL) option_error(L, d);
+    lua_pop(L, 1);
+    v = (double)i;
+  } else if (d->type == WP__OPT_SECONDS) {
+    v = t == LUA_TNUMBER ? (double)lua_tonumber(L, -1) : NAN;
+    if (!wp__option_in_range(d, v)) option_error(L, d);
+    lua_pop(L, 1);
+  } else { /* an integer */
+    i = lua_tointegerx(L, -1, &ok);
+    v = (double)i;
+    if (t != LUA_TNUMBER || !ok || v < d->min) option_error(L, d);
+    if (v > d->max)
+      luaL_error(L, "workerpool.new: %s %s (at most %I)", d->name, d->must,
+                 (LUAI_UACINT)d->max);
+    lua_pop(L, 1);
+  }
+  if (d->type == WP__OPT_SECONDS)
+    *(double *)at = v;
+  else if (d->type == WP__OPT_SIZE)
+    *(size_t *)at = (size_t)v;
+  else
+    *(int *)at = (int)v;
 }
 
 /* [-0, +1, e] opts[k] as a string left on the stack, or NULL (pushing
@@ -189,77 +206,52 @@ static void open_worker(lua_State *L, void *ud) {
 
 /* workerpool.new(opts) -> pool   [-0, +1, e] */
 static int wpl_new(lua_State *L) {
+  new_args a;
   wp_options o;
+  const wp__option *d;
   wpl_pool *u;
   char err[4096], *file = NULL, initname[512];
   const char *init_file;
-  size_t len = 0;
-  int r, saved, label_limit;
+  size_t len = 0, name_len = 0;
+  int r, saved, label_limit, pkg;
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   check_option_names(L);
-  wp_options_init(&o);
-  o.max_workers = (int)int_option(L, "max_workers", 1, WPL_MAX_WORKERS, 1, 0,
-                                  "max_workers must be a positive integer");
-  o.min_workers =
-      (int)int_option(L, "min_workers", 0, o.max_workers, 0, 0,
-                      "min_workers must be an integer from 0 to max_workers");
-  if (lua_getfield(L, 1, "idle_timeout") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TNUMBER || isnan(lua_tonumber(L, -1)))
-      luaL_error(L, "workerpool.new: idle_timeout must be a number of "
-                    "seconds (negative disables reaping)");
-    o.idle_timeout = (double)lua_tonumber(L, -1);
-  }
-  o.queue_cap = (size_t)int_option(L, "queue_cap", 1, (lua_Integer)1 << 40, 0,
-                                   0, "queue_cap must be a positive integer");
-  if (lua_getfield(L, 1, "on_full") != LUA_TNIL) {
-    const char *how = lua_tostring(L, -1);
-    if (lua_type(L, -1) != LUA_TSTRING ||
-        (strcmp(how, "reject") != 0 && strcmp(how, "block") != 0))
-      luaL_error(L, "workerpool.new: on_full must be \"reject\" or "
-                    "\"block\"");
-    if (o.queue_cap == 0)
+  memset(&a, 0, sizeof a);
+  wp_options_init(&a.o);
+  for (d = wp__options; d->name; d++) {
+    read_option(L, &a, d);
+    if (d->offset == offsetof(wp_options, min_workers) &&
+        a.o.min_workers > a.o.max_workers)
+      luaL_error(L, "workerpool.new: %s %s (at most %d)", d->name, d->must,
+                 a.o.max_workers);
+    if (d->offset == offsetof(wp_options, block_when_full) &&
+        a.given[d - wp__options] && a.o.queue_cap == 0)
       luaL_error(L, "workerpool.new: on_full needs a queue_cap");
-    o.block_when_full = strcmp(how, "block") == 0;
   }
-  lua_pop(L, 1);
-  o.submit_timeout = secs_option(L, "submit_timeout", -1, 1);
-  o.task_timeout = secs_option(L, "task_timeout", 0, 0);
-  o.stuck_grace = secs_option(L, "stuck_grace", o.stuck_grace, 1);
-  o.slow_task = secs_option(L, "slow_task", 0, 0);
-  o.drop_log_interval =
-      secs_option(L, "drop_log_interval", o.drop_log_interval, 0);
-  o.memory_limit =
-      (size_t)int_option(L, "memory_limit", 1, (lua_Integer)1 << 48, 0, 0,
-                         "memory_limit must be a positive integer (bytes)");
-  o.max_tasks_per_worker =
-      (int)int_option(L, "max_tasks_per_worker", 1, INT32_MAX, 0, 0,
-                      "max_tasks_per_worker must be a positive integer");
-  label_limit =
-      (int)int_option(L, "tenant_label_limit", 0, INT32_MAX, 0, 100,
-                      "tenant_label_limit must be a non-negative integer");
-  lua_settop(L, 1); /* the strings below stay on the stack, anchored */
-  o.name = str_option(L, 1, "name");         /* 2 */
-  o.init = str_option(L, 1, "init");         /* 3 */
-  init_file = str_option(L, 1, "init_file"); /* 4 */
+  o = a.o;
+  init_file = a.init_file;
+  label_limit = a.tenant_label_limit;
+  if (o.name) name_len = given_len(L, &a, "name");
   /* A name shows in logs and metric labels, which hold only UTF-8. */
-  if (o.name && strlen(o.name) != lua_rawlen(L, 2))
+  if (o.name && strlen(o.name) != name_len)
     luaL_argerror(L, 1, "name must not contain '\\0'");
-  if (o.name && !wpl_utf8_valid(o.name, lua_rawlen(L, 2)))
+  if (o.name && !wpl_utf8_valid(o.name, name_len))
     luaL_argerror(L, 1, "name must be valid UTF-8");
-  if (init_file && strlen(init_file) != lua_rawlen(L, 4))
+  if (init_file && strlen(init_file) != given_len(L, &a, "init_file"))
     luaL_argerror(L, 1, "init_file must not contain '\\0'");
   if (o.init && init_file)
     luaL_error(L, "workerpool.new: init and init_file are mutually "
                   "exclusive");
   if (o.init) {
-    o.init_len = lua_rawlen(L, 3);
+    o.init_len = given_len(L, &a, "init");
     o.init_name = "=init";
   }
   if (init_file) snprintf(initname, sizeof initname, "@%s", init_file);
-  if (lua_getglobal(L, "package") == LUA_TTABLE) { /* 5 */
-    o.package_path = str_option(L, 5, "path");     /* 6 */
-    o.package_cpath = str_option(L, 5, "cpath");   /* 7 */
+  pkg = lua_gettop(L) + 1;
+  if (lua_getglobal(L, "package") == LUA_TTABLE) {
+    o.package_path = str_option(L, pkg, "path");
+    o.package_cpath = str_option(L, pkg, "cpath");
   }
   o.open_state = open_worker;
   u = lua_newuserdatauv(L, sizeof *u, 0);
@@ -481,15 +473,15 @@ void wpl_push_borrowed(lua_State *L, wp_pool *p) {
 static int pool_resize(lua_State *L) {
   wpl_pool *u = wpl_checkpool(L);
   lua_Integer n = luaL_checkinteger(L, 2);
-  wp_pool_counts c;
+  const wp__option *d = wp__option_find("max_workers");
   int r;
-  luaL_argcheck(L, n >= 1 && n <= WPL_MAX_WORKERS, 2,
-                "max_workers must be a positive integer (at most 10000)");
+  if (!wp__option_in_range(d, (double)n))
+    return luaL_argerror(L, 2,
+                         lua_pushfstring(L, "%s %s (at most %I)", d->name,
+                                         d->must, (LUAI_UACINT)d->max));
   r = wp_pool_resize(u->p, (int)n);
-  if (r == WP_EINVAL) {
-    wp_pool_get_counts(u->p, &c);
+  if (r == WP_EINVAL)
     return luaL_argerror(L, 2, "must not be below min_workers");
-  }
   if (r) return wpl_pusherr(L, r);
   lua_pushboolean(L, 1);
   return 1;

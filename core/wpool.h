@@ -84,7 +84,7 @@ typedef void (*wp_open_fn)(lua_State *L, void *ud);
 
 typedef struct wp_options {
   const char *name;      /* unique per process; NULL generates "pool-N" */
-  int max_workers;       /* >= 1 */
+  int max_workers;       /* 1 to 10000 */
   int min_workers;       /* kept warm, never reaped; 0..max_workers */
   double idle_timeout;   /* seconds before an idle worker is reaped; <0 off */
   const char *init;      /* Lua source run in every new worker, or NULL */
@@ -95,9 +95,11 @@ typedef struct wp_options {
   wp_open_fn open_state;     /* optional, see above */
   void *open_ud;
   /* Guards (docs/guards.md); 0 leaves each off.  Every duration that is
-   * not 0 counts as at least WP_MIN_DURATION. */
-  size_t queue_cap;         /* most queued tasks; 0: unbounded */
-  int block_when_full;      /* 0: reject with WP_EFULL; 1: wait for room */
+   * not 0 counts as at least WP_MIN_DURATION.  The range of each field
+   * is its row in core/options.c, the same as workerpool.new's. */
+  size_t queue_cap;         /* most queued tasks (to 2^40); 0: unbounded */
+  int block_when_full;      /* 0: reject with WP_EFULL; 1: wait for room
+                               (needs a queue_cap) */
   double submit_timeout;    /* longest wait for room, seconds; <0: none */
   double task_timeout;      /* default per-task deadline, seconds */
   double stuck_grace;       /* seconds past a deadline before a worker that
@@ -113,7 +115,9 @@ typedef struct wp_options {
  * task timeout) below it is rounded up to it, never down to 0 ("off"). */
 #define WP_MIN_DURATION 1e-6
 
-/* Fills opts with defaults: max_workers 1, idle_timeout 2 s. */
+/* Fills opts with defaults: max_workers 1, idle_timeout 2 s, stuck_grace
+ * 5 s, drop_log_interval 60 s, submit_timeout -1 (none); every other field
+ * 0 or NULL. */
 WP_API void wp_options_init(wp_options *opts);
 
 /* Creates a pool and registers its name.  The first worker state is created
@@ -121,8 +125,10 @@ WP_API void wp_options_init(wp_options *opts);
  * here (the pool is findable by name only once this has succeeded: init
  * cannot reach its own pool): on WP_EINIT the message and traceback are written
  * to errbuf (when errlen > 0), truncated to errlen - 1 bytes.  Other failures:
- * WP_EINVAL (bad options), WP_EEXISTS (name taken), WP_ENOMEM; errbuf then says
- * which option is wrong.  The caller owns one reference to *out. */
+ * WP_EINVAL (a field neither its default nor in its range, with the words
+ * workerpool.new uses: "max_workers must be a positive integer"),
+ * WP_EEXISTS (name taken), WP_ENOMEM; errbuf then says which option is
+ * wrong.  The caller owns one reference to *out. */
 WP_API int wp_pool_new(const wp_options *opts, wp_pool **out, char *errbuf,
                        size_t errlen);
 
