@@ -324,18 +324,24 @@ static int pool_map_k(lua_State *L, int status, lua_KContext ctx) {
   return lua_gettop(L);
 }
 
+/* [-0, +0, e] Raises when called from a task of the pool at 1: `what`
+ * would wait for `whom` of its own pool; `advice` says what to use. */
+static void refuse_own_pool(lua_State *L, const char *what, const char *whom,
+                            const char *advice) {
+  wpl_pool *u = wpl_checkpool(L);
+  if (wp_state_pool(L) == u->p)
+    luaL_error(L,
+               "%s from a task of pool '%s' would deadlock (the task would "
+               "wait for %s of its own pool); use %s",
+               what, wp_pool_name(u->p), whom, advice);
+}
+
 /* pool:map(task, list [, opts]) -> results | nil, err, code
  * [-0, +1|3, e] Written in Lua (lua/workerpool/map.lua); called with
  * lua_callk so that its waits can suspend a host coroutine. */
 int wpl_pool_map(lua_State *L) {
-  wpl_pool *u = wpl_checkpool(L);
   int nargs;
-  if (wp_state_pool(L) == u->p)
-    return luaL_error(L,
-                      "map from a task of pool '%s' would deadlock (the "
-                      "task would wait for workers of its own pool); use "
-                      "another pool",
-                      wp_pool_name(u->p));
+  refuse_own_pool(L, "map", "workers", "another pool");
   nargs = lua_gettop(L);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "workerpool.map");
@@ -351,14 +357,8 @@ int wpl_pool_map(lua_State *L) {
 /* pool:submit_wait(task, ...) -> results... | nil, "stopped" | nil, "full"
  * [-0, +n, e] Raises the task's error, with its worker-side traceback. */
 int wpl_pool_submit_wait(lua_State *L) {
-  wpl_pool *u = wpl_checkpool(L);
   int n;
-  if (wp_state_pool(L) == u->p)
-    return luaL_error(L,
-                      "submit_wait from a task of pool '%s' would deadlock "
-                      "(the task would wait for a worker of its own pool); "
-                      "use submit, or another pool",
-                      wp_pool_name(u->p));
+  refuse_own_pool(L, "submit_wait", "a worker", "submit, or another pool");
   n = submit(L, "submit_wait", RET_WAIT);
   if (n != 1) return n;
   return submit_wait_from(L, lua_touserdata(L, -1));
