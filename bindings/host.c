@@ -665,26 +665,8 @@ int wpl_host_park_call(lua_State *L, wp_pool *p, wpl_blocking_fn op, void *ud) {
  * Raises when a result cannot be decoded in this state. */
 static int done_args_pmain(lua_State *L) {
   wp_future *f = lua_touserdata(L, 1);
-  int nres;
   lua_settop(L, 0);
-  lua_pushboolean(L, wp_future_status(f) == WP_OK);
-  switch (wp_future_status(f)) {
-  case WP_OK:
-  case WP_ERROR:
-    nres = wp_future_push(f, L);
-    if (nres < 1 && wp_future_status(f) == WP_ERROR)
-      lua_pushliteral(L, "task failed");
-    break;
-  case WP_DISCARDED:
-    lua_pushliteral(L, "discarded");
-    break;
-  case WP_TIMEOUT:
-    lua_pushliteral(L, "timeout");
-    break;
-  default:
-    lua_pushliteral(L, "cancelled");
-  }
-  return lua_gettop(L);
+  return wpl_push_outcome(L, f);
 }
 
 /* [-0, +0, m] Resumes the waiters of a future that ended.  Each on_done

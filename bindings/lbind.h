@@ -19,15 +19,79 @@
 #define WPL_FUTURE_MT "workerpool.future"
 #define WPL_SHARED_MT "workerpool.shared"
 
+/* ---- pool and future handles (lworkerpool.c) ------------------------- */
+
+/* The last field of each userdata names its class: checking an argument
+ * compares its size and that pointer, with no metatable lookup.  (policy.c
+ * reads a future userdata as the wp_future pointer it starts with.) */
+extern WPL_HIDDEN const char wpl_pool_class[];
+extern WPL_HIDDEN const char wpl_future_class[];
+
+typedef struct wpl_pool {
+  wp_pool *p;      /* a handle reference, or NULL once collected */
+  int owner;       /* made by workerpool.new: collecting it stops the pool */
+  const char *cls; /* wpl_pool_class */
+} wpl_pool;
+
+typedef struct wpl_future {
+  wp_future *f;    /* a reference, or NULL before submit succeeded */
+  const char *cls; /* wpl_future_class */
+} wpl_future;
+
+/* Methods of pools and futures carry both metatables as upvalues: making
+ * a future sets its metatable without a lookup by name. */
+#define WPL_FUTURE_MT_UPVALUE lua_upvalueindex(2)
+
+/* [-0, +0, v] The pool userdata at idx, or raises. */
+static inline wpl_pool *wpl_topool(lua_State *L, int idx) {
+  wpl_pool *u =
+      lua_type(L, idx) == LUA_TUSERDATA ? lua_touserdata(L, idx) : NULL;
+  if (u == NULL || lua_rawlen(L, idx) != sizeof *u || u->cls != wpl_pool_class)
+    luaL_typeerror(L, idx, WPL_POOL_MT);
+  return u;
+}
+
+/* [-0, +0, v] The live pool handle at 1 (self), or raises. */
+static inline wpl_pool *wpl_checkpool(lua_State *L) {
+  wpl_pool *u = wpl_topool(L, 1);
+  if (u->p == NULL) luaL_error(L, "attempt to use a collected pool");
+  return u;
+}
+
+/* [-0, +n, e] Pushes what waiting for the ended future f gives Lua: true
+ * and its results, or false and the reason (the task's error value, or
+ * the status name: "discarded", "cancelled", "timeout").  Returns n.
+ * Raises when a result cannot be rebuilt in this state.  The one mapping
+ * from a status to Lua values: f:wait, submit_wait and on_done use it. */
+WPL_HIDDEN int wpl_push_outcome(lua_State *L, wp_future *f);
+
+/* ---- submitting (lsubmit.c) ------------------------------------------ */
+
+/* The pool methods submit, post, submit_wait and map (see each in
+ * lsubmit.c).  They need both metatables as upvalues. */
+WPL_HIDDEN int wpl_pool_submit(lua_State *L);
+WPL_HIDDEN int wpl_pool_post(lua_State *L);
+WPL_HIDDEN int wpl_pool_submit_wait(lua_State *L);
+WPL_HIDDEN int wpl_pool_map(lua_State *L);
+
 /* [-0, +0, m] Registers the shared-dictionary metatable. */
 WPL_HIDDEN void wpl_shared_init(lua_State *L);
 
 /* workerpool.shared(name [, opts]) -> dict   [-0, +1, e] */
 WPL_HIDDEN int wpl_shared_open(lua_State *L);
 
-/* [-0, +3, m] Pushes nil, the error message and the error name; returns 3,
- * the conventional runtime-failure return of every module function. */
+/* Errors (docs/architecture.md, "Errors"): misuse raises; a runtime
+ * failure returns nil, message, NAME, where NAME is wp_err_name of a WP_E*
+ * code, or for a policy refusal wpl_refusal_name of its drop class.  Lua
+ * code compares NAMEs, never messages. */
+
+/* [-0, +3, m] Pushes nil, wp_strerror(err) and wp_err_name(err); returns
+ * 3, the runtime-failure return of every module function. */
 WPL_HIDDEN int wpl_pusherr(lua_State *L, int err);
+/* The NAME of a policy refusal of class why: "E" and the drop reason in
+ * capitals, as WP_DROP_MAP spells it ("ERATE_LIMITED", "EBREAKER_OPEN",
+ * "EPOLICY", ...).  Never fails. */
+WPL_HIDDEN const char *wpl_refusal_name(wp_drop_reason why);
 
 /* ---- logs (log.c) ---------------------------------------------------- */
 
@@ -88,6 +152,11 @@ WPL_HIDDEN void wpl_metrics_init(lua_State *L);
  * Lua; never fails (a full dictionary loses the count). */
 WPL_HIDDEN void wpl_metrics_admission(wp_pool *p, const char *tenant,
                                       int admitted, const char *reason);
+/* The drop class of a policy's refusal reason: WP_DROP_RATE_LIMITED for
+ * "rate_limited...", WP_DROP_CONCURRENCY for "concurrency...",
+ * WP_DROP_BREAKER_OPEN for "open" and "half_open", else WP_DROP_POLICY
+ * (NULL too).  Any thread; no Lua. */
+WPL_HIDDEN wp_drop_reason wpl_refusal_class(const char *reason);
 /* Remembers pool p (a new reference) for workerpool_pool_stopped, with
  * its tenant_label_limit; forgets an earlier pool of the same name.  Any
  * thread; no Lua. */
@@ -142,10 +211,11 @@ WPL_HIDDEN int wpl_host_watch(lua_State *L, wp_future *f);
 
 /* pool:use(policy) for the pool handle at 1.   [-0, +1, e] */
 WPL_HIDDEN int wpl_policy_use(lua_State *L, wp_pool *p);
-/* [-0, +0|1|2, e] Runs the admission of p's policies in this state for a
+/* [-0, +0|1|2|3, e] Runs the admission of p's policies in this state for a
  * task with options o whose function or handler is at stack index tslot:
  * returns 0 (no policies: nothing pushed), 1 (admitted: the task table
- * pushed), -1 (refused: nil and the reason pushed; the drop is counted) or
+ * pushed), -1 (refused: nil, the reason and its NAME pushed, the failure
+ * return of submit; the drop is counted) or
  * 2 (degraded: a policy named a handler to run instead; it replaced the
  * task at tslot, and the reason is pushed). */
 WPL_HIDDEN int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o,

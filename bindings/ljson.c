@@ -321,7 +321,7 @@ static int enc_value(enc *e, int idx, int depth) {
   }
 }
 
-/* json.encode(v) -> string | nil, message   [-0, +1|2, m] */
+/* json.encode(v) -> string | nil, message, "EINVAL"   [-0, +1|3, m] */
 static int json_encode(lua_State *L) {
   wpl_wbuf b;
   enc e;
@@ -337,7 +337,8 @@ static int json_encode(lua_State *L) {
   if (enc_value(&e, 1, 0) != 0) {
     lua_pushnil(L);
     lua_pushstring(L, e.err);
-    return 2;
+    lua_pushstring(L, wp_err_name(WP_EINVAL));
+    return 3;
   }
   lua_pushlstring(L, b.p, b.n);
   return 1;
@@ -395,7 +396,8 @@ static int push_json_pmain(lua_State *L) {
   return 1;
 }
 
-/* json.decode(s) -> value | nil, "LINE:COL: message"   [-0, +1|2, e] */
+/* json.decode(s) -> value | nil, "LINE:COL: message", "EINVAL"
+ * [-0, +1|3, e] */
 static int json_decode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -406,7 +408,8 @@ static int json_decode(lua_State *L) {
   if (root == NULL) {
     lua_pushnil(L);
     lua_pushfstring(L, "%d:%d: %s", err.line, err.column, err.text);
-    return 2;
+    lua_pushstring(L, wp_err_name(WP_EINVAL));
+    return 3;
   }
   lua_pushcfunction(L, push_json_pmain); /* light: cannot raise */
   lua_pushlightuserdata(L, root);

@@ -140,7 +140,7 @@ static int pack_value(packer *k, int idx, int depth) {
   }
 }
 
-/* pack(list [, n]) -> string | nil, reason   [-0, +1|2, m] */
+/* pack(list [, n]) -> string | nil, reason, "EINVAL"   [-0, +1|3, m] */
 static int pack(lua_State *L) {
   lua_Integer n, i;
   wpl_wbuf b;
@@ -159,7 +159,8 @@ static int pack(lua_State *L) {
     if (k.why || pack_value(&k, lua_gettop(L), 0)) {
       lua_pushnil(L);
       lua_pushstring(L, k.why);
-      return 2;
+      lua_pushstring(L, wp_err_name(WP_EINVAL));
+      return 3;
     }
     lua_pop(L, 1);
   }

@@ -9,9 +9,10 @@
  * dictionary by name, which is how tasks share it: the userdata itself
  * never crosses states.
  *
- * Runtime failures return nil, message, name with the messages "no memory",
- * "exists", "not found" and "not a number"; misuse (wrong argument types,
- * negative ttl) raises `bad argument` errors.
+ * Runtime failures return nil, message, NAME as every module function
+ * does (wpl_pusherr): "not enough memory" (ENOMEM), "exists" (EEXISTS),
+ * "not found" (ENOTFOUND), "not a number" (ENOTNUM); misuse (wrong
+ * argument types, negative ttl) raises `bad argument` errors.
  *
  * Two rules shape this file.  First, the core never calls Lua and every core
  * call releases the dictionary lock before returning, so no lock is ever held
@@ -37,32 +38,6 @@
 /* [-0, +0, v] The dictionary of self (argument 1). */
 static wp_shdict *checkdict(lua_State *L) {
   return *(wp_shdict **)luaL_checkudata(L, 1, WPL_SHARED_MT);
-}
-
-/* [-0, +3, m] Pushes nil, message and error name; returns 3.  The messages
- * of this module are fixed here rather than taken from wp_strerror. */
-static int shared_fail(lua_State *L, int err) {
-  const char *msg;
-  switch (err) {
-  case WP_ENOMEM:
-    msg = "no memory";
-    break;
-  case WP_EEXISTS:
-    msg = "exists";
-    break;
-  case WP_ENOTFOUND:
-    msg = "not found";
-    break;
-  case WP_ENOTNUM:
-    msg = "not a number";
-    break;
-  default:
-    return wpl_pusherr(L, err);
-  }
-  lua_pushnil(L);
-  lua_pushstring(L, msg);
-  lua_pushstring(L, wp_err_name(err));
-  return 3;
 }
 
 /* [-0, +0, v] Reads argument idx as a storable value.  A string is borrowed
@@ -155,12 +130,12 @@ static int shared_get(lua_State *L) {
   const char *k = luaL_checklstring(L, 2, &klen);
   wp_shval v;
   int rc = wp_shdict_get(d, k, klen, &v);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   pushvalue(L, &v);
   return 1;
 }
 
-/* d:set(k, v [, ttl]) -> true | nil, "no memory"   [-0, +1|3, e]
+/* d:set(k, v [, ttl]) -> true | nil, "not enough memory"   [-0, +1|3, e]
  * v nil deletes k. */
 static int shared_set(lua_State *L) {
   wp_shdict *d = checkdict(L);
@@ -172,12 +147,12 @@ static int shared_set(lua_State *L) {
   checkvalue(L, 3, &v);
   ttl = optttl(L, 4);
   rc = wp_shdict_set(d, k, klen, &v, ttl);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* d:add(k, v [, ttl]) -> true | nil, "exists" | nil, "no memory"
+/* d:add(k, v [, ttl]) -> true | nil, "exists" | nil, "not enough memory"
  * [-0, +1|3, e] */
 static int shared_add(lua_State *L) {
   wp_shdict *d = checkdict(L);
@@ -189,13 +164,13 @@ static int shared_add(lua_State *L) {
   checkvalue(L, 3, &v);
   ttl = optttl(L, 4);
   rc = wp_shdict_add(d, k, klen, &v, ttl);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 /* d:incr(k, step [, init [, ttl]]) -> number | nil, message   [-0, +1|3, e]
- * Messages: "not found" (absent, no init), "not a number", "no memory".
+ * Messages: "not found" (absent, no init), "not a number", "not enough memory".
  * ttl applies only when init creates the key. */
 static int shared_incr(lua_State *L) {
   wp_shdict *d = checkdict(L);
@@ -209,12 +184,12 @@ static int shared_incr(lua_State *L) {
   if (hasinit) checknum(L, 4, &init);
   ttl = optttl(L, 5);
   rc = wp_shdict_incr(d, k, klen, &step, hasinit ? &init : NULL, ttl, &out);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   pushvalue(L, &out);
   return 1;
 }
 
-/* d:cas(k, old, new) -> true | false | nil, "no memory"   [-0, +1|3, e]
+/* d:cas(k, old, new) -> true | false | nil, "not enough memory"   [-0, +1|3, e]
  * old nil means "k must be absent"; new nil deletes.  Integer 1 and float
  * 1.0 are different values here. */
 static int shared_cas(lua_State *L) {
@@ -226,7 +201,7 @@ static int shared_cas(lua_State *L) {
   checkvalue(L, 3, &old);
   checkvalue(L, 4, &nv);
   rc = wp_shdict_cas(d, k, klen, &old, &nv);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   lua_pushboolean(L, rc);
   return 1;
 }
@@ -237,7 +212,7 @@ static int shared_delete(lua_State *L) {
   size_t klen;
   const char *k = luaL_checklstring(L, 2, &klen);
   int rc = wp_shdict_delete(d, k, klen);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -250,7 +225,7 @@ static int shared_ttl(lua_State *L) {
   const char *k = luaL_checklstring(L, 2, &klen);
   double ttl;
   int rc = wp_shdict_ttl(d, k, klen, &ttl);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   lua_pushnumber(L, (lua_Number)ttl);
   return 1;
 }
@@ -313,7 +288,7 @@ static int pushkeys_p(lua_State *L) {
   return 1;
 }
 
-/* d:keys([max]) -> {k, ...} | nil, "no memory"   [-0, +1|3, e]
+/* d:keys([max]) -> {k, ...} | nil, "not enough memory"   [-0, +1|3, e]
  * max 0 (the default) lists every live key. */
 static int shared_keys(lua_State *L) {
   wp_shdict *d = checkdict(L);
@@ -328,7 +303,7 @@ static int shared_keys(lua_State *L) {
   if (rc < 0) {
     free(kl.buf);
     free(kl.lens);
-    return shared_fail(L, rc);
+    return wpl_pusherr(L, rc);
   }
   lua_pushcfunction(L, pushkeys_p);
   lua_pushlightuserdata(L, &kl);
@@ -425,7 +400,7 @@ int wpl_shared_open(lua_State *L) {
   }
 
   rc = wp_shdict_open(name, (size_t)capacity, &d);
-  if (rc < 0) return shared_fail(L, rc);
+  if (rc < 0) return wpl_pusherr(L, rc);
   ud = lua_newuserdatauv(L, sizeof *ud, 1);
   *ud = d;
   luaL_setmetatable(L, WPL_SHARED_MT);

@@ -29,13 +29,11 @@
 #define DEFAULT_TENANT_LABELS 100
 
 /* The refusal classes of workerpool_dropped_total next to the core's
- * reasons; "policy" is every other refusal. */
-static const char *const classes[] = {"rate_limited", "concurrency",
-                                      "breaker_open"};
-#define NCLASSES 3
-/* The same classes for the core's drop summaries. */
-static const wp_drop_reason drop_reasons[] = {
+ * reasons; WP_DROP_POLICY is every other refusal. */
+static const wp_drop_reason classes[] = {
     WP_DROP_RATE_LIMITED, WP_DROP_CONCURRENCY, WP_DROP_BREAKER_OPEN};
+#define NCLASSES 3
+#define CLASS(j) wp_drop_reason_name(classes[j])
 
 static wp_shdict *metrics_dict(void) {
   wp_shdict *d = NULL;
@@ -49,6 +47,11 @@ static int classify(const char *reason) {
   if (strncmp(reason, "concurrency", 11) == 0) return 1;
   if (strcmp(reason, "open") == 0 || strcmp(reason, "half_open") == 0) return 2;
   return -1;
+}
+
+wp_drop_reason wpl_refusal_class(const char *reason) {
+  int cls = classify(reason);
+  return cls >= 0 ? classes[cls] : WP_DROP_POLICY;
 }
 
 /* Builds "kind SEP a [SEP b [SEP c]]" into buf; 0 when it does not fit. */
@@ -104,18 +107,19 @@ void wpl_metrics_admission(wp_pool *p, const char *tenant, int admitted,
   int cls = admitted ? -1 : classify(reason);
   if (d && tenant) tenant = tenant_label(d, pool, tenant);
   if (!admitted) /* before the class below: stats' "policy" stays >= 0 */
-    wp_pool_count_drop_tenant(p, cls >= 0 ? drop_reasons[cls] : WP_DROP_POLICY,
+    wp_pool_count_drop_tenant(p, cls >= 0 ? classes[cls] : WP_DROP_POLICY,
                               tenant);
   if (d == NULL) return;
   if (!admitted && cls >= 0)
-    incr_key(d, k, key_of(k, sizeof k, 'd', pool, classes[cls], NULL));
+    incr_key(d, k, key_of(k, sizeof k, 'd', pool, CLASS(cls), NULL));
   if (tenant == NULL) return;
   if (admitted)
     incr_key(d, k, key_of(k, sizeof k, 'a', pool, tenant, NULL));
   else
-    incr_key(d, k,
-             key_of(k, sizeof k, 'r', pool, tenant,
-                    cls >= 0 ? classes[cls] : "policy"));
+    incr_key(
+        d, k,
+        key_of(k, sizeof k, 'r', pool, tenant,
+               wp_drop_reason_name(cls >= 0 ? classes[cls] : WP_DROP_POLICY)));
 }
 
 /* Pools made through workerpool.new, for workerpool_pool_stopped: each
@@ -203,18 +207,19 @@ int wpl_push_stats(lua_State *L, wp_pool *p) {
   lua_createtable(L, 0, 20);
   set_int(L, "submitted", s->submitted);
   lua_createtable(L, 0, 4);
-  set_int(L, "ok", s->ok);
-  set_int(L, "error", s->error);
-  set_int(L, "timeout", s->timeout);
-  set_int(L, "cancelled", s->cancelled);
+  set_int(L, wp_status_name(WP_OK), s->ok);
+  set_int(L, wp_status_name(WP_ERROR), s->error);
+  set_int(L, wp_status_name(WP_TIMEOUT), s->timeout);
+  set_int(L, wp_status_name(WP_CANCELLED), s->cancelled);
   lua_setfield(L, -2, "completed");
   lua_createtable(L, 0, 4 + NCLASSES);
-  set_int(L, "full", s->dropped_full);
-  set_int(L, "stopped", s->dropped_stopped);
-  set_int(L, "discarded", s->dropped_discarded);
-  set_int(L, "policy", other_refusals(s->dropped_policy, cls));
+  set_int(L, wp_drop_reason_name(WP_DROP_FULL), s->dropped_full);
+  set_int(L, wp_drop_reason_name(WP_DROP_STOPPED), s->dropped_stopped);
+  set_int(L, wp_drop_reason_name(WP_DROP_DISCARDED), s->dropped_discarded);
+  set_int(L, wp_drop_reason_name(WP_DROP_POLICY),
+          other_refusals(s->dropped_policy, cls));
   for (j = 0; j < NCLASSES; j++)
-    set_int(L, classes[j], cls[j]);
+    set_int(L, CLASS(j), cls[j]);
   lua_setfield(L, -2, "dropped");
   set_int(L, "queued", s->queued);
   set_int(L, "queued_peak", s->queued_peak);
@@ -396,7 +401,7 @@ static void class_counts(wp_shdict *d, const char *pool, uint64_t *out) {
   char k[400];
   int j;
   for (j = 0; j < NCLASSES; j++) {
-    int64_t n = get_int(d, k, key_of(k, sizeof k, 'd', pool, classes[j], NULL));
+    int64_t n = get_int(d, k, key_of(k, sizeof k, 'd', pool, CLASS(j), NULL));
     out[j] = n > 0 ? (uint64_t)n : 0;
   }
 }
@@ -598,9 +603,10 @@ static void policy_series(sbuf *b, wp_shdict *md) {
 static void run_thread_collectors(sbuf *b);
 
 char *wpl_metrics_text(size_t *len) {
-  static const char *const results[] = {"ok", "error", "timeout", "cancelled"};
-  static const char *const reasons[] = {"full", "stopped", "discarded",
-                                        "policy"};
+  static const wp_status results[] = {WP_OK, WP_ERROR, WP_TIMEOUT,
+                                      WP_CANCELLED};
+  static const wp_drop_reason reasons[] = {WP_DROP_FULL, WP_DROP_STOPPED,
+                                           WP_DROP_DISCARDED, WP_DROP_POLICY};
   wp_pool **pools;
   snap *v;
   sbuf b = {0};
@@ -635,7 +641,8 @@ char *wpl_metrics_text(size_t *len) {
     const uint64_t c[] = {v[i].s.ok, v[i].s.error, v[i].s.timeout,
                           v[i].s.cancelled};
     for (j = 0; j < 4; j++) {
-      snprintf(extra, sizeof extra, "result=\"%s\"", results[j]);
+      snprintf(extra, sizeof extra, "result=\"%s\"",
+               wp_status_name(results[j]));
       sample(&b, "workerpool_completed_total", v[i].name, extra, (double)c[j]);
     }
   }
@@ -653,7 +660,7 @@ char *wpl_metrics_text(size_t *len) {
       d[4 + j] = cls[j];
     for (j = 0; j < 4 + NCLASSES; j++) {
       snprintf(extra, sizeof extra, "reason=\"%s\"",
-               j < 4 ? reasons[j] : classes[j - 4]);
+               wp_drop_reason_name(j < 4 ? reasons[j] : classes[j - 4]));
       sample(&b, "workerpool_dropped_total", v[i].name, extra, (double)d[j]);
     }
   }

@@ -523,9 +523,10 @@ int wpl_policy_admit(lua_State *L, wp_pool *p, const wp_task_opts *o,
     lua_pop(L, 1);
     wpl_metrics_admission(p, o->tenant, 0, lua_tostring(L, -1));
     lua_pushnil(L);
-    lua_replace(L, list); /* list task ok reason -> nil reason */
-    lua_replace(L, task);
-    lua_pop(L, 1);
+    lua_replace(L, list); /* list task ok reason -> nil task ok reason */
+    lua_replace(L, task); /* -> nil reason ok; ok becomes the NAME */
+    lua_pushstring(L, wpl_refusal_name(wpl_refusal_class(lua_tostring(L, -2))));
+    lua_replace(L, -2);
     return -1;
   }
   lua_remove(L, list);
@@ -573,8 +574,6 @@ int wpl_policy_degraded(lua_State *L, int fut) {
  * runs, in order; one that raises is logged and does not stop the others.
  * [-0, +0, m] */
 static int run_done(lua_State *L) {
-  static const char *const outcomes[] = {"pending",   "ok",        "error",
-                                         "discarded", "cancelled", "timeout"};
   wp_future **fu = lua_touserdata(L, lua_upvalueindex(3));
   wp_status st = wp_future_status(*fu);
   double duration = wp_future_run_time(*fu);
@@ -584,7 +583,7 @@ static int run_done(lua_State *L) {
     if (lua_getfield(L, -1, "done") == LUA_TFUNCTION) {
       lua_insert(L, -2);
       lua_pushvalue(L, lua_upvalueindex(2));
-      lua_pushstring(L, outcomes[st]);
+      lua_pushstring(L, wp_status_name(st));
       lua_pushnumber(L, duration);
       if (lua_pcall(L, 4, 0, 0) != LUA_OK) {
         wpl_log(WPL_ERROR, "policy.error",

@@ -1,6 +1,7 @@
 /*
- * common.c: the small services every other file of core/ uses: error names
- * and messages, growable byte buffers, the monotonic clock, and the table
+ * common.c: the small services every other file of core/ uses: the names
+ * of errors, statuses and drop reasons (from the X-macro lists of wpool.h),
+ * growable byte buffers, the monotonic clock, and the table
  * of C functions that travel between states by name.
  *
  * The C-function table is filled once with every function of the standard
@@ -39,6 +40,30 @@ const char *wp_err_name(int err) {
     return "OK";
   default:
     return "EUNKNOWN";
+  }
+}
+
+const char *wp_status_name(int status) {
+  switch (status) {
+#define WP__NAME(name, str)                                                    \
+  case WP_##name:                                                              \
+    return str;
+    WP_STATUS_MAP(WP__NAME)
+#undef WP__NAME
+  default:
+    return "unknown";
+  }
+}
+
+const char *wp_drop_reason_name(int why) {
+  switch (why) {
+#define WP__NAME(name, str)                                                    \
+  case WP_DROP_##name:                                                         \
+    return str;
+    WP_DROP_MAP(WP__NAME)
+#undef WP__NAME
+  default:
+    return "unknown";
   }
 }
 

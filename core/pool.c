@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include "options.h"
 #include "wp_internal.h"
 
 static void pool_free(wp_pool *p);
@@ -446,25 +447,11 @@ static void join_all(wp__worker *w) {
 
 /* ---- creation -------------------------------------------------------- */
 
-void wp_options_init(wp_options *o) {
-  memset(o, 0, sizeof *o);
-  o->max_workers = 1;
-  o->idle_timeout = 2.0;
-  o->submit_timeout = -1;
-  o->stuck_grace = 5.0;
-  o->drop_log_interval = 60.0;
-}
-
 static char *dup_or_null(const char *s, int *failed) {
   char *d;
   if (s == NULL) return NULL;
   if ((d = strdup(s)) == NULL) *failed = 1;
   return d;
-}
-
-static int bad_option(char *errbuf, size_t errlen, const char *msg) {
-  if (errlen) snprintf(errbuf, errlen, "%s", msg);
-  return WP_EINVAL;
 }
 
 /* Seconds to nanoseconds, for a duration already checked to be finite.
@@ -475,28 +462,6 @@ static int64_t to_ns(double s) {
   if (s < WP_MIN_DURATION) s = WP_MIN_DURATION;
   if (s > 1e9) s = 1e9;
   return (int64_t)(s * 1e9);
-}
-
-static const char *check_options(const wp_options *o) {
-  if (o->max_workers < 1) return "max_workers must be a positive integer";
-  if (o->min_workers < 0 || o->min_workers > o->max_workers)
-    return "min_workers must be an integer from 0 to max_workers";
-  if (isnan(o->idle_timeout)) return "idle_timeout must be a number";
-  if (o->name && o->name[0] == '\0') return "name must not be empty";
-  if (o->name && strlen(o->name) > 255) return "name must be at most 255 bytes";
-  if (!(o->task_timeout >= 0) || isinf(o->task_timeout))
-    return "task_timeout must be a non-negative number of seconds";
-  if (!(o->stuck_grace >= 0) || isinf(o->stuck_grace))
-    return "stuck_grace must be a non-negative number of seconds";
-  if (!(o->slow_task >= 0) || isinf(o->slow_task))
-    return "slow_task must be a non-negative number of seconds";
-  if (isnan(o->submit_timeout))
-    return "submit_timeout must be a number of seconds";
-  if (!(o->drop_log_interval > 0))
-    return "drop_log_interval must be a positive number of seconds";
-  if (o->max_tasks_per_worker < 0)
-    return "max_tasks_per_worker must be a non-negative integer";
-  return NULL;
 }
 
 /* The queue lock is held for a few dozen instructions at a time by a
@@ -566,11 +531,10 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
                 size_t errlen) {
   wp_pool *p;
   wp_event ev;
-  const char *bad;
   int r, failed = 0;
   *out = NULL;
   if (errlen) errbuf[0] = '\0';
-  if ((bad = check_options(o)) != NULL) return bad_option(errbuf, errlen, bad);
+  if ((r = wp__options_check(o, errbuf, errlen)) != 0) return r;
   /* Aligned for its cache-line groups (see wp_internal.h). */
   if (posix_memalign((void **)&p, WP__CACHE_LINE, sizeof *p)) return WP_ENOMEM;
   memset(p, 0, sizeof *p);

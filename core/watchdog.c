@@ -84,9 +84,10 @@ static void abandon_closing_locked(wp_pool *p, wp__worker *w, wp_event *ev,
  * without a row.  What does not fit in this pass waits for the next one,
  * which comes at once.  Needs mu. */
 static void drops_locked(wp_pool *p, pass *ps, uint64_t now) {
-  static const char *const reasons[WP__NSUMMARY] = {
-      "full",         "stopped",     "discarded",   "policy",
-      "rate_limited", "concurrency", "breaker_open"};
+  static const wp_drop_reason reasons[WP__NSUMMARY] = {
+      WP_DROP_FULL,        WP_DROP_STOPPED,      WP_DROP_DISCARDED,
+      WP_DROP_POLICY,      WP_DROP_RATE_LIMITED, WP_DROP_CONCURRENCY,
+      WP_DROP_BREAKER_OPEN}; /* by WP__DROP_* */
   wp_event *ev;
   int i, done = 1;
   if (now < p->next_drop_log) return;
@@ -96,7 +97,7 @@ static void drops_locked(wp_pool *p, pass *ps, uint64_t now) {
     if (plain == 0) continue;
     if ((ev = new_event(ps, p, WP_EV_DROPPED, NULL)) != NULL) {
       ev->n = (int64_t)plain;
-      ev->reason = reasons[i];
+      ev->reason = wp_drop_reason_name(reasons[i]);
       ev->seconds = (double)p->drop_interval_ns / 1e9;
       p->drops_logged[i] = total - p->drops_tabled[i];
     } else {
@@ -108,7 +109,7 @@ static void drops_locked(wp_pool *p, pass *ps, uint64_t now) {
     int core = r->reason == WP__DROP_FULL ? WP__DROP_FULL : WP__DROP_POLICY;
     ev = new_event(ps, p, WP_EV_DROPPED, NULL);
     ev->n = (int64_t)r->n;
-    ev->reason = reasons[r->reason];
+    ev->reason = wp_drop_reason_name(reasons[r->reason]);
     ev->seconds = (double)p->drop_interval_ns / 1e9;
     if (r->has_tenant) {
       memcpy(ps->tenant[ps->n - 1], r->tenant, sizeof r->tenant);
@@ -225,8 +226,7 @@ static void dog_main(void *arg) {
       fail_stranded(p, stranded, err);
       for (i = 0; i < ps.nstuck; i++) {
         wp_status st = ps.stuck_status[i];
-        if (wp__future_fail(ps.stuck[i], st,
-                            st == WP_TIMEOUT ? "timeout" : "cancelled"))
+        if (wp__future_fail(ps.stuck[i], st, wp_status_name(st)))
           wp__pool_count_end(p, 0, wp_future_status(ps.stuck[i]), -1);
         wp_future_release(ps.stuck[i]);
       }

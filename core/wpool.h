@@ -84,7 +84,7 @@ typedef void (*wp_open_fn)(lua_State *L, void *ud);
 
 typedef struct wp_options {
   const char *name;      /* unique per process; NULL generates "pool-N" */
-  int max_workers;       /* >= 1 */
+  int max_workers;       /* 1 to 10000 */
   int min_workers;       /* kept warm, never reaped; 0..max_workers */
   double idle_timeout;   /* seconds before an idle worker is reaped; <0 off */
   const char *init;      /* Lua source run in every new worker, or NULL */
@@ -95,9 +95,11 @@ typedef struct wp_options {
   wp_open_fn open_state;     /* optional, see above */
   void *open_ud;
   /* Guards (docs/guards.md); 0 leaves each off.  Every duration that is
-   * not 0 counts as at least WP_MIN_DURATION. */
-  size_t queue_cap;         /* most queued tasks; 0: unbounded */
-  int block_when_full;      /* 0: reject with WP_EFULL; 1: wait for room */
+   * not 0 counts as at least WP_MIN_DURATION.  The range of each field
+   * is its row in core/options.c, the same as workerpool.new's. */
+  size_t queue_cap;         /* most queued tasks (to 2^40); 0: unbounded */
+  int block_when_full;      /* 0: reject with WP_EFULL; 1: wait for room
+                               (needs a queue_cap) */
   double submit_timeout;    /* longest wait for room, seconds; <0: none */
   double task_timeout;      /* default per-task deadline, seconds */
   double stuck_grace;       /* seconds past a deadline before a worker that
@@ -113,7 +115,9 @@ typedef struct wp_options {
  * task timeout) below it is rounded up to it, never down to 0 ("off"). */
 #define WP_MIN_DURATION 1e-6
 
-/* Fills opts with defaults: max_workers 1, idle_timeout 2 s. */
+/* Fills opts with defaults: max_workers 1, idle_timeout 2 s, stuck_grace
+ * 5 s, drop_log_interval 60 s, submit_timeout -1 (none); every other field
+ * 0 or NULL. */
 WP_API void wp_options_init(wp_options *opts);
 
 /* Creates a pool and registers its name.  The first worker state is created
@@ -121,8 +125,10 @@ WP_API void wp_options_init(wp_options *opts);
  * here (the pool is findable by name only once this has succeeded: init
  * cannot reach its own pool): on WP_EINIT the message and traceback are written
  * to errbuf (when errlen > 0), truncated to errlen - 1 bytes.  Other failures:
- * WP_EINVAL (bad options), WP_EEXISTS (name taken), WP_ENOMEM; errbuf then says
- * which option is wrong.  The caller owns one reference to *out. */
+ * WP_EINVAL (a field neither its default nor in its range, with the words
+ * workerpool.new uses: "max_workers must be a positive integer"),
+ * WP_EEXISTS (name taken), WP_ENOMEM; errbuf then says which option is
+ * wrong.  The caller owns one reference to *out. */
 WP_API int wp_pool_new(const wp_options *opts, wp_pool **out, char *errbuf,
                        size_t errlen);
 
@@ -274,16 +280,41 @@ typedef struct wp_worker_info {
 WP_API int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max,
                            size_t *queued, double *oldest_s);
 
-/* Counts a task the caller gave up on before it reached the pool: refused
- * by a policy (WP_DROP_POLICY), or still facing a full queue after waiting
- * on its own (WP_DROP_FULL, see wp_task_opts.nowait). */
+/* Why a task was dropped before it ran, generated from one list: name,
+ * reason (the `reason` of WP_EV_DROPPED, the label of the dropped metrics,
+ * the key of pool:stats().dropped).  Its error name is "E" #name (the
+ * NAME of a Lua refusal: "ERATE_LIMITED", ...).
+ *   FULL          the queue was full
+ *   POLICY        any policy refusal not classed below
+ *   RATE_LIMITED  a rate limit; these three count as WP_DROP_POLICY in
+ *   CONCURRENCY   a concurrency cap; wp_pool_stats.dropped_policy, and the
+ *   BREAKER_OPEN  an open circuit breaker; summaries name them apart
+ *   STOPPED       submitted to a stopped pool (counted by the pool)
+ *   DISCARDED     queued, then discarded by a stop (counted by the pool) */
+#define WP_DROP_MAP(XX)                                                        \
+  XX(FULL, "full")                                                             \
+  XX(POLICY, "policy")                                                         \
+  XX(RATE_LIMITED, "rate_limited")                                             \
+  XX(CONCURRENCY, "concurrency")                                               \
+  XX(BREAKER_OPEN, "breaker_open")                                             \
+  XX(STOPPED, "stopped")                                                       \
+  XX(DISCARDED, "discarded")
+
 typedef enum {
-  WP_DROP_FULL,
-  WP_DROP_POLICY,       /* any other policy refusal */
-  WP_DROP_RATE_LIMITED, /* the three below count as WP_DROP_POLICY in */
-  WP_DROP_CONCURRENCY,  /* wp_pool_stats.dropped_policy; the drop */
-  WP_DROP_BREAKER_OPEN  /* summaries name them apart */
+#define WP__DROP(name, str) WP_DROP_##name,
+  WP_DROP_MAP(WP__DROP)
+#undef WP__DROP
 } wp_drop_reason;
+
+/* The reason of a drop ("full", "rate_limited", ...); "unknown" for any
+ * other value.  Never fails. */
+WP_API const char *wp_drop_reason_name(int why);
+
+/* Counts a task the caller gave up on before it reached the pool: refused
+ * by a policy (WP_DROP_POLICY and the classes after it), or still facing a
+ * full queue after waiting on its own (WP_DROP_FULL, see
+ * wp_task_opts.nowait).  The pool counts WP_DROP_STOPPED and
+ * WP_DROP_DISCARDED itself; callers do not pass them. */
 WP_API void wp_pool_count_drop(wp_pool *p, wp_drop_reason why);
 
 /* Like wp_pool_count_drop, and the drop summary (WP_EV_DROPPED) reports
@@ -322,9 +353,7 @@ typedef struct wp_event {
   const char *pool;    /* borrowed for the call */
   const char *task;    /* task name, or NULL */
   const char *message; /* error text, or NULL */
-  const char *reason;  /* WP_EV_DROPPED: "full", "stopped", "discarded",
-                          "policy", "rate_limited", "concurrency",
-                          "breaker_open" */
+  const char *reason;  /* WP_EV_DROPPED: a reason of WP_DROP_MAP */
   int worker;          /* worker id, or 0 */
   int64_t n, n2;
   double seconds;
@@ -412,14 +441,30 @@ WP_API int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
 /* Futures                                                             */
 /* ------------------------------------------------------------------ */
 
+/* The statuses of a future, generated from one list: name, Lua name.
+ *   PENDING    queued or running (0)
+ *   OK         returned; results available
+ *   ERROR      raised; the error value is the only result
+ *   DISCARDED  dropped by stop() before it started
+ *   CANCELLED  cancelled: removed from the queue, or interrupted
+ *   TIMEOUT    interrupted, or abandoned as stuck, at its deadline */
+#define WP_STATUS_MAP(XX)                                                      \
+  XX(PENDING, "pending")                                                       \
+  XX(OK, "ok")                                                                 \
+  XX(ERROR, "error")                                                           \
+  XX(DISCARDED, "discarded")                                                   \
+  XX(CANCELLED, "cancelled")                                                   \
+  XX(TIMEOUT, "timeout")
+
 typedef enum {
-  WP_PENDING = 0, /* queued or running */
-  WP_OK,          /* returned; results available */
-  WP_ERROR,       /* raised; the error value is the only result */
-  WP_DISCARDED,   /* dropped by stop() before it started */
-  WP_CANCELLED,   /* cancelled: removed from the queue, or interrupted */
-  WP_TIMEOUT      /* interrupted, or abandoned as stuck, at its deadline */
+#define WP__STATUS(name, str) WP_##name,
+  WP_STATUS_MAP(WP__STATUS)
+#undef WP__STATUS
 } wp_status;
+
+/* The name of a status as Lua sees it (f:status(), a policy's done hook):
+ * "pending", "ok", ...; "unknown" for any other value.  Never fails. */
+WP_API const char *wp_status_name(int status);
 
 /* Name of the pool f was submitted to; valid while f is referenced. */
 WP_API const char *wp_future_pool_name(const wp_future *f);

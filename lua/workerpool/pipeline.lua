@@ -1152,11 +1152,13 @@ function M.run(config, opts)
       local tenant = type(item) == "table" and item[st.tenant] or nil
       tenant = tenant ~= nil and tostring(tenant) or nil
       local desc = { handler = "__wp_one", timeout = st.timeout, tenant = tenant }
-      f, e = st.pool:submit(desc, st.handler, item)
-      if not f and st.fbpool and (e == "open" or e == "half_open") then
-        f, e = st.fbpool:submit({ handler = "__wp_one", timeout = st.timeout }, st.fallback, item)
+      local ename
+      f, e, ename = st.pool:submit(desc, st.handler, item)
+      if not f and st.fbpool and ename == "EBREAKER_OPEN" then
+        f, e, ename = st.fbpool:submit({ handler = "__wp_one", timeout = st.timeout },
+                                       st.fallback, item)
       end
-      if not f and e ~= "stopped" then
+      if not f and ename ~= "ESTOPPED" then
         return nil, e -- refused: the caller retries later
       end
       if f then return { fut = f, idx = idx, n = n, one = true } end

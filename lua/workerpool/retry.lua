@@ -61,11 +61,11 @@ R.__index = R
 
 local function pack(...) return { n = select("#", ...), ... } end
 
--- Submits attempt number self.tries + 1; false and the reason when the
--- pool refused it.
+-- Submits attempt number self.tries + 1; false, the reason and its NAME
+-- when the pool refused it.
 function R:launch()
-  local f, err = self.pool:submit(self.task, table.unpack(self.args, 1, self.args.n))
-  if not f then return false, err end
+  local f, err, ename = self.pool:submit(self.task, table.unpack(self.args, 1, self.args.n))
+  if not f then return false, err, ename end
   self.tries = self.tries + 1
   self.f = f
   self.phase = "running"
@@ -99,9 +99,9 @@ end
 function R:relaunch()
   if self.cancelled then return self:finish("cancelled") end
   if self.pool:stopped() then return self:finish("stopped") end
-  local ok, err = self:launch()
+  local ok, err, ename = self:launch()
   if not ok then
-    self:finish(err == "stopped" and "stopped" or ("refused: " .. tostring(err)))
+    self:finish(ename == "ESTOPPED" and "stopped" or ("refused: " .. tostring(err)))
   end
 end
 
@@ -127,7 +127,7 @@ function R:step(deadline)
       local res
       if deadline then
         res = pack(self.f:wait(math.max(0, deadline - now())))
-        if res[1] == nil and res[2] == "timeout" and self.f:status() == "pending" then
+        if res[1] == nil and res[3] == "ETIMEDOUT" and self.f:status() == "pending" then
           return false
         end
       else
@@ -147,8 +147,9 @@ function R:step(deadline)
   return true
 end
 
--- r:wait([timeout]) -> true, results... | false, err; nil, "timeout" when
--- timeout seconds passed first (the retry goes on; wait again).
+-- r:wait([timeout]) -> true, results... | false, err; nil, "timeout",
+-- "ETIMEDOUT" when timeout seconds passed first (the retry goes on; wait
+-- again).
 function R:wait(timeout)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
     error("bad argument #1 to 'wait' (timeout must be a non-negative number)", 2)
@@ -163,13 +164,13 @@ function R:wait(timeout)
           self.co:join()
         else
           local left = deadline - workerpool.now()
-          if left <= 0 then return nil, "timeout" end
+          if left <= 0 then return nil, "timeout", "ETIMEDOUT" end
           workerpool.sleep(math.min(left, 0.005))
         end
       end
       if self.phase ~= "done" then error(select(2, self.co:join()), 2) end
     elseif not self:step(timeout and self.o.now() + timeout) then
-      return nil, "timeout"
+      return nil, "timeout", "ETIMEDOUT"
     end
   end
   return table.unpack(self.result, 1, self.result.n)

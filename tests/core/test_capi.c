@@ -1540,3 +1540,26 @@ Test(capi, strerror_and_err_name_for_every_code) {
     for (size_t j = i + 1; j < sizeof codes / sizeof *codes; j++)
       cr_assert_neq(codes[i], codes[j]);
 }
+
+/* Status names and drop reasons come from one list each (wpool.h). */
+Test(capi, status_and_drop_reason_names) {
+  static const char *const statuses[] = {"pending",   "ok",        "error",
+                                         "discarded", "cancelled", "timeout"};
+  static const char *const drops[] = {
+      "full",         "policy",  "rate_limited", "concurrency",
+      "breaker_open", "stopped", "discarded"};
+  int i;
+  cr_assert_eq(WP_PENDING, 0);
+  cr_assert_eq(WP_TIMEOUT, 5);
+  for (i = WP_PENDING; i <= WP_TIMEOUT; i++)
+    cr_assert_str_eq(wp_status_name(i), statuses[i]);
+  cr_assert_str_eq(wp_status_name(-1), "unknown");
+  cr_assert_str_eq(wp_status_name(WP_TIMEOUT + 1), "unknown");
+  /* The first five keep the values they had before the list. */
+  cr_assert_eq(WP_DROP_FULL, 0);
+  cr_assert_eq(WP_DROP_POLICY, 1);
+  cr_assert_eq(WP_DROP_BREAKER_OPEN, 4);
+  for (i = WP_DROP_FULL; i <= WP_DROP_DISCARDED; i++)
+    cr_assert_str_eq(wp_drop_reason_name(i), drops[i]);
+  cr_assert_str_eq(wp_drop_reason_name(WP_DROP_DISCARDED + 1), "unknown");
+}

@@ -339,4 +339,91 @@ T.test("a stopped pool refuses submissions without raising", function()
   T.eq(msg2, "stopped")
 end)
 
+-- The error convention (docs/architecture.md, "Errors"): every runtime
+-- failure is nil, message, NAME, and code compares the NAME.
+
+T.test("a policy refusal is nil, reason, NAME of its drop class", function()
+  local tenant = require "workerpool.tenant"
+  local breaker = require "workerpool.breaker"
+  local function refuse(why) return { admit = function() return nil, why end } end
+  local cases = {
+    { refuse("rate_limited"), "rate_limited", "ERATE_LIMITED" },
+    { refuse("rate_limited: not enough memory"), "rate_limited: not enough memory",
+      "ERATE_LIMITED" },
+    { refuse("concurrency_limited"), "concurrency_limited", "ECONCURRENCY" },
+    { refuse("open"), "open", "EBREAKER_OPEN" },
+    { refuse("half_open"), "half_open", "EBREAKER_OPEN" },
+    { refuse("closed for lunch"), "closed for lunch", "EPOLICY" },
+    { refuse(nil), "policy", "EPOLICY" },
+  }
+  for i, c in ipairs(cases) do
+    local pool <close> = new_pool { name = "errors-refusal-" .. i }
+    pool:use(c[1])
+    local r = T.pack(pool:submit(function() end))
+    T.eq(r.n, 3, "three values for " .. c[2])
+    T.eq(r[1], nil)
+    T.eq(r[2], c[2])
+    T.eq(r[3], c[3])
+    r = T.pack(pool:post(function() end))
+    T.eq(r.n, 3)
+    T.eq(r[3], c[3])
+    -- submit_wait raises the reason itself, as before
+    T.eq(select(2, pcall(pool.submit_wait, pool, function() end)), c[2])
+  end
+  -- The shipped policies, end to end.
+  local pool <close> = new_pool { name = "errors-refusal-shipped" }
+  pool:use(tenant.bucket { rate = 0.001, burst = 1, dict = "errors.refusal.bucket" })
+  T.eq(pool:submit(function() end):wait(), true)
+  T.eq(select(3, pool:submit(function() end)), "ERATE_LIMITED")
+  local p2 <close> = new_pool { name = "errors-refusal-breaker" }
+  local b = breaker.new { name = "errors.refusal", consecutive_failures = 1, open_timeout = 60 }
+  p2:use(b)
+  p2:submit(function() error("x") end):wait()
+  local f, why, name = b:submit(p2, function() end)
+  T.eq(f, nil)
+  T.eq(why, "open")
+  T.eq(name, "EBREAKER_OPEN")
+end)
+
+T.test("f:wait running out is nil, \"timeout\", \"ETIMEDOUT\"", function()
+  local pool <close> = new_pool()
+  local d = wp.shared("errors.wait.gate")
+  local f = pool:submit(T.gate, "errors.wait.gate", "go")
+  local r = T.pack(f:wait(0))
+  T.eq(r.n, 3)
+  T.eq(r[1], nil)
+  T.eq(r[2], "timeout")
+  T.eq(r[3], "ETIMEDOUT")
+  d:set("go", true)
+  T.eq(f:wait(), true)
+end)
+
+T.test("the outcome words are the status names, in every API", function()
+  local pool = new_pool()
+  pool:pause()
+  local f = pool:submit(function() end)
+  T.eq(f:cancel(), true)
+  local ok, why = f:wait()
+  T.eq(ok, false)
+  T.eq(why, "cancelled")
+  T.eq(f:status(), why)
+  local g = pool:submit(function() end)
+  T.eq(pool:stop(), 1)
+  ok, why = g:wait()
+  T.eq(ok, false)
+  T.eq(why, "discarded")
+  T.eq(g:status(), why)
+end)
+
+T.test("json and pack failures carry EINVAL", function()
+  local r = T.pack(wp.json.decode('{"a": 1,'))
+  T.eq(r.n, 3)
+  T.eq(r[1], nil)
+  T.eq(r[3], "EINVAL")
+  r = T.pack(wp.json.encode { f = print })
+  T.eq(r.n, 3)
+  T.eq(r[2], "$.f: cannot encode a function")
+  T.eq(r[3], "EINVAL")
+end)
+
 T.run()
