@@ -158,7 +158,10 @@ local function respond(conn, status, body, ctype, conn_header, head_only)
     "Content-Length: ", #body, "\r\n",
     conn_header and "Connection: " .. conn_header .. "\r\n" or "", "\r\n",
     head_only and "" or body }
-  return workerpool.await(conn.write, conn, msg) == nil
+  return workerpool.await(function(cb)
+    local req, err = conn:write(msg, cb)
+    if not req then cb(err) end -- refused at once: no callback will come
+  end) == nil
 end
 
 -- One connection's coroutine: requests in order, until either side closes.

@@ -169,6 +169,17 @@ T.test("keep-alive, pipelining, /metrics, then a SIGTERM drain", function()
     T.ok(rb.eof(), "closed after a bad request")
     b:close()
 
+    -- A client gone before its answer: the server closes its side too.
+    local gone = assert(connect(port))
+    T.eq(wp.await(gone.write, gone,
+      "GET /sleep?ms=50 HTTP/1.1\r\nHost: t\r\n\r\n"), nil)
+    gone:close()
+    T.eventually(function()
+      local _, _, m = get(a, ra, "/metrics")
+      return series(m, "http_connections_open") == 1
+        and series(m, 'workerpool_running_tasks{pool="http"}') == 0
+    end, 30, "the server closed the abandoned connection")
+
     -- A request in flight (a worker sleeps), seen running in /metrics.
     local slow, rslow = assert(connect(port))
     local ms = math.floor(1500 * T.time_scale)
