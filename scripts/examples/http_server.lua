@@ -221,6 +221,14 @@ local function serve(conn)
   conn:close()
 end
 
+-- `wpool run` leaves SIGPIPE at its default action (it ignores it only with
+-- --metrics-addr), so a write to a client that has gone would kill the
+-- process. A luv signal handle takes it instead and the write fails with
+-- EPIPE; unreferenced, it does not keep the loop alive.
+local sigpipe = uv.new_signal()
+sigpipe:start("sigpipe", function() end)
+sigpipe:unref()
+
 local server = uv.new_tcp()
 assert(server:bind("127.0.0.1", port))
 assert(server:listen(511, function(err)

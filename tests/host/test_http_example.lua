@@ -10,6 +10,11 @@ local T = require "harness"
 local wp = require "workerpool"
 local uv = require "luv"
 
+-- A write to a server that died must fail this test, not kill it.
+local sigpipe = uv.new_signal()
+sigpipe:start("sigpipe", function() end)
+sigpipe:unref()
+
 local src = assert(os.getenv("WPOOL_SOURCE_DIR"), "WPOOL_SOURCE_DIR unset")
 local example = src .. "/scripts/examples/http_server.lua"
 
@@ -176,11 +181,20 @@ T.test("keep-alive, pipelining, /metrics, then a SIGTERM drain", function()
     T.eq(wp.await(gone.write, gone,
       "GET /sleep?ms=200 HTTP/1.1\r\nHost: t\r\n\r\n"), nil)
     gone:close_reset()
+    -- A client that pipelines requests and leaves at once: the answers
+    -- after the first meet EPIPE, which must cost only that connection
+    -- (with SIGPIPE at its default action it killed the server).
+    local left = assert(connect(port))
+    T.eq(wp.await(left.write, left,
+      "GET /sleep?ms=100 HTTP/1.1\r\nHost: t\r\n\r\n"
+      .. string.rep("GET /work?n=1 HTTP/1.1\r\nHost: t\r\n\r\n", 3)), nil)
+    left:close()
     T.eventually(function()
-      local _, _, m = get(a, ra, "/metrics")
+      local st2, _, m = get(a, ra, "/metrics")
+      T.eq(st2, 200, "the server still answers")
       return series(m, "http_connections_open") == 1
         and series(m, 'workerpool_running_tasks{pool="http"}') == 0
-    end, 30, "the server closed the abandoned connection")
+    end, 30, "the server closed the abandoned connections")
 
     -- A request in flight (a worker sleeps), seen running in /metrics.
     local slow, rslow = assert(connect(port))
