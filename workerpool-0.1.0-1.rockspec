@@ -8,6 +8,7 @@ source = {
 }
 description = {
    summary = "Lua 5.4 tasks on a pool of worker threads, each with its own Lua state",
+   license = "MIT",
    detailed = [[
 A C engine that runs Lua 5.4 tasks on a pool of worker threads, each worker
 owning its own Lua state, with futures, policies and a libuv host runtime.
