@@ -151,6 +151,7 @@ static int decode_ex(const char *p, size_t len, int cache, char *err,
     return st;
   }
   n = lua_gettop(B) - top;
+  luaL_checkstack(B, 3, NULL); /* pcall made room for the results only */
   lua_createtable(B, n, 1);
   for (i = 1; i <= n; i++) {
     lua_pushvalue(B, top + i);
@@ -418,7 +419,8 @@ Test(codec, cfunction_names) {
       wp__cfunction_name(lua_tocfunction((lua_getglobal(A, "print"), A), -1)),
       "print");
   lua_settop(A, 0);
-  luaL_dostring(A, "return math.floor, string.format, table.concat");
+  cr_assert_eq(
+      luaL_dostring(A, "return math.floor, string.format, table.concat"), 0);
   cr_assert_str_eq(wp__cfunction_name(lua_tocfunction(A, 1)), "math.floor");
   cr_assert_str_eq(wp__cfunction_name(lua_tocfunction(A, 2)), "string.format");
   cr_assert_str_eq(wp__cfunction_name(lua_tocfunction(A, 3)), "table.concat");
@@ -433,7 +435,7 @@ Test(codec, cfunction_names) {
   lua_pushcfunction(A, enc_p);
   lua_setglobal(A, "ENC");
   /* B knows mylib.enc. */
-  luaL_dostring(B, "package.loaded.mylib = {}");
+  cr_assert_eq(luaL_dostring(B, "package.loaded.mylib = {}"), 0);
   lua_getglobal(B, "package");
   lua_getfield(B, -1, "loaded");
   lua_getfield(B, -1, "mylib");
