@@ -50,6 +50,16 @@ WP_HIDDEN int wp__spin(int (*ready)(void *), void *arg);
 /* CPUs this process may run on (uv_available_parallelism, cached). */
 WP_HIDDEN int wp__ncpus(void);
 
+/* FNV-1a, 64 bits, of n bytes at p: the id of a function's bytecode
+ * (codec.c) and the start of a shared-dictionary key's hash (shdict.c). */
+static inline uint64_t wp__fnv1a(const void *p, size_t n) {
+  const unsigned char *c = p;
+  uint64_t h = 14695981039346656037ull;
+  while (n--)
+    h = (h ^ *c++) * 1099511628211ull;
+  return h;
+}
+
 /* ---- value codec (codec.c) ------------------------------------------- */
 
 /* Tags of the wire format; see docs/values.md. */
@@ -69,6 +79,18 @@ enum {
   WP__T_ENV,   /* the receiving state's global table */
   WP__T_MODULE /* varint length, name in package.loaded */
 };
+
+/* A result message of one short string (a literal of less than 128
+ * bytes), as the encoder writes it: the count 1, WP__T_STR, the length
+ * (one varint byte), the bytes.  For results that must exist without
+ * allocating (future.c); test_codec checks it against the encoder.  Use
+ * (const char *)&name, sizeof name. */
+#define WP__STR_RESULT(name, text)                                             \
+  _Static_assert(sizeof(text) - 1 < 0x80, "one varint byte");                  \
+  static const struct {                                                        \
+    unsigned char count, tag, len;                                             \
+    char s[sizeof(text) - 1];                                                  \
+  } name = {1, WP__T_STR, sizeof(text) - 1, text}
 
 /* Task messages start with one of these kinds. */
 enum { WP__TASK_NAMED = 'N', WP__TASK_FUNC = 'F' };
