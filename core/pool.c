@@ -146,7 +146,9 @@ void wp__pool_mretain(wp_pool *p) {
 }
 
 void wp__pool_mrelease(wp_pool *p) {
-  if (atomic_fetch_sub(&p->mrefs, 1) == 1) pool_free(p);
+  int n = atomic_fetch_sub(&p->mrefs, 1);
+  assert(n > 0);
+  if (n == 1) pool_free(p);
 }
 
 void wp_pool_retain(wp_pool *p) {
@@ -648,6 +650,8 @@ static void free_fields(wp_pool *p) {
 }
 
 static void pool_free(wp_pool *p) {
+  /* Every worker joined or detached, every future released. */
+  assert(p->workers == NULL && p->qhead == NULL && p->stranded == NULL);
   uv_cond_destroy(&p->done_cv);
   uv_mutex_destroy(&p->done_mu);
   uv_cond_destroy(&p->dog_cv);

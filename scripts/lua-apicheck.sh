@@ -16,13 +16,13 @@ dir=$(cd "$dir" && pwd)
 if [ -f "$dir/done" ]; then echo "$dir"; exit 0; fi
 
 work="$dir/src"
-rm -rf "$work" && mkdir -p "$work/lists/partial"
+rm -rf "$work" && mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
 # A source list of our own: the system's deb lines, as deb-src too.
 sed 's/^Types: deb$/Types: deb deb-src/' /etc/apt/sources.list.d/debian.sources \
   >"$work/sources.sources"
 apt_opts=(-o "Dir::Etc::sourcelist=$work/sources.sources"
           -o "Dir::Etc::sourceparts=-" -o "Dir::State::Lists=$work/lists"
-          -o "APT::Get::List-Cleanup=0")
+          -o "Dir::Cache=$work/cache" -o "APT::Get::List-Cleanup=0")
 apt-get "${apt_opts[@]}" update -qq >&2
 (cd "$work" && apt-get "${apt_opts[@]}" source --download-only lua5.4 >&2)
 tarball=$(ls "$work"/lua5.4_*.orig.tar.gz | head -n 1)
