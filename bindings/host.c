@@ -335,8 +335,6 @@ static int tostring_pmain(lua_State *L) {
  * its top: the string itself, what its __tostring returns (called in L,
  * protected: co is dead), else "(error object is a T value)". */
 static const char *error_message(lua_State *L, lua_State *co) {
-  /* Nothing made room on co's stack since it died. */
-  if (!lua_checkstack(co, 2)) luaL_error(L, "not enough memory");
   if (lua_type(co, -1) == LUA_TSTRING || lua_type(co, -1) == LUA_TNUMBER) {
     lua_pushvalue(co, -1);
     return lua_tostring(co, -1);
@@ -363,6 +361,8 @@ static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   c->nres = nres;
   if (c == h->main) h->main = NULL;
   if (st != LUA_OK) {
+    /* co died: nothing made room on its stack for what follows. */
+    if (!lua_checkstack(co, LUA_MINSTACK)) luaL_error(L, "not enough memory");
     const char *msg = error_message(L, co);
     luaL_traceback(co, co, msg, 0); /* the outcome: the top value */
     c->nres = 1;
