@@ -369,6 +369,8 @@ static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   c->nres = nres;
   if (c == h->main) h->main = NULL;
   if (st != LUA_OK) {
+    /* co died: nothing made room on its stack for what follows. */
+    if (!lua_checkstack(co, LUA_MINSTACK)) luaL_error(L, "not enough memory");
     const char *msg = error_message(L, co);
     luaL_traceback(co, co, msg, 0); /* the outcome: the top value */
     c->nres = 1;

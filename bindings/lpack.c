@@ -31,6 +31,7 @@
  * makes no Lua value per line.  results lets a fused chain take the
  * results of a handler call without a vararg Lua function.
  */
+#include <assert.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -162,6 +163,7 @@ static int pack(lua_State *L) {
       lua_pushstring(L, wp_err_name(WP_EINVAL));
       return 3;
     }
+    assert(lua_gettop(L) == 3); /* the list, the buffer, the item */
     lua_pop(L, 1);
   }
   lua_pushlstring(L, b.p, b.n);

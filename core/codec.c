@@ -24,14 +24,22 @@
 
 /* ---- writing --------------------------------------------------------- */
 
-int wp__put_varint(wp__buf *b, uint64_t v) {
-  int r = wp__buf_reserve(b, 10);
-  if (r) return r;
+/* The one varint writer: v, 7 bits a byte, low first, at p (which has room
+ * for WP__VARINT_MAX bytes); returns the end. */
+#define WP__VARINT_MAX 10
+static inline char *varint_at(char *p, uint64_t v) {
   while (v >= 0x80) {
-    b->data[b->len++] = (char)(v | 0x80);
+    *p++ = (char)(v | 0x80);
     v >>= 7;
   }
-  b->data[b->len++] = (char)v;
+  *p++ = (char)v;
+  return p;
+}
+
+int wp__put_varint(wp__buf *b, uint64_t v) {
+  int r = wp__buf_reserve(b, WP__VARINT_MAX);
+  if (r) return r;
+  b->len = (size_t)(varint_at(b->data + b->len, v) - b->data);
   return 0;
 }
 
@@ -51,17 +59,13 @@ static int put_tag(wp__buf *b, int tag) {
 /* Strings and numbers reserve their room once: they are most of what a
  * message holds. */
 static int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
-  int r = len > WP_MAX_MSG ? WP_ETOOBIG : wp__buf_reserve(b, 1 + 10 + len);
-  uint64_t v = len;
+  int r = len > WP_MAX_MSG ? WP_ETOOBIG
+                           : wp__buf_reserve(b, 1 + WP__VARINT_MAX + len);
   char *p;
   if (r) return r;
   p = b->data + b->len;
   *p++ = (char)tag;
-  while (v >= 0x80) { /* as wp__put_varint */
-    *p++ = (char)(v | 0x80);
-    v >>= 7;
-  }
-  *p++ = (char)v;
+  p = varint_at(p, len);
   memcpy(p, s, len);
   b->len = (size_t)(p - b->data) + len;
   return 0;
@@ -82,6 +86,53 @@ static int put_int(wp__buf *b, int64_t i) {
 
 static int put_flt(wp__buf *b, double n) {
   return put_tagged8(b, WP__T_FLT, &n);
+}
+
+/* [-0, +0, -] Appends the scalar at idx, of type t (nil, boolean, number
+ * or string): the one writer of Lua scalars, for wp__encode and
+ * wp__encode_fast.  0, WP_ENOMEM or WP_ETOOBIG. */
+static inline int put_scalar(wp__buf *b, lua_State *L, int idx, int t) {
+  size_t len;
+  const char *s;
+  switch (t) {
+  case LUA_TNIL:
+    return put_tag(b, WP__T_NIL);
+  case LUA_TBOOLEAN:
+    return put_tag(b, lua_toboolean(L, idx) ? WP__T_TRUE : WP__T_FALSE);
+  case LUA_TNUMBER:
+    return lua_isinteger(L, idx) ? put_int(b, (int64_t)lua_tointeger(L, idx))
+                                 : put_flt(b, (double)lua_tonumber(L, idx));
+  default:
+    assert(t == LUA_TSTRING);
+    s = lua_tolstring(L, idx, &len);
+    return put_lstring(b, WP__T_STR, s, len);
+  }
+}
+
+#define IS_SCALAR(t)                                                           \
+  ((t) == LUA_TNIL || (t) == LUA_TBOOLEAN || (t) == LUA_TNUMBER ||             \
+   (t) == LUA_TSTRING)
+
+/* Appends a Lua function up to its upvalues: the tag, its record rec
+ * ("id .. bytecode", len bytes, from enc_bytecode), its number of
+ * upvalues and whether they are all _ENV.  The upvalues follow. */
+static int put_function(wp__buf *b, const char *rec, size_t len, int nups,
+                        int pure) {
+  uint32_t len32 = (uint32_t)(len - 8);
+  char *p;
+  int r = len > WP_MAX_MSG
+              ? WP_ETOOBIG
+              : wp__buf_reserve(b, 1 + 4 + len + WP__VARINT_MAX + 1);
+  if (r) return r;
+  p = b->data + b->len;
+  *p++ = (char)WP__T_FUNC;
+  memcpy(p, rec, 8); /* the id */
+  memcpy(p + 8, &len32, 4);
+  memcpy(p + 12, rec + 8, len - 8);
+  p = varint_at(p + 4 + len, (uint64_t)nups);
+  *p++ = (char)pure;
+  b->len = (size_t)(p - b->data);
+  return 0;
 }
 
 int wp__put_cvalue(wp__buf *b, const wp_value *v) {
@@ -134,6 +185,13 @@ static void enc_check(enc *e, int r) {
 }
 
 static void enc_value(enc *e, int idx, int depth);
+
+/* The most stack slots one table or function pushes while it is encoded,
+ * before the values inside it: enc_seen and enc_record (3), and
+ * enc_bytecode (the cache, two copies of the function, the dump buffer and
+ * its box, the id: 7).  Checked at each level, so nesting cannot outgrow
+ * the stack. */
+#define ENC_SLOTS 10
 
 /* [-0, +0, m] Index of idx among the values numbered so far, or -1. */
 static int enc_seen(enc *e, int idx) {
@@ -216,8 +274,8 @@ static void enc_table(enc *e, int idx, int depth) {
     return;
   }
   if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "tables nested too deeply");
+  luaL_checkstack(L, ENC_SLOTS, "tables nested too deeply");
   enc_record(e, idx);
-  luaL_checkstack(L, 4, "tables nested too deeply");
   enc_check(e, put_tag(e->b, WP__T_TABLE));
   /* Size hints, filled in once the pairs are counted. */
   enc_check(e, put_bytes(e->b, hints, sizeof hints));
@@ -257,14 +315,6 @@ static int dump_writer(lua_State *L, const void *p, size_t n, void *ud) {
   return 0;
 }
 
-/* FNV-1a, 64 bits: a function's id is the hash of its bytecode. */
-static uint64_t fnv1a(const char *p, size_t n) {
-  uint64_t h = 14695981039346656037ull;
-  while (n--)
-    h = (h ^ (unsigned char)*p++) * 1099511628211ull;
-  return h;
-}
-
 /* [-0, +1, m] Pushes "id .. bytecode" of the Lua function at idx, dumping
  * it (with debug information) only the first time this state sends it. */
 static const char *enc_bytecode(lua_State *L, int idx, size_t *len) {
@@ -296,7 +346,7 @@ static const char *enc_bytecode(lua_State *L, int idx, size_t *len) {
   luaL_pushresult(&ds.b);
   lua_remove(L, -2); /* the dumped copy */
   bc = lua_tolstring(L, -1, &n);
-  id = fnv1a(bc + 8, n - 8);
+  id = wp__fnv1a(bc + 8, n - 8); /* a function's id: its bytecode's hash */
   lua_pushlstring(L, (const char *)&id, 8);
   lua_pushlstring(L, bc + 8, n - 8);
   lua_concat(L, 2);
@@ -309,71 +359,8 @@ static const char *enc_bytecode(lua_State *L, int idx, size_t *len) {
   return lua_tolstring(L, -1, len);
 }
 
-static int enc_pure(lua_State *L, int idx);
-
-int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n) {
-  int i, t;
-  size_t len;
-  const char *s;
-  first = lua_absindex(L, first);
-  if (wp__put_varint(b, (uint64_t)n)) return 0;
-  for (i = 0; i < n; i++) {
-    int idx = first + i, r = 0;
-    switch ((t = lua_type(L, idx))) {
-    case LUA_TNIL:
-      r = put_tag(b, WP__T_NIL);
-      break;
-    case LUA_TBOOLEAN:
-      r = put_tag(b, lua_toboolean(L, idx) ? WP__T_TRUE : WP__T_FALSE);
-      break;
-    case LUA_TNUMBER:
-      r = lua_isinteger(L, idx) ? put_int(b, (int64_t)lua_tointeger(L, idx))
-                                : put_flt(b, (double)lua_tonumber(L, idx));
-      break;
-    case LUA_TSTRING:
-      s = lua_tolstring(L, idx, &len);
-      r = put_lstring(b, WP__T_STR, s, len);
-      break;
-    case LUA_TFUNCTION: { /* only a pure one this state already sent */
-      int nups = 0, j;
-      uint32_t len32;
-      if (lua_iscfunction(L, idx) || !lua_checkstack(L, 3)) return 0;
-      if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dump_key) != LUA_TTABLE) {
-        lua_pop(L, 1);
-        return 0;
-      }
-      lua_pushvalue(L, idx);
-      if (lua_rawget(L, -2) != LUA_TSTRING || !enc_pure(L, idx)) {
-        lua_pop(L, 2);
-        return 0;
-      }
-      s = lua_tolstring(L, -1, &len);
-      while (lua_getupvalue(L, idx, nups + 1) != NULL) {
-        lua_pop(L, 1);
-        nups++;
-      }
-      len32 = (uint32_t)(len - 8);
-      r = put_tag(b, WP__T_FUNC);
-      if (!r) r = put_bytes(b, s, 8);
-      if (!r) r = put_bytes(b, &len32, 4);
-      if (!r) r = put_bytes(b, s + 8, len - 8);
-      lua_pop(L, 2);
-      if (!r) r = wp__put_varint(b, (uint64_t)nups);
-      if (!r) r = put_tag(b, 1); /* pure */
-      for (j = 0; !r && j < nups; j++)
-        r = put_tag(b, WP__T_ENV);
-      break;
-    }
-    default:
-      return 0; /* tables and the rest: the full encoder */
-    }
-    if (r) return 0;
-  }
-  return 1;
-}
-
-/* [-0, +0, m] 1 when every upvalue of the function at idx is the global
- * table, so one compiled copy can serve every call. */
+/* [-0, +0, -] 1 when every upvalue of the function at idx is the global
+ * table, so one compiled copy can serve every call.  Needs 2 free slots. */
 static int enc_pure(lua_State *L, int idx) {
   int i, pure = 1;
   lua_pushglobaltable(L);
@@ -385,13 +372,67 @@ static int enc_pure(lua_State *L, int idx) {
   return pure;
 }
 
+/* [-0, +0, -] The number of upvalues of the function at idx.  Needs 1
+ * free slot. */
+static int count_upvalues(lua_State *L, int idx) {
+  int n = 0;
+  while (lua_getupvalue(L, idx, n + 1) != NULL) {
+    lua_pop(L, 1);
+    n++;
+  }
+  return n;
+}
+
+/* [-0, +0, -] The fast path's function: a Lua function whose upvalues are
+ * all _ENV, which this state has sent before (its record is cached).  1
+ * when written, 0 when it needs the full encoder, or an error. */
+static int fast_function(lua_State *L, wp__buf *b, int idx) {
+  const char *rec;
+  size_t len;
+  int nups, j, r;
+  if (lua_iscfunction(L, idx) || !lua_checkstack(L, 4)) return 0;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dump_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TSTRING || !enc_pure(L, idx)) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  rec = lua_tolstring(L, -1, &len); /* anchored in the cache */
+  nups = count_upvalues(L, idx);
+  r = put_function(b, rec, len, nups, 1);
+  lua_pop(L, 2);
+  for (j = 0; !r && j < nups; j++)
+    r = put_tag(b, WP__T_ENV);
+  return r ? r : 1;
+}
+
+int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n) {
+  int i, t, r;
+  first = lua_absindex(L, first);
+  if (wp__put_varint(b, (uint64_t)n)) return 0;
+  for (i = 0; i < n; i++) {
+    int idx = first + i;
+    t = lua_type(L, idx);
+    if (IS_SCALAR(t))
+      r = put_scalar(b, L, idx, t);
+    else if (t == LUA_TFUNCTION)
+      r = fast_function(L, b, idx) == 1 ? 0 : -1;
+    else
+      return 0; /* tables and the rest: the full encoder */
+    if (r) return 0;
+  }
+  return 1;
+}
+
 static void enc_function(enc *e, int idx, int depth) {
   lua_State *L = e->L;
   wp__buf *b = e->b;
   const char *bc;
   size_t len;
-  uint32_t len32;
-  int id, i, nups = 0;
+  int id, i, nups;
   if (lua_iscfunction(L, idx)) {
     const char *name = wp__cfunction_name(lua_tocfunction(L, idx));
     if (name == NULL)
@@ -407,21 +448,12 @@ static void enc_function(enc *e, int idx, int depth) {
     return;
   }
   if (depth >= WP_MAX_DEPTH) enc_error(e, depth, "functions nested too deeply");
+  luaL_checkstack(L, ENC_SLOTS, "functions nested too deeply");
   enc_record(e, idx);
-  enc_check(e, put_tag(b, WP__T_FUNC));
   bc = enc_bytecode(L, idx, &len);
-  enc_check(e, put_bytes(b, bc, 8)); /* the id */
-  len32 = (uint32_t)(len - 8);
-  enc_check(e, put_bytes(b, &len32, 4));
-  enc_check(e, put_bytes(b, bc + 8, len - 8));
+  nups = count_upvalues(L, idx);
+  enc_check(e, put_function(b, bc, len, nups, enc_pure(L, idx)));
   lua_pop(L, 1);
-  while (lua_getupvalue(L, idx, nups + 1) != NULL) {
-    lua_pop(L, 1);
-    nups++;
-  }
-  enc_check(e, wp__put_varint(b, (uint64_t)nups));
-  enc_check(e, put_tag(b, enc_pure(L, idx)));
-  luaL_checkstack(L, 2, "upvalues nested too deeply");
   for (i = 1; i <= nups; i++) {
     lua_getupvalue(L, idx, i);
     enc_value(e, lua_gettop(L), depth + 1);
@@ -434,24 +466,11 @@ static void enc_value(enc *e, int idx, int depth) {
   int t = lua_type(L, idx);
   switch (t) {
   case LUA_TNIL:
-    enc_check(e, put_tag(e->b, WP__T_NIL));
-    break;
   case LUA_TBOOLEAN:
-    enc_check(e,
-              put_tag(e->b, lua_toboolean(L, idx) ? WP__T_TRUE : WP__T_FALSE));
-    break;
   case LUA_TNUMBER:
-    if (lua_isinteger(L, idx))
-      enc_check(e, put_int(e->b, (int64_t)lua_tointeger(L, idx)));
-    else
-      enc_check(e, put_flt(e->b, (double)lua_tonumber(L, idx)));
+  case LUA_TSTRING:
+    enc_check(e, put_scalar(e->b, L, idx, t));
     break;
-  case LUA_TSTRING: {
-    size_t len;
-    const char *s = lua_tolstring(L, idx, &len);
-    enc_check(e, put_lstring(e->b, WP__T_STR, s, len));
-    break;
-  }
   case LUA_TTABLE:
     enc_table(e, idx, depth);
     break;

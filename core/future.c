@@ -56,9 +56,13 @@ void wp_future_retain(wp_future *f) {
 
 void wp_future_release(wp_future *f) {
   wp__done *d;
-  if (f == NULL ||
-      atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
-    return;
+  int refs;
+  if (f == NULL) return;
+  refs = atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel);
+  assert(refs > 0);
+  if (refs != 1) return;
+  /* The queue and a running worker each hold a reference. */
+  assert(!f->queued && f->worker == NULL);
   if (f->msg_owned) free(f->msg);
   if (f->result != f->result_buf) free(f->result);
   free(f->name);
@@ -103,11 +107,8 @@ static void run_callbacks(wp_future *f, wp__done *list) {
  * waits for costs no lock at all. */
 int wp__future_complete(wp_future *f, wp_status status, const char *result,
                         size_t len) {
-  static const char oom[] = {1,   WP__T_STR, 17,  'n', 'o', 't', ' ',
-                             'e', 'n',       'o', 'u', 'g', 'h', ' ',
-                             'm', 'e',       'm', 'o', 'r', 'y'};
-  static const char cancelled[] = {1,   WP__T_STR, 9,   'c', 'a', 'n',
-                                   'c', 'e',       'l', 'l', 'e', 'd'};
+  WP__STR_RESULT(oom, "not enough memory");
+  WP__STR_RESULT(cancelled, "cancelled");
   wp_pool *p = f->pool;
   int expected = WP_PENDING;
   if (!atomic_compare_exchange_strong_explicit(
@@ -120,7 +121,7 @@ int wp__future_complete(wp_future *f, wp_status status, const char *result,
       return 0; /* ended already (stuck, then returned) */
     /* An accepted cancel decides the outcome, however the task ended. */
     status = WP_CANCELLED;
-    result = cancelled;
+    result = (const char *)&cancelled;
     len = sizeof cancelled;
   }
   /* f->msg stays: a worker declared stuck may still be reading it. */
@@ -128,7 +129,7 @@ int wp__future_complete(wp_future *f, wp_status status, const char *result,
     f->result = len ? f->result_buf : NULL;
   } else if ((f->result = malloc(len)) == NULL) {
     status = WP_ERROR;
-    result = oom;
+    result = (const char *)&oom;
     len = sizeof oom;
     f->result = f->result_buf;
   }

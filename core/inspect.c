@@ -24,7 +24,7 @@ int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max, size_t *queued,
                   : 0;
   for (w = p->workers; w; w = w->next) {
     wp_worker_info *i;
-    if (w->closed || (w->exiting && !w->stuck)) continue;
+    if (w->closed || (!w->counted && !w->stuck)) continue;
     if (n++ >= max) continue;
     i = &out[n - 1];
     memset(i, 0, sizeof *i);

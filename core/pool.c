@@ -147,7 +147,9 @@ void wp__pool_mretain(wp_pool *p) {
 }
 
 void wp__pool_mrelease(wp_pool *p) {
-  if (atomic_fetch_sub(&p->mrefs, 1) == 1) pool_free(p);
+  int n = atomic_fetch_sub(&p->mrefs, 1);
+  assert(n > 0);
+  if (n == 1) pool_free(p);
 }
 
 void wp_pool_retain(wp_pool *p) {
@@ -173,6 +175,107 @@ const char *wp_pool_name(const wp_pool *p) {
   return p->name;
 }
 
+/* ---- the queue ------------------------------------------------------- */
+
+/* The FIFO of queued futures (qhead, qtail, linked by prev/next) and the
+ * four things that follow its links: nqueued, its copy nqueued_hint for
+ * spinning workers, queued_bytes, and each future's queued flag.  Only
+ * these helpers link or unlink a future, so the counters move with the
+ * links.  All need mu. */
+
+static inline void q_publish(wp_pool *p) {
+  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
+}
+
+/* Appends f at the tail. */
+static inline void q_push_locked(wp_pool *p, wp_future *f) {
+  assert(!f->queued && f->next == NULL && f->prev == NULL);
+  f->prev = p->qtail;
+  if (p->qtail)
+    p->qtail->next = f;
+  else
+    p->qhead = f;
+  p->qtail = f;
+  f->queued = 1;
+  p->nqueued++;
+  if (p->nqueued > p->nqueued_peak) p->nqueued_peak = p->nqueued;
+  p->queued_bytes += f->msg_len;
+  q_publish(p);
+}
+
+/* Unlinks the queued future f, wherever it is. */
+static inline void q_remove_locked(wp_pool *p, wp_future *f) {
+  assert(f->queued && p->nqueued > 0 && p->queued_bytes >= f->msg_len);
+  if (f->prev)
+    f->prev->next = f->next;
+  else
+    p->qhead = f->next;
+  if (f->next)
+    f->next->prev = f->prev;
+  else
+    p->qtail = f->prev;
+  f->next = f->prev = NULL;
+  f->queued = 0;
+  p->nqueued--;
+  p->queued_bytes -= f->msg_len;
+  q_publish(p);
+}
+
+/* Empties the queue; returns its futures in order, still linked by next
+ * (no longer marked queued). */
+static inline wp_future *q_take_all_locked(wp_pool *p) {
+  wp_future *head = p->qhead, *f;
+  for (f = head; f; f = f->next)
+    f->queued = 0;
+  p->qhead = p->qtail = NULL;
+  p->nqueued = 0;
+  p->queued_bytes = 0;
+  q_publish(p);
+  return head;
+}
+
+#ifndef NDEBUG
+/* The queue is walked in full only while short: checking at every
+ * mutation must not make a long queue quadratic. */
+#define CHECK_WALK_MAX 64
+
+void wp__pool_check_locked(const wp_pool *p) {
+  const wp_future *f;
+  const wp__worker *w;
+  size_t n = 0, bytes = 0;
+  int counted = 0, nw = 0;
+  assert((p->qhead == NULL) == (p->qtail == NULL));
+  assert((p->qhead == NULL) == (p->nqueued == 0));
+  assert(p->nqueued > 0 || p->queued_bytes == 0);
+  assert(atomic_load_explicit(&p->nqueued_hint, memory_order_relaxed) ==
+         p->nqueued);
+  assert(p->nqueued <= p->nqueued_peak);
+  assert(p->queue_cap == 0 || p->nqueued <= p->queue_cap);
+  assert(p->state < WP__STOPPING || p->nqueued == 0);
+  assert(p->qhead == NULL || (p->qhead->prev == NULL && p->qhead->queued));
+  assert(p->qtail == NULL || (p->qtail->next == NULL && p->qtail->queued));
+  if (p->nqueued <= CHECK_WALK_MAX) {
+    for (f = p->qhead; f; f = f->next) {
+      assert(f->queued && f->pool == p);
+      assert(f->next == NULL || (f->next->prev == f && f->next->seq > f->seq));
+      n++;
+      bytes += f->msg_len;
+    }
+    assert(n == p->nqueued && bytes == p->queued_bytes);
+  }
+  for (w = p->workers; w && nw <= 4 * CHECK_WALK_MAX; w = w->next, nw++)
+    counted += w->counted;
+  assert(w != NULL || counted == p->nworkers);
+  assert(p->nworkers >= 0 && p->nrunning >= 0 && p->nstuck >= 0);
+  assert(p->nidle >= 0 && p->nwaking >= 0 && p->nwaking <= p->nidle);
+  assert(p->nspinning == 0 || p->nspinning == 1);
+  assert(p->nclosed >= 0 && p->nwaiters >= 0 && p->nspace_waiters >= 0);
+  assert(p->nidle + p->nspinning + p->nrunning <= p->nworkers + p->nstuck);
+  assert(p->state >= WP__RUNNING && p->state <= WP__STOPPED);
+  assert(p->min_workers <= p->max_workers);
+}
+#endif
+
 /* ---- workers --------------------------------------------------------- */
 
 /* Takes the next runnable task for w and marks it running.  Needs mu. */
@@ -180,16 +283,8 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
   wp_future *f = p->qhead;
   uint64_t now;
   if (f == NULL || (p->paused && f->seq > p->pause_seq)) return NULL;
-  p->qhead = f->next;
-  if (p->qhead)
-    p->qhead->prev = NULL;
-  else
-    p->qtail = NULL;
-  f->next = f->prev = NULL;
-  f->queued = 0;
-  p->nqueued--;
-  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-  p->queued_bytes -= f->msg_len;
+  assert(w->cur == NULL && f->worker == NULL);
+  q_remove_locked(p, f);
   if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
   now = uv_hrtime();
   f->t_start = now; /* run_locked records the dwell, outside the lock */
@@ -205,6 +300,7 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w) {
     w->deadline = 0;
   atomic_store_explicit(&w->run_seq, ++p->task_counter, memory_order_release);
   if (w->deadline || p->slow_ns) wp__watchdog_poke(p);
+  wp__pool_check_locked(p);
   return f;
 }
 
@@ -284,6 +380,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
   }
   p->last_active = end;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+  wp__pool_check_locked(p);
   return stuck || p->nworkers > p->max_workers;
 }
 
@@ -333,8 +430,7 @@ static void worker_main(void *arg) {
     spun = 0;
     leave = run_locked(p, w, f, err, sizeof err);
   }
-  if (!w->stuck) p->nworkers--; /* a stuck one was discounted already */
-  w->exiting = 1;
+  wp__worker_uncount_locked(p, w);
   was_stuck = w->stuck;
   /* A worker that left (stuck, or after a shrink) leaves the queue to
    * others. */
@@ -343,6 +439,7 @@ static void worker_main(void *arg) {
     atomic_store(&w->closing, uv_hrtime());
     wp__watchdog_poke(p);
   }
+  wp__pool_check_locked(p);
   uv_mutex_unlock(&p->mu);
   wp__worker_close(w);
   wp__buf_free(&w->out);
@@ -352,6 +449,7 @@ static void worker_main(void *arg) {
   detached = w->detached;
   if (!detached) p->nclosed++;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+  wp__pool_check_locked(p);
   uv_mutex_unlock(&p->mu);
   if (detached) { /* nobody joins a stuck worker left behind by stop */
     free(w);
@@ -380,8 +478,16 @@ static int spawn_locked(wp_pool *p) {
   w->started_thread = 1;
   w->next = p->workers;
   p->workers = w;
+  w->counted = 1;
   p->nworkers++;
   return 0;
+}
+
+void wp__worker_uncount_locked(wp_pool *p, wp__worker *w) {
+  if (!w->counted) return;
+  w->counted = 0;
+  assert(p->nworkers > 0);
+  p->nworkers--;
 }
 
 /* Takes the queued tasks that could run now out of the queue, for the
@@ -392,23 +498,15 @@ static void strand_locked(wp_pool *p, int err) {
   while (*tail)
     tail = &(*tail)->next;
   while ((f = p->qhead) != NULL && (!p->paused || f->seq <= p->pause_seq)) {
-    p->qhead = f->next;
-    if (p->qhead)
-      p->qhead->prev = NULL;
-    else
-      p->qtail = NULL;
-    f->next = f->prev = NULL;
-    f->queued = 0; /* cancel now says 0: the watchdog ends it */
-    p->nqueued--;
-    p->queued_bytes -= f->msg_len;
+    q_remove_locked(p, f); /* cancel now says 0: the watchdog ends it */
     *tail = f;
     tail = &f->next;
   }
-  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->strand_err = err;
   wp__watchdog_poke(p);
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   if (p->nspace_waiters) uv_cond_broadcast(&p->space_cv);
+  wp__pool_check_locked(p);
 }
 
 void wp__grow_locked(wp_pool *p) {
@@ -517,6 +615,8 @@ static void free_fields(wp_pool *p) {
 }
 
 static void pool_free(wp_pool *p) {
+  /* Every worker joined or detached, every future released. */
+  assert(p->workers == NULL && p->qhead == NULL && p->stranded == NULL);
   uv_cond_destroy(&p->done_cv);
   uv_mutex_destroy(&p->done_mu);
   uv_cond_destroy(&p->dog_cv);
@@ -535,6 +635,7 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   *out = NULL;
   if (errlen) errbuf[0] = '\0';
   if ((r = wp__options_check(o, errbuf, errlen)) != 0) return r;
+  wp__interrupt_signal_fix();
   /* Aligned for its cache-line groups (see wp_internal.h). */
   if (posix_memalign((void **)&p, WP__CACHE_LINE, sizeof *p)) return WP_ENOMEM;
   memset(p, 0, sizeof *p);
@@ -645,18 +746,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
     return r;
   }
   f->seq = ++p->next_seq;
-  f->prev = p->qtail;
-  f->next = NULL;
-  if (p->qtail)
-    p->qtail->next = f;
-  else
-    p->qhead = f;
-  p->qtail = f;
-  f->queued = 1;
-  p->nqueued++;
-  if (p->nqueued > p->nqueued_peak) p->nqueued_peak = p->nqueued;
-  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-  p->queued_bytes += f->msg_len;
+  q_push_locked(p, f);
   p->last_active = f->t_submit;
   if (!p->paused) {
     if (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
@@ -666,19 +756,10 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
              p->nqueued > (size_t)(p->nspinning + p->nwaking))
       wake = ++p->nwaking; /* one wake-up per task no one is coming for */
     if (r && p->nworkers > 0) r = 0; /* a running worker will take it */
-    if (r) {                         /* nobody could ever run it */
-      p->qtail = f->prev;
-      if (p->qtail)
-        p->qtail->next = NULL;
-      else
-        p->qhead = NULL;
-      f->queued = 0;
-      p->nqueued--;
-      atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-      p->queued_bytes -= f->msg_len;
-    }
+    if (r) q_remove_locked(p, f);    /* nobody could ever run it */
   }
   if (p->nclosed) closed = take_closed_locked(p);
+  wp__pool_check_locked(p);
   uv_mutex_unlock(&p->mu);
   if (wake) uv_cond_signal(&p->work_cv); /* it will not wait for our lock */
   join_all(closed);
@@ -690,19 +771,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
   int r = 0;
   uv_mutex_lock(&p->mu);
   if (f->queued) {
-    if (f->prev)
-      f->prev->next = f->next;
-    else
-      p->qhead = f->next;
-    if (f->next)
-      f->next->prev = f->prev;
-    else
-      p->qtail = f->prev;
-    f->next = f->prev = NULL;
-    f->queued = 0;
-    p->nqueued--;
-    atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-    p->queued_bytes -= f->msg_len;
+    q_remove_locked(p, f);
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
     if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
     r = 1;
@@ -718,6 +787,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
       r = 2;
     }
   }
+  wp__pool_check_locked(p);
   uv_mutex_unlock(&p->mu);
   return r;
 }
@@ -774,6 +844,7 @@ int wp_pool_resize(wp_pool *p, int n) {
   p->max_workers = n;
   if (!p->paused) wp__grow_locked(p);
   uv_cond_broadcast(&p->work_cv); /* idle extras notice and leave */
+  wp__pool_check_locked(p);
   uv_mutex_unlock(&p->mu);
   memset(&ev, 0, sizeof ev);
   ev.type = WP_EV_POOL_RESIZED;
@@ -805,19 +876,14 @@ static int begin_stop(wp_pool *p, int drain) {
   }
   p->paused = 0;
   if (p->state == WP__STOPPING && p->qhead) {
-    discard = p->qhead;
-    for (f = discard; f; f = f->next)
-      f->queued = 0;
     ndiscarded = (int)p->nqueued;
-    p->qhead = p->qtail = NULL;
-    p->nqueued = 0;
-    atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-    p->queued_bytes = 0;
+    discard = q_take_all_locked(p);
   }
   if (p->state == WP__DRAINING) wp__grow_locked(p);
   uv_cond_broadcast(&p->work_cv);
   uv_cond_broadcast(&p->space_cv);
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
+  wp__pool_check_locked(p);
   uv_mutex_unlock(&p->mu);
 
   if (unregister) reg_remove(p);

@@ -32,7 +32,7 @@
  * Lock order: the registry lock and a dictionary's lock are never held
  * together, and no two dictionary locks are ever held together.
  */
-#include "wpool.h"
+#include "wp_internal.h"
 
 #include <limits.h>
 #include <stdlib.h>
@@ -92,11 +92,7 @@ static void shd_registry_init(void) {
 /* FNV-1a folded through a 64-bit finaliser so that the low bits, which pick
  * the bucket, depend on every byte. */
 static uint64_t shd_hash(const char *k, size_t klen) {
-  uint64_t h = 14695981039346656037u;
-  for (size_t i = 0; i < klen; i++) {
-    h ^= (unsigned char)k[i];
-    h *= 1099511628211u;
-  }
+  uint64_t h = wp__fnv1a(k, klen);
   h ^= h >> 33;
   h *= 0xff51afd7ed558ccdu;
   h ^= h >> 33;
@@ -159,6 +155,8 @@ static int shd_expired(const shd_entry *e, uint64_t now) {
 /* Unlinks and frees the entry *pp. */
 static void shd_remove(wp_shdict *d, shd_entry **pp) {
   shd_entry *e = *pp;
+  assert(d->count > 0 && d->used >= shd_entry_cost(e));
+  assert(e->expire == 0 || d->nexpiring > 0);
   *pp = e->next;
   d->count--;
   if (e->expire != 0) d->nexpiring--;
@@ -266,6 +264,7 @@ static int shd_put(wp_shdict *d, shd_entry **pp, const char *k, size_t klen,
   }
   d->count++;
   d->used += need;
+  assert(d->used <= d->capacity);
   if (expire != 0) d->nexpiring++;
   if (d->count > d->nbuckets) shd_grow(d);
   return 0;

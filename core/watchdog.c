@@ -72,7 +72,7 @@ static void abandon_closing_locked(wp_pool *p, wp__worker *w, wp_event *ev,
     w->stuck = 1;
     p->nstuck++;
     atomic_fetch_add(&p->c.stuck_total, 1);
-    if (!w->exiting) p->nworkers--;
+    wp__worker_uncount_locked(p, w);
     if (w->cur) p->nrunning--;
     if (!p->paused && p->state < WP__STOPPING) wp__grow_locked(p);
   }
@@ -160,7 +160,7 @@ static uint64_t look_locked(wp_pool *p, pass *ps, uint64_t now) {
           (ev = new_event(ps, p, WP_EV_WORKER_STUCK, w)) != NULL) {
         ev->seconds = (double)(now - deadline) / 1e9;
         w->stuck = 1;
-        p->nworkers--;
+        wp__worker_uncount_locked(p, w);
         p->nrunning--;
         p->nstuck++;
         atomic_fetch_add(&p->c.stuck_total, 1);
@@ -218,6 +218,7 @@ static void dog_main(void *arg) {
     ps.n = ps.nstuck = 0;
     now = uv_hrtime();
     next = look_locked(p, &ps, now);
+    wp__pool_check_locked(p);
     stranded = p->stranded;
     p->stranded = NULL;
     err = p->strand_err;

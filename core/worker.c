@@ -6,8 +6,9 @@
  * them), opens the standard libraries, inherits package.path/cpath, runs
  * the pool's open hook and then its init script.  Every entry into Lua goes
  * through lua_pcall of a C function (the pmain pattern of lua.c), so nothing
- * a task does can unwind past the worker loop; the stack is checked to be
- * empty after every task.
+ * a task does can unwind past the worker loop; after every task the stack
+ * is reset, and checked to hold only what the pcall left (assert: the
+ * assertion build of docs/testing.md).
  *
  * Interrupting a running task (deadline, cancel): the watchdog cannot touch
  * another thread's state, so it sends the worker thread a signal, and the
@@ -15,7 +16,10 @@
  * the one Lua call meant for signal handlers (lua.c does the same on
  * Ctrl-C).  Tasks that are never interrupted pay for no hook.  The hook
  * runs at every instruction and raises "timeout" or "cancelled" until the
- * task has unwound, so pcall cannot swallow it.
+ * task has unwound, so pcall cannot swallow it.  The signal is
+ * SIGRTMIN+5 unless the embedder chose another, or none
+ * (wp_set_interrupt_signal): with none, every task runs with a count hook
+ * that looks for an interrupt every POLL_COUNT instructions instead.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -32,10 +36,53 @@
 static const char worker_key = 'w'; /* light userdata: the wp__worker */
 static const char cache_key = 'c';  /* table: bytecode -> function */
 
-/* The signal that asks a worker thread to interrupt its task. */
-#define WP_INTERRUPT_SIGNAL (SIGRTMIN + 5)
+/* The signal that asks a worker thread to interrupt its task: until the
+ * first pool fixes it (wp__interrupt_signal_fix), what
+ * wp_set_interrupt_signal chose, or -1 for the default SIGRTMIN+5 (not a
+ * constant); from then on the signal, or 0 for the polling hook.  Read
+ * without the lock once fixed: it never changes again, and worker
+ * threads start after the pool that fixed it. */
+static struct {
+  pthread_mutex_t mu;
+  int sig;
+  int fixed;
+} isig = {PTHREAD_MUTEX_INITIALIZER, -1, 0};
+
+/* With no signal, how often (in instructions) a task looks for an
+ * interrupt. */
+#define POLL_COUNT 1000
 
 static _Thread_local wp__worker *current;
+
+int wp_set_interrupt_signal(int sig) {
+  int r = 0;
+  if (sig < 0 || sig > SIGRTMAX || sig == SIGKILL || sig == SIGSTOP)
+    return WP_EINVAL;
+  pthread_mutex_lock(&isig.mu);
+  if (isig.fixed)
+    r = isig.sig == sig ? 0 : WP_EEXISTS;
+  else
+    isig.sig = sig;
+  pthread_mutex_unlock(&isig.mu);
+  return r;
+}
+
+int wp_interrupt_signal(void) {
+  int sig;
+  pthread_mutex_lock(&isig.mu);
+  sig = isig.sig < 0 ? SIGRTMIN + 5 : isig.sig;
+  pthread_mutex_unlock(&isig.mu);
+  return sig;
+}
+
+void wp__interrupt_signal_fix(void) {
+  pthread_mutex_lock(&isig.mu);
+  if (!isig.fixed) { /* written once: workers read it without the lock */
+    if (isig.sig < 0) isig.sig = SIGRTMIN + 5;
+    isig.fixed = 1;
+  }
+  pthread_mutex_unlock(&isig.mu);
+}
 
 wp__worker *wp__current_worker(void) {
   return current;
@@ -53,6 +100,17 @@ int wp_interrupted(void) {
   return seq != 0 && atomic_load(&w->kill_seq) == seq;
 }
 
+static void poll_hook(lua_State *L, lua_Debug *ar);
+
+/* The hook a task runs with while not interrupted: none, or with no
+ * signal, the polling one. */
+static void set_quiet_hook(lua_State *L) {
+  if (isig.sig == 0 && current && current->in_task)
+    lua_sethook(L, poll_hook, LUA_MASKCOUNT, POLL_COUNT);
+  else
+    lua_sethook(L, NULL, 0, 0);
+}
+
 /* Count hook, at every instruction: raises until the interrupted task has
  * unwound, so the first instruction after a pcall that caught the error
  * raises again, one level further out. */
@@ -64,7 +122,12 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
                atomic_load(&current->kill_reason) == WP_TIMEOUT ? "timeout"
                                                                 : "cancelled");
   }
-  lua_sethook(L, NULL, 0, 0); /* left from an earlier task */
+  set_quiet_hook(L); /* left from an earlier task */
+}
+
+/* With no interrupt signal: every POLL_COUNT instructions of a task. */
+static void poll_hook(lua_State *L, lua_Debug *ar) {
+  if (current && current->in_task && wp_interrupted()) interrupt_hook(L, ar);
 }
 
 static void on_interrupt_signal(int sig) {
@@ -81,16 +144,18 @@ static void install_handler(void) {
   sa.sa_handler = on_interrupt_signal;
   sa.sa_flags = SA_RESTART;
   sigemptyset(&sa.sa_mask);
-  sigaction(WP_INTERRUPT_SIGNAL, &sa, NULL);
+  sigaction(isig.sig, &sa, NULL);
 }
 
 void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason) {
   static uv_once_t once = UV_ONCE_INIT;
-  uv_once(&once, install_handler);
+  assert(isig.fixed && seq != 0);
   if (atomic_load(&w->kill_seq) != seq) w->kill_at = uv_hrtime();
   atomic_store(&w->kill_reason, reason);
   atomic_store(&w->kill_seq, seq);
-  pthread_kill(w->tid, WP_INTERRUPT_SIGNAL);
+  if (isig.sig == 0) return; /* the polling hook will see it */
+  uv_once(&once, install_handler);
+  pthread_kill(w->tid, isig.sig);
 }
 
 static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
@@ -174,6 +239,7 @@ int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
     lua_close(L);
     return st == LUA_ERRMEM ? WP_ENOMEM : WP_EINIT;
   }
+  assert(lua_gettop(L) == 0);
   w->L = L;
   w->tasks_run = 0;
   return 0;
@@ -296,16 +362,22 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
   run.w = w;
   run.f = f;
   run.status = WP_ERROR;
+  assert(L != NULL && lua_gettop(L) == 0 && w->cur == f && current == w);
   w->limit_hit = 0;
   w->in_task = 1;
   /* An interrupt sent since the take (while init ran, say) found in_task
    * 0 and installed nothing: honour it now.  One sent from here on finds
    * in_task 1. */
   atomic_signal_fence(memory_order_seq_cst);
-  if (wp_interrupted()) lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
+  if (wp_interrupted())
+    lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
+  else
+    set_quiet_hook(L);
   lua_pushcfunction(L, task_pmain);
   lua_pushlightuserdata(L, &run);
   st = lua_pcall(L, 1, 0, 0);
+  /* Balanced: nothing, or the error value. */
+  assert(lua_gettop(L) == (st == LUA_OK ? 0 : 1));
   w->in_task = 0;
   lua_sethook(L, NULL, 0, 0);
   if (wp_interrupted()) { /* asked to stop: that is how it ended */

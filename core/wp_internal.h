@@ -8,6 +8,7 @@
 #ifndef WPOOL_INTERNAL_H
 #define WPOOL_INTERNAL_H
 
+#include <assert.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -49,6 +50,16 @@ WP_HIDDEN int wp__spin(int (*ready)(void *), void *arg);
 /* CPUs this process may run on (uv_available_parallelism, cached). */
 WP_HIDDEN int wp__ncpus(void);
 
+/* FNV-1a, 64 bits, of n bytes at p: the id of a function's bytecode
+ * (codec.c) and the start of a shared-dictionary key's hash (shdict.c). */
+static inline uint64_t wp__fnv1a(const void *p, size_t n) {
+  const unsigned char *c = p;
+  uint64_t h = 14695981039346656037ull;
+  while (n--)
+    h = (h ^ *c++) * 1099511628211ull;
+  return h;
+}
+
 /* ---- value codec (codec.c) ------------------------------------------- */
 
 /* Tags of the wire format; see docs/values.md. */
@@ -68,6 +79,18 @@ enum {
   WP__T_ENV,   /* the receiving state's global table */
   WP__T_MODULE /* varint length, name in package.loaded */
 };
+
+/* A result message of one short string (a literal of less than 128
+ * bytes), as the encoder writes it: the count 1, WP__T_STR, the length
+ * (one varint byte), the bytes.  For results that must exist without
+ * allocating (future.c); test_codec checks it against the encoder.  Use
+ * (const char *)&name, sizeof name. */
+#define WP__STR_RESULT(name, text)                                             \
+  _Static_assert(sizeof(text) - 1 < 0x80, "one varint byte");                  \
+  static const struct {                                                        \
+    unsigned char count, tag, len;                                             \
+    char s[sizeof(text) - 1];                                                  \
+  } name = {1, WP__T_STR, sizeof(text) - 1, text}
 
 /* Task messages start with one of these kinds. */
 enum { WP__TASK_NAMED = 'N', WP__TASK_FUNC = 'F' };
@@ -191,7 +214,9 @@ struct wp__worker {
   int started_thread;    /* the thread was created */
   int detached;          /* stuck and left behind by stop: frees itself */
   int closed;            /* the thread is about to return, under pool->mu */
-  int exiting;           /* left its loop: not in nworkers, under pool->mu */
+  int counted;           /* counted in nworkers, under pool->mu: from its
+                            start until it leaves its loop or is abandoned
+                            as stuck (wp__worker_uncount_locked) */
   int close_stuck;       /* abandoned while closing L, under pool->mu */
   size_t mem;            /* bytes allocated by L (worker thread only) */
   atomic_size_t mem_pub; /* mem, published for metrics */
@@ -230,6 +255,10 @@ WP_HIDDEN wp_status wp__worker_run(wp__worker *w, wp_future *f);
  * pool->mu. */
 WP_HIDDEN void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason);
 
+/* Fixes the interrupt signal for the life of the process: the first
+ * wp_pool_new calls it (wp_set_interrupt_signal can no longer change it). */
+WP_HIDDEN void wp__interrupt_signal_fix(void);
+
 /* The worker the calling thread runs, or NULL. */
 WP_HIDDEN wp__worker *wp__current_worker(void);
 /* Makes w the calling thread's worker. */
@@ -265,6 +294,10 @@ typedef struct wp__pool_init {
 } wp__pool_init;
 
 WP_HIDDEN const wp__pool_init *wp__pool_init_of(wp_pool *p);
+
+/* Stops counting w in the pool's nworkers (toward max_workers); the
+ * second call for one worker does nothing.  Needs pool->mu. */
+WP_HIDDEN void wp__worker_uncount_locked(wp_pool *p, wp__worker *w);
 
 /* ---- metrics (stats.c) ----------------------------------------------- */
 
@@ -405,6 +438,17 @@ struct wp_pool {
   uint64_t drops_tabled[WP__NDROPS];
   wp__counters c;
 };
+
+/* Asserts the pool's invariants: the queue's links against its counters
+ * (nqueued, nqueued_hint, queued_bytes, each future's queued flag), the
+ * worker gauges against each other and the state.  Called under mu at the
+ * end of each mutation.  Only in builds without NDEBUG (the assertion
+ * build, docs/testing.md); free elsewhere. */
+#ifdef NDEBUG
+#define wp__pool_check_locked(p) ((void)0)
+#else
+WP_HIDDEN void wp__pool_check_locked(const wp_pool *p);
+#endif
 
 /* Starts the watchdog thread.  Needs nothing locked.  WP_ESYS. */
 WP_HIDDEN int wp__watchdog_start(wp_pool *p);

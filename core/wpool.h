@@ -367,6 +367,30 @@ typedef void (*wp_event_fn)(const wp_event *ev);
 WP_API void wp_set_event_handler(wp_event_fn fn);
 
 /* ------------------------------------------------------------------ */
+/* Interrupts                                                          */
+/* ------------------------------------------------------------------ */
+
+/* Chooses how a running task is interrupted (deadline, cancel, hard
+ * stop).  Process-wide; call it before the first wp_pool_new, which
+ * fixes the choice for the life of the process.
+ *   - sig > 0: the watchdog sends that signal to the worker's thread; the
+ *     library installs its handler (sigaction, SA_RESTART) the first time
+ *     it interrupts a task, and never restores the former one.  Choose a
+ *     signal nothing else in the process uses.  The default, without a
+ *     call, is SIGRTMIN+5.  A C call that the signal interrupts (EINTR)
+ *     makes workerpool.sleep return early.
+ *   - sig = 0: no signal at all.  Every task runs with a count hook that
+ *     looks for an interrupt every 1000 Lua instructions (a small cost on
+ *     tight loops); a task sleeping or blocked in C is interrupted only
+ *     once it is back in Lua.
+ * Returns 0; WP_EINVAL for a signal that cannot be caught (negative,
+ * above SIGRTMAX, SIGKILL, SIGSTOP); WP_EEXISTS once a pool was created
+ * (asking for the signal already fixed returns 0).  Thread-safe. */
+WP_API int wp_set_interrupt_signal(int sig);
+/* The interrupt signal: chosen, fixed or default; 0 for none. */
+WP_API int wp_interrupt_signal(void);
+
+/* ------------------------------------------------------------------ */
 /* Per-task options                                                    */
 /* ------------------------------------------------------------------ */
 

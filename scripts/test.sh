@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test.sh: the whole test run, as CI does it.  Installs what is missing,
-# checks formatting and lint, then builds and runs every test three times:
-# a plain build with -Werror, under ASan+UBSan, and under TSan; then the
+# checks formatting and lint, then builds and runs every test four times:
+# a plain build with -Werror, under ASan+UBSan, under TSan, and with
+# assertions on and a Lua with API checks (build-assert); then the
 # hostile-input campaign of docs/testing.md: the allocation-failure build
 # (build-fault, ASan) and each libFuzzer target for 60 s (build-fuzz).
 #   bash scripts/test.sh            everything
@@ -27,6 +28,12 @@ run build
 if [ $quick -eq 0 ]; then
   run build-asan address
   run build-tsan thread
+  echo "== assertion build (build-assert, Lua with LUA_USE_APICHECK)"
+  bash scripts/lua-apicheck.sh >/dev/null
+  cmake -S . -B build-assert -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DWPOOL_ASSERTIONS=ON -DWPOOL_WERROR=ON >/dev/null
+  cmake --build build-assert -j "$(nproc)"
+  (cd build-assert && ctest --output-on-failure --timeout 600)
   echo "== allocation-failure injection (build-fault)"
   cmake -S . -B build-fault -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DWPOOL_SANITIZE=address -DWPOOL_FAULT_INJECTION=ON -DWPOOL_WERROR=ON \

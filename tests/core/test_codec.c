@@ -151,6 +151,7 @@ static int decode_ex(const char *p, size_t len, int cache, char *err,
     return st;
   }
   n = lua_gettop(B) - top;
+  luaL_checkstack(B, 3, NULL); /* pcall made room for the results only */
   lua_createtable(B, n, 1);
   for (i = 1; i <= n; i++) {
     lua_pushvalue(B, top + i);
@@ -418,7 +419,8 @@ Test(codec, cfunction_names) {
       wp__cfunction_name(lua_tocfunction((lua_getglobal(A, "print"), A), -1)),
       "print");
   lua_settop(A, 0);
-  luaL_dostring(A, "return math.floor, string.format, table.concat");
+  cr_assert_eq(
+      luaL_dostring(A, "return math.floor, string.format, table.concat"), 0);
   cr_assert_str_eq(wp__cfunction_name(lua_tocfunction(A, 1)), "math.floor");
   cr_assert_str_eq(wp__cfunction_name(lua_tocfunction(A, 2)), "string.format");
   cr_assert_str_eq(wp__cfunction_name(lua_tocfunction(A, 3)), "table.concat");
@@ -433,7 +435,7 @@ Test(codec, cfunction_names) {
   lua_pushcfunction(A, enc_p);
   lua_setglobal(A, "ENC");
   /* B knows mylib.enc. */
-  luaL_dostring(B, "package.loaded.mylib = {}");
+  cr_assert_eq(luaL_dostring(B, "package.loaded.mylib = {}"), 0);
   lua_getglobal(B, "package");
   lua_getfield(B, -1, "loaded");
   lua_getfield(B, -1, "mylib");
@@ -643,6 +645,72 @@ Test(codec, varints) {
   r.p = endless;
   r.end = endless + 12;
   cr_assert_eq(wp__get_varint(&r, &v), WP_EINVAL, "more than 10 bytes");
+}
+
+/* The results future.c writes without allocating are what the encoder
+ * writes. */
+Test(codec, str_result_is_the_encoders) {
+  WP__STR_RESULT(oom, "not enough memory");
+  wp__buf b = {0};
+  wp_value v;
+  v.type = WP_TSTRING;
+  v.u.s.ptr = "not enough memory";
+  v.u.s.len = strlen(v.u.s.ptr);
+  cr_assert_eq(wp__put_varint(&b, 1), 0);
+  cr_assert_eq(wp__put_cvalue(&b, &v), 0);
+  cr_assert_eq(b.len, sizeof oom);
+  cr_assert(memcmp(b.data, &oom, sizeof oom) == 0);
+  wp__buf_free(&b);
+}
+
+/* [-n, +0, m] Encodes the n values at the top with the fast path: 1, or 0
+ * when it declined. */
+static int fast_p(lua_State *L) {
+  wp__buf *b = lua_touserdata(L, 1);
+  lua_pushinteger(L, wp__encode_fast(L, b, 2, lua_gettop(L) - 1));
+  return 1;
+}
+
+/* The fast path writes the bytes the full encoder writes, for scalars and
+ * for a function sent before; it declines tables and a function never
+ * sent. */
+Test(codec, fast_path_writes_what_the_full_encoder_writes) {
+  static const char VALUES[] =
+      "F = F or function(x) return print(x) end\n"
+      "return nil, true, false, 0, -7, 2.5, 0/0, '', ('x'):rep(300), F";
+  wp__buf full = {0}, fast = {0}, b = {0};
+  STATES;
+  encode_src(VALUES, &full); /* sends F: now cached */
+  full.len = 0;
+  encode_src(VALUES, &full);
+  lua_settop(A, 0);
+  lua_pushcfunction(A, fast_p);
+  lua_pushlightuserdata(A, &fast);
+  cr_assert_eq(luaL_loadstring(A, VALUES), LUA_OK);
+  lua_call(A, 0, LUA_MULTRET);
+  lua_call(A, lua_gettop(A) - 1, 1);
+  cr_assert_eq(lua_tointeger(A, -1), 1, "the fast path declined");
+  cr_assert_eq(fast.len, full.len);
+  cr_assert(memcmp(fast.data, full.data, full.len) == 0);
+  /* Declined: a table, a function never sent. */
+  lua_settop(A, 0);
+  lua_pushcfunction(A, fast_p);
+  lua_pushlightuserdata(A, &b);
+  lua_newtable(A);
+  lua_call(A, 2, 1);
+  cr_assert_eq(lua_tointeger(A, -1), 0);
+  lua_settop(A, 0);
+  b.len = 0;
+  lua_pushcfunction(A, fast_p);
+  lua_pushlightuserdata(A, &b);
+  cr_assert_eq(luaL_loadstring(A, "return function() return 1 end"), LUA_OK);
+  lua_call(A, 0, 1);
+  lua_call(A, 2, 1);
+  cr_assert_eq(lua_tointeger(A, -1), 0);
+  lua_settop(A, 0);
+  wp__buf_free(&full);
+  wp__buf_free(&fast);
+  wp__buf_free(&b);
 }
 
 /* ------------------------------------------------------------------ */
