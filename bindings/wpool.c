@@ -4,7 +4,7 @@
  * loaded, and exits once no coroutine, timer or pool has work left, or once
  * a SIGINT/SIGTERM shutdown has drained the pools.  Pools still busy when
  * the script ends drain inside the loop, so a signal still bounds them.  It is
- * to the host runtime (host.c) what lua.c is to lauxlib.
+ * to the host runtime (host_*.c) what lua.c is to lauxlib.
  *
  * Exit status: 0 success; 1 the script failed; 2 bad usage;
  * 3 (WPOOL_EXIT_DISCARDED) a shutdown discarded or abandoned tasks.

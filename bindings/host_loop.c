@@ -1,0 +1,322 @@
+/*
+ * host_loop.c: the host object and its loop glue: wpool_host_new and
+ * wpool_host_close, the mailbox that brings completions from other threads
+ * to the loop through one uv_async_t (drained in batches: libuv merges
+ * sends), the helpers every host file uses, and the small accessors of
+ * wpool_host.h.  The other concerns live next to it: host_sched.c
+ * (coroutines), host_timers.c, host_drain.c (shutdown), host_signals.c,
+ * host_luv.c; host_internal.h is what they share.
+ */
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "host_internal.h"
+
+const char wpl_host_key = 'h', wpl_cos_key = 'c', wpl_watch_key = 'w',
+           wpl_ready_key = 'r', wpl_shutdown_key = 's';
+
+/* ---- mailbox --------------------------------------------------------- */
+
+void wpl_host_mailbox_release(mailbox *mb) {
+  if (atomic_fetch_sub(&mb->refs, 1) != 1) return;
+  uv_mutex_destroy(&mb->mu);
+  free(mb->v);
+  free(mb);
+}
+
+/* Posts from any thread; 0 when the host has closed (nothing posted). */
+int wpl_host_mailbox_post(mailbox *mb, int kind, void *ptr) {
+  int ok = 0;
+  uv_mutex_lock(&mb->mu);
+  if (mb->async) {
+    if (mb->n == mb->cap) {
+      size_t cap = mb->cap ? mb->cap * 2 : 64;
+      struct msg *v = realloc(mb->v, cap * sizeof *v);
+      if (v) {
+        mb->v = v;
+        mb->cap = cap;
+      }
+    }
+    if (mb->n < mb->cap) {
+      mb->v[mb->n].kind = kind;
+      mb->v[mb->n].ptr = ptr;
+      mb->n++;
+      ok = 1;
+      uv_async_send(mb->async);
+    }
+  }
+  uv_mutex_unlock(&mb->mu);
+  return ok;
+}
+
+/* ---- helpers --------------------------------------------------------- */
+
+wpool_host *wpl_host_of(lua_State *L) {
+  wpool_host *h;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &wpl_host_key);
+  h = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return h;
+}
+
+wpool_host *wpl_host_check(lua_State *L, const char *what) {
+  wpool_host *h = wpl_host_of(L);
+  if (h == NULL || h->closed)
+    luaL_error(L,
+               "workerpool.%s needs a host event loop (run the script "
+               "with `wpool run`)",
+               what);
+  return h;
+}
+
+void wpl_host_update_ref(wpool_host *h) {
+  if (h->closed) return;
+  if (h->nwatched > 0 || h->offloads)
+    uv_ref((uv_handle_t *)&h->async);
+  else
+    uv_unref((uv_handle_t *)&h->async);
+}
+
+/* [-0, +1, m] Pushes list registry[key][k] (k at the top, popped),
+ * creating it when create is set; pushes nil otherwise. */
+void wpl_list_of(lua_State *L, const void *key, int create) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, key);
+  lua_insert(L, -2);
+  lua_pushvalue(L, -1);
+  if (lua_rawget(L, -3) == LUA_TNIL && create) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -2);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -5);
+  }
+  lua_remove(L, -2);
+  lua_remove(L, -2);
+}
+
+/* [-1, +0, m] Appends the value at the top to the list at idx. */
+void wpl_list_append(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_rawseti(L, idx, (lua_Integer)lua_rawlen(L, idx) + 1);
+}
+
+/* [-0, +0, -] Removes the userdata whose pointer is p from the list at idx
+ * (keeping the order). */
+void wpl_list_remove_ptr(lua_State *L, int idx, const void *p) {
+  lua_Integer i, n = (lua_Integer)lua_rawlen(L, idx), j = 0;
+  idx = lua_absindex(L, idx);
+  for (i = 1; i <= n; i++) {
+    lua_rawgeti(L, idx, i);
+    if (lua_touserdata(L, -1) == p) {
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_rawseti(L, idx, ++j);
+  }
+  for (i = j + 1; i <= n; i++) {
+    lua_pushnil(L);
+    lua_rawseti(L, idx, i);
+  }
+}
+
+/* Runs fn(L, ud) protected in the host state; an error is logged. */
+void wpl_host_call(wpool_host *h, lua_CFunction fn, void *ud) {
+  lua_State *L = h->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, fn);
+  lua_pushlightuserdata(L, ud);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    wpl_log(WPL_ERROR, "host.error",
+            json_pack("{s:o}", "error", wpl_json_str(lua_tostring(L, -1))));
+  }
+  lua_settop(L, top);
+}
+
+static void async_cb(uv_async_t *a) {
+  wpool_host *h = a->data;
+  mailbox *mb = h->mb;
+  struct msg *v;
+  size_t n, i;
+  uv_mutex_lock(&mb->mu);
+  v = mb->v;
+  n = mb->n;
+  mb->v = NULL;
+  mb->n = mb->cap = 0;
+  uv_mutex_unlock(&mb->mu);
+  for (i = 0; i < n; i++)
+    wpl_host_deliver(h, &v[i]);
+  free(v);
+  wpl_host_update_ref(h);
+}
+
+int wpool_host_serve(wpool_host *h, const char *addr) {
+  struct sigaction sa;
+  if (h->http) return UV_EEXIST;
+  /* A client that goes away must cost its connection, not the process. */
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
+    signal(SIGPIPE, SIG_IGN);
+  return wpl_http_serve(h, h->loop, addr, &h->http);
+}
+
+int wpool_host_ready(const wpool_host *h) {
+  return !h->draining && !h->closed && wp_pools_stopped() == 0;
+}
+
+int wpool_host_exit_code(const wpool_host *h) {
+  return h->exit_code;
+}
+
+int wpool_host_abandoned(const wpool_host *h) {
+  return h->abandoned;
+}
+
+/* ---- life cycle ------------------------------------------------------ */
+
+/* [-0, +0, m] Registers the metatables of the host's Lua objects. */
+void wpl_host_init(lua_State *L) {
+  wpl_host_sched_init(L);
+  wpl_host_timers_init(L);
+}
+
+/* [-0, +0, e] The Lua side of wpool_host_new. */
+static int host_new_pmain(lua_State *L) {
+  wpool_host *h = lua_touserdata(L, 1);
+  luaL_requiref(L, "workerpool", luaopen_workerpool, 0);
+  lua_getglobal(L, "package"); /* require "luv": luv on the host's loop */
+  lua_getfield(L, -1, "loaded");
+  lua_pushlightuserdata(L, h);
+  lua_pushcclosure(L, wpl_host_open_luv, 1);
+  lua_call(L, 0, 1);
+  lua_setfield(L, -2, "luv");
+  lua_pop(L, 2);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_cos_key);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_watch_key);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_ready_key);
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_shutdown_key);
+  lua_pushlightuserdata(L, h);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_host_key);
+  return 0;
+}
+
+int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
+  wpool_host *h;
+  *out = NULL;
+  if (wpl_host_of(L)) return WP_EEXISTS;
+  if ((h = calloc(1, sizeof *h)) == NULL) return WP_ENOMEM;
+  if ((h->mb = calloc(1, sizeof *h->mb)) == NULL) goto nomem;
+  if (uv_mutex_init(&h->mb->mu)) goto nomem;
+  atomic_init(&h->mb->refs, 1);
+  atomic_init(&h->nsig[0], 0);
+  atomic_init(&h->nsig[1], 0);
+  h->loop = loop;
+  h->L = L;
+  h->drain_timeout = 25;
+  if (uv_async_init(loop, &h->async, async_cb)) {
+    uv_mutex_destroy(&h->mb->mu);
+    goto nomem;
+  }
+  h->async.data = h;
+  h->mb->async = &h->async;
+  uv_unref((uv_handle_t *)&h->async);
+  if (uv_async_init(loop, &h->sig_async, wpl_host_sig_async_cb)) {
+    h->closed = 1;
+    h->mb->async = NULL;
+    wpl_host_mailbox_release(h->mb);
+    h->nclosing = 1; /* h goes with the async handle */
+    uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
+    return WP_ENOMEM;
+  }
+  h->sig_async.data = h;
+  uv_unref((uv_handle_t *)&h->sig_async);
+  uv_idle_init(loop, &h->idle);
+  h->idle.data = h;
+  uv_timer_init(loop, &h->drain_timer);
+  h->drain_timer.data = h;
+  uv_unref((uv_handle_t *)&h->drain_timer);
+  lua_pushcfunction(L, host_new_pmain);
+  lua_pushlightuserdata(L, h);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_pop(L, 1);
+    h->closed = 1;
+    h->mb->async = NULL;
+    wpl_host_mailbox_release(h->mb);
+    h->nclosing = 4;
+    uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
+    uv_close((uv_handle_t *)&h->idle, wpl_host_handle_closed);
+    uv_close((uv_handle_t *)&h->sig_async, wpl_host_handle_closed);
+    uv_close((uv_handle_t *)&h->drain_timer, wpl_host_handle_closed);
+    return WP_ENOMEM;
+  }
+  *out = h;
+  return 0;
+nomem:
+  free(h->mb);
+  free(h);
+  return WP_ENOMEM;
+}
+
+/* [-(nargs+1), +0, m] */
+
+void wpl_host_handle_closed(uv_handle_t *handle) {
+  wpool_host *h = handle->data;
+  if (--h->nclosing == 0) free(h);
+}
+
+void wpool_host_close(wpool_host *h) {
+  lua_State *L = h->L;
+  mailbox *mb = h->mb;
+  struct msg *v;
+  size_t n, i;
+  offload *o;
+  if (h->closed) return;
+  wpl_host_signals_close(h); /* their former handlers come back */
+  /* Nothing more arrives from other threads. */
+  uv_mutex_lock(&mb->mu);
+  mb->async = NULL;
+  v = mb->v;
+  n = mb->n;
+  mb->v = NULL;
+  mb->n = mb->cap = 0;
+  uv_mutex_unlock(&mb->mu);
+  for (i = 0; i < n; i++)
+    if (v[i].kind == MSG_FUTURE) wp_future_release(v[i].ptr);
+  free(v);
+  while ((o = h->offloads) != NULL) {
+    h->offloads = o->next;
+    uv_thread_join(&o->tid);
+    free(o);
+  }
+  wpl_host_call(h, wpl_host_close_luv_pmain,
+                h); /* luv handles the script left open */
+  while (h->timers)
+    wpl_wtimer_stop(h->timers);
+  wpl_http_close(h->http);
+  h->http = NULL;
+  wpl_host_call(h, wpl_host_close_parks_pmain, h);
+  h->closed = 1;
+  for (i = 0; i < (size_t)h->npools; i++)
+    wp_pool_release(h->pools[i]);
+  free(h->pools);
+  h->pools = NULL;
+  for (i = 0; i < (size_t)h->nadopted; i++) {
+    wp_pool_stop_wait(h->adopted[i]); /* finish their drains */
+    wp_pool_release(h->adopted[i]);
+  }
+  free(h->adopted);
+  h->adopted = NULL;
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_host_key);
+  wpl_host_mailbox_release(mb);
+  /* h is freed when the last of its handles has closed. */
+  h->nclosing = 4;
+  uv_close((uv_handle_t *)&h->sig_async, wpl_host_handle_closed);
+  uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
+  uv_close((uv_handle_t *)&h->idle, wpl_host_handle_closed);
+  uv_close((uv_handle_t *)&h->drain_timer, wpl_host_handle_closed);
+}
