@@ -21,6 +21,7 @@
 #include <stdatomic.h>
 
 #include "lbind.h"
+#include "mailbox.h"
 #include "wpool_host.h"
 
 #define WPL_THREAD_MT "workerpool.thread"
@@ -39,7 +40,6 @@ enum {
   PARK_AWAIT
 };
 enum { CO_RUNNING, CO_DONE, CO_ERROR };
-enum { MSG_FUTURE, MSG_OFFLOAD };
 
 typedef struct ptimer ptimer;
 typedef struct offload offload;
@@ -66,18 +66,6 @@ struct ptimer {
   wpl_co *c;
 };
 
-/* Messages from other threads to the loop. */
-typedef struct mailbox {
-  atomic_int refs;
-  uv_mutex_t mu;
-  uv_async_t *async; /* NULL once the host closed */
-  struct msg {
-    int kind; /* MSG_* */
-    void *ptr;
-  } * v;
-  size_t n, cap;
-} mailbox;
-
 struct offload {
   offload *next; /* in h->offloads */
   uv_thread_t tid;
@@ -86,7 +74,7 @@ struct offload {
   wp_pool *p; /* the pool the call stops or pauses (borrowed), or NULL */
   int result;
   wpl_co *c;
-  mailbox *mb;
+  wpl_mailbox *mb;
 };
 
 struct wtimer {
@@ -104,7 +92,7 @@ struct wtimer {
 struct wpool_host {
   uv_loop_t *loop;
   lua_State *L;
-  mailbox *mb;
+  wpl_mailbox *mb; /* from other threads: WPL_MSG_FUTURE, WPL_MSG_OFFLOAD */
   uv_async_t async;
   uv_idle_t idle;     /* runs coroutines that yielded plainly */
   int nwatched;       /* futures with host waiters */
@@ -156,9 +144,6 @@ WPL_HIDDEN void wpl_list_append(lua_State *L, int idx);
 /* [-0, +0, -] Removes the userdata whose pointer is p from the list at idx
  * (keeping the order). */
 WPL_HIDDEN void wpl_list_remove_ptr(lua_State *L, int idx, const void *p);
-/* Posts from any thread; 0 when the host has closed (nothing posted). */
-WPL_HIDDEN int wpl_host_mailbox_post(mailbox *mb, int kind, void *ptr);
-WPL_HIDDEN void wpl_host_mailbox_release(mailbox *mb);
 WPL_HIDDEN void wpl_host_handle_closed(uv_handle_t *handle);
 
 /* ---- host_sched.c: coroutines ---------------------------------------- */
@@ -170,8 +155,8 @@ WPL_HIDDEN wpl_co *wpl_co_new(wpool_host *h, lua_State *L, int nargs);
  * it. */
 WPL_HIDDEN void wpl_co_resume(wpool_host *h, wpl_co *c, int nargs,
                               lua_State *from);
-/* Acts on one message of the mailbox (MSG_*). */
-WPL_HIDDEN void wpl_host_deliver(wpool_host *h, struct msg *m);
+/* Acts on one message of the mailbox (WPL_MSG_*). */
+WPL_HIDDEN void wpl_host_deliver(wpool_host *h, wpl_msg *m);
 /* [-0, +0, m] Writes to stderr what the main coroutine, still suspended
  * when nothing is left to wake it, waits for.  ud: the host. */
 WPL_HIDDEN int wpl_host_stranded_pmain(lua_State *L);

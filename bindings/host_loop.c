@@ -17,40 +17,6 @@
 const char wpl_host_key = 'h', wpl_cos_key = 'c', wpl_watch_key = 'w',
            wpl_ready_key = 'r', wpl_shutdown_key = 's';
 
-/* ---- mailbox --------------------------------------------------------- */
-
-void wpl_host_mailbox_release(mailbox *mb) {
-  if (atomic_fetch_sub(&mb->refs, 1) != 1) return;
-  uv_mutex_destroy(&mb->mu);
-  free(mb->v);
-  free(mb);
-}
-
-/* Posts from any thread; 0 when the host has closed (nothing posted). */
-int wpl_host_mailbox_post(mailbox *mb, int kind, void *ptr) {
-  int ok = 0;
-  uv_mutex_lock(&mb->mu);
-  if (mb->async) {
-    if (mb->n == mb->cap) {
-      size_t cap = mb->cap ? mb->cap * 2 : 64;
-      struct msg *v = realloc(mb->v, cap * sizeof *v);
-      if (v) {
-        mb->v = v;
-        mb->cap = cap;
-      }
-    }
-    if (mb->n < mb->cap) {
-      mb->v[mb->n].kind = kind;
-      mb->v[mb->n].ptr = ptr;
-      mb->n++;
-      ok = 1;
-      uv_async_send(mb->async);
-    }
-  }
-  uv_mutex_unlock(&mb->mu);
-  return ok;
-}
-
 /* ---- helpers --------------------------------------------------------- */
 
 wpool_host *wpl_host_of(lua_State *L) {
@@ -136,15 +102,8 @@ void wpl_host_call(wpool_host *h, lua_CFunction fn, void *ud) {
 
 static void async_cb(uv_async_t *a) {
   wpool_host *h = a->data;
-  mailbox *mb = h->mb;
-  struct msg *v;
   size_t n, i;
-  uv_mutex_lock(&mb->mu);
-  v = mb->v;
-  n = mb->n;
-  mb->v = NULL;
-  mb->n = mb->cap = 0;
-  uv_mutex_unlock(&mb->mu);
+  wpl_msg *v = wpl_mailbox_take(h->mb, &n);
   for (i = 0; i < n; i++)
     wpl_host_deliver(h, &v[i]);
   free(v);
@@ -209,25 +168,23 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   *out = NULL;
   if (wpl_host_of(L)) return WP_EEXISTS;
   if ((h = calloc(1, sizeof *h)) == NULL) return WP_ENOMEM;
-  if ((h->mb = calloc(1, sizeof *h->mb)) == NULL) goto nomem;
-  if (uv_mutex_init(&h->mb->mu)) goto nomem;
-  atomic_init(&h->mb->refs, 1);
   atomic_init(&h->nsig[0], 0);
   atomic_init(&h->nsig[1], 0);
   h->loop = loop;
   h->L = L;
   h->drain_timeout = 25;
-  if (uv_async_init(loop, &h->async, async_cb)) {
-    uv_mutex_destroy(&h->mb->mu);
-    goto nomem;
-  }
+  if (uv_async_init(loop, &h->async, async_cb)) goto nomem;
   h->async.data = h;
-  h->mb->async = &h->async;
+  if ((h->mb = wpl_mailbox_new(&h->async)) == NULL) {
+    h->closed = 1;
+    h->nclosing = 1; /* h goes with the async handle */
+    uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
+    return WP_ENOMEM;
+  }
   uv_unref((uv_handle_t *)&h->async);
   if (uv_async_init(loop, &h->sig_async, wpl_host_sig_async_cb)) {
     h->closed = 1;
-    h->mb->async = NULL;
-    wpl_host_mailbox_release(h->mb);
+    wpl_mailbox_release(h->mb);
     h->nclosing = 1; /* h goes with the async handle */
     uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
     return WP_ENOMEM;
@@ -244,8 +201,7 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
     lua_pop(L, 1);
     h->closed = 1;
-    h->mb->async = NULL;
-    wpl_host_mailbox_release(h->mb);
+    wpl_mailbox_release(h->mb);
     h->nclosing = 4;
     uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
     uv_close((uv_handle_t *)&h->idle, wpl_host_handle_closed);
@@ -256,12 +212,9 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   *out = h;
   return 0;
 nomem:
-  free(h->mb);
   free(h);
   return WP_ENOMEM;
 }
-
-/* [-(nargs+1), +0, m] */
 
 void wpl_host_handle_closed(uv_handle_t *handle) {
   wpool_host *h = handle->data;
@@ -270,30 +223,24 @@ void wpl_host_handle_closed(uv_handle_t *handle) {
 
 void wpool_host_close(wpool_host *h) {
   lua_State *L = h->L;
-  mailbox *mb = h->mb;
-  struct msg *v;
+  wpl_msg *v;
   size_t n, i;
   offload *o;
   if (h->closed) return;
   wpl_host_signals_close(h); /* their former handlers come back */
   /* Nothing more arrives from other threads. */
-  uv_mutex_lock(&mb->mu);
-  mb->async = NULL;
-  v = mb->v;
-  n = mb->n;
-  mb->v = NULL;
-  mb->n = mb->cap = 0;
-  uv_mutex_unlock(&mb->mu);
+  wpl_mailbox_close(h->mb);
+  v = wpl_mailbox_take(h->mb, &n);
   for (i = 0; i < n; i++)
-    if (v[i].kind == MSG_FUTURE) wp_future_release(v[i].ptr);
+    if (v[i].kind == WPL_MSG_FUTURE) wp_future_release(v[i].ptr);
   free(v);
   while ((o = h->offloads) != NULL) {
     h->offloads = o->next;
     uv_thread_join(&o->tid);
     free(o);
   }
-  wpl_host_call(h, wpl_host_close_luv_pmain,
-                h); /* luv handles the script left open */
+  /* luv handles the script left open */
+  wpl_host_call(h, wpl_host_close_luv_pmain, h);
   while (h->timers)
     wpl_wtimer_stop(h->timers);
   wpl_http_close(h->http);
@@ -312,7 +259,7 @@ void wpool_host_close(wpool_host *h) {
   h->adopted = NULL;
   lua_pushnil(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &wpl_host_key);
-  wpl_host_mailbox_release(mb);
+  wpl_mailbox_release(h->mb);
   /* h is freed when the last of its handles has closed. */
   h->nclosing = 4;
   uv_close((uv_handle_t *)&h->sig_async, wpl_host_handle_closed);

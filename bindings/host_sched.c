@@ -252,13 +252,6 @@ static int thread_status(lua_State *L) {
   return 1;
 }
 
-/* Core callback, in whichever thread ended f. */
-static void future_done_cb(wp_future *f, void *ud) {
-  mailbox *mb = ud;
-  if (!wpl_host_mailbox_post(mb, MSG_FUTURE, f)) wp_future_release(f);
-  wpl_host_mailbox_release(mb);
-}
-
 /* ---- parking on futures, time and blocking calls --------------------- */
 
 /* [-1, +0, m] Adds the waiter at the top of L to f's list, watching f. */
@@ -276,11 +269,7 @@ static void watch_add(wpool_host *h, lua_State *L, wp_future *f) {
   if (fresh) { /* no Lua call from here on */
     h->nwatched++;
     wpl_host_update_ref(h);
-    wp_future_retain(f);
-    atomic_fetch_add(&h->mb->refs, 1);
-    if (wp_future_on_done(f, future_done_cb, h->mb) != 0) {
-      wp_future_release(f);
-      wpl_host_mailbox_release(h->mb);
+    if (wpl_mailbox_watch(h->mb, f) != 0) {
       h->nwatched--;
       wpl_host_update_ref(h);
       luaL_error(L, "not enough memory");
@@ -365,7 +354,7 @@ static void park_timer_cb(uv_timer_t *t) {
 static void offload_main(void *arg) {
   offload *o = arg;
   o->result = o->op(o->ud);
-  wpl_host_mailbox_post(o->mb, MSG_OFFLOAD, o);
+  wpl_mailbox_post(o->mb, WPL_MSG_OFFLOAD, o);
 }
 
 int wpl_host_park_call(lua_State *L, wp_pool *p, wpl_blocking_fn op, void *ud) {
@@ -472,8 +461,8 @@ static int deliver_offload_pmain(lua_State *L) {
   return 0;
 }
 
-void wpl_host_deliver(wpool_host *h, struct msg *m) {
-  if (m->kind == MSG_FUTURE) {
+void wpl_host_deliver(wpool_host *h, wpl_msg *m) {
+  if (m->kind == WPL_MSG_FUTURE) {
     wp_future *f = m->ptr;
     h->nwatched--;
     wpl_host_call(h, deliver_future_pmain, f);
@@ -671,6 +660,7 @@ int wpl_host_stranded_pmain(lua_State *L) {
   return 0;
 }
 
+/* [-(nargs+1), +0, m] */
 static int spawn_pmain(lua_State *L) {
   wpool_host *h = wpl_host_of(L);
   int is_main = (int)lua_tointeger(L, 1);
