@@ -87,7 +87,7 @@ static void release_pools(wpool_host *h) {
 
 /* Ends the drain (the story's, or the one at exit) and the loop. */
 static void drain_end(wpool_host *h) {
-  h->draining = 2;
+  h->story = STORY_DONE;
   h->exit_drain = 0;
   uv_timer_stop(&h->drain_timer);
   uv_stop(h->loop);
@@ -110,7 +110,7 @@ static void drain_finish(wpool_host *h) {
 void wpl_host_hard_stop(wpool_host *h, const char *reason) {
   size_t queued;
   int running, i;
-  if (h->draining != 1) return;
+  if (h->story != STORY_DRAINING) return;
   h->dropped += gather_pools(h, 1);
   drain_counts(h, &queued, &running);
   wpl_log(WPL_WARN, "shutdown.deadline_exceeded",
@@ -175,8 +175,8 @@ static int run_handlers_pmain(lua_State *L) {
 void wpool_host_shutdown(wpool_host *h, const char *why) {
   size_t queued;
   int running;
-  if (h->draining || h->closed) return;
-  h->draining = 1;
+  if (h->story != STORY_NONE || h->closed) return;
+  h->story = STORY_DRAINING;
   h->exit_drain = 0;
   wpl_host_call(h, run_handlers_pmain, h);
   gather_pools(h, 0);
@@ -192,11 +192,11 @@ void wpool_host_shutdown(wpool_host *h, const char *why) {
 int wpool_host_finish(wpool_host *h) {
   if (h->closed) return h->exit_code;
   wpl_host_take_signals(h); /* one taken while the loop was stopping */
-  if (h->draining == 0 && h->main != NULL && h->exit_code == 0) {
+  if (h->story == STORY_NONE && h->main != NULL && h->exit_code == 0) {
     wpl_host_call(h, wpl_host_stranded_pmain, h);
     h->exit_code = 1;
   }
-  if (h->draining == 0) {
+  if (h->story == STORY_NONE) {
     while (h->timers) /* after an error in the main script */
       wpl_wtimer_stop(h->timers);
     h->exit_drain = 1;
@@ -206,7 +206,7 @@ int wpool_host_finish(wpool_host *h) {
     else
       drain_timer_start(h);
   }
-  while ((h->draining == 1 || h->exit_drain) &&
+  while ((h->story == STORY_DRAINING || h->exit_drain) &&
          uv_run(h->loop, UV_RUN_DEFAULT) != 0)
     ;
   return h->exit_code;

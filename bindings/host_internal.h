@@ -17,10 +17,12 @@
 #ifndef WPOOL_HOST_INTERNAL_H
 #define WPOOL_HOST_INTERNAL_H
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 
 #include "lbind.h"
+#include "http.h"
 #include "mailbox.h"
 #include "wpool_host.h"
 
@@ -40,6 +42,14 @@ enum {
   PARK_AWAIT
 };
 enum { CO_RUNNING, CO_DONE, CO_ERROR };
+
+/* The shutdown story (host_drain.c) of a host: it begins once and ends
+ * once. */
+typedef enum {
+  STORY_NONE,     /* not begun */
+  STORY_DRAINING, /* pools drain until done, the deadline or a 2nd signal */
+  STORY_DONE      /* ended: the loop was stopped */
+} wpl_story;
 
 typedef struct ptimer ptimer;
 typedef struct offload offload;
@@ -109,11 +119,12 @@ struct wpool_host {
   int nsig_seen[2];               /* ... and acted on */
   volatile uint64_t interrupt_at; /* hrtime at which the hook raises */
   int signals;                    /* our handlers are installed */
+  pthread_t sig_tid;              /* the loop's thread, where they act */
   struct sigaction old_sa[2];     /* the handlers they replaced */
   /* shutdown */
   uv_timer_t drain_timer;
-  int draining;   /* 0 none, 1 draining, 2 done */
-  int exit_drain; /* pools drain at exit, with no deadline */
+  wpl_story story; /* where the shutdown story is */
+  int exit_drain;  /* pools drain at exit, with no deadline */
   double drain_timeout, drain_start, last_progress;
   wp_pool **pools; /* references to the pools being drained */
   int npools, cap_pools;
@@ -121,7 +132,7 @@ struct wpool_host {
   int nclosing;      /* handles still closing after wpool_host_close */
   wp_pool **adopted; /* collected pools draining in the background */
   int nadopted;
-  void *http; /* the endpoints' server, or NULL */
+  wpl_http_server *http; /* the endpoints' server, or NULL */
 };
 
 /* ---- host_loop.c: the host object and helpers ------------------------ */

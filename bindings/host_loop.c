@@ -7,6 +7,7 @@
  * (coroutines), host_timers.c, host_drain.c (shutdown), host_signals.c,
  * host_luv.c; host_internal.h is what they share.
  */
+#include <errno.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -112,15 +113,27 @@ static void async_cb(uv_async_t *a) {
 
 int wpool_host_serve(wpool_host *h, const char *addr) {
   struct sigaction sa;
-  if (h->http) return UV_EEXIST;
+  int r;
+  if (h->http) return WP_EEXISTS;
   /* A client that goes away must cost its connection, not the process. */
   if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
     signal(SIGPIPE, SIG_IGN);
-  return wpl_http_serve(h, h->loop, addr, &h->http);
+  if ((r = wpl_http_serve(h, h->loop, addr, &h->http)) == 0) return 0;
+  /* libuv's codes are negated errnos here. */
+  if (r == UV_EINVAL) return WP_EINVAL;
+  if (r == UV_ENOMEM) return WP_ENOMEM;
+  errno = -r;
+  return WP_ESYS;
+}
+
+const char *wpool_host_strerror(int err) {
+  /* uv_strerror words errno's text the way wp_strerror does: lower case. */
+  if (err == WP_ESYS && errno > 0) return uv_strerror(-errno);
+  return wp_strerror(err);
 }
 
 int wpool_host_ready(const wpool_host *h) {
-  return !h->draining && !h->closed && wp_pools_stopped() == 0;
+  return h->story == STORY_NONE && !h->closed && wp_pools_stopped() == 0;
 }
 
 int wpool_host_exit_code(const wpool_host *h) {
@@ -165,6 +178,7 @@ static int host_new_pmain(lua_State *L) {
 
 int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   wpool_host *h;
+  int err = WP_ESYS, st;
   *out = NULL;
   if (wpl_host_of(L)) return WP_EEXISTS;
   if ((h = calloc(1, sizeof *h)) == NULL) return WP_ENOMEM;
@@ -173,47 +187,54 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   h->loop = loop;
   h->L = L;
   h->drain_timeout = 25;
-  if (uv_async_init(loop, &h->async, async_cb)) goto nomem;
+  h->closed = 1; /* until everything below is in place */
+  if (uv_async_init(loop, &h->async, async_cb) != 0) goto err_async;
   h->async.data = h;
-  if ((h->mb = wpl_mailbox_new(&h->async)) == NULL) {
-    h->closed = 1;
-    h->nclosing = 1; /* h goes with the async handle */
-    uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
-    return WP_ENOMEM;
-  }
   uv_unref((uv_handle_t *)&h->async);
-  if (uv_async_init(loop, &h->sig_async, wpl_host_sig_async_cb)) {
-    h->closed = 1;
-    wpl_mailbox_release(h->mb);
-    h->nclosing = 1; /* h goes with the async handle */
-    uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
-    return WP_ENOMEM;
+  if ((h->mb = wpl_mailbox_new(&h->async)) == NULL) {
+    err = WP_ENOMEM;
+    goto err_mb;
   }
+  if (uv_async_init(loop, &h->sig_async, wpl_host_sig_async_cb) != 0)
+    goto err_sig;
   h->sig_async.data = h;
   uv_unref((uv_handle_t *)&h->sig_async);
-  uv_idle_init(loop, &h->idle);
+  if (uv_idle_init(loop, &h->idle) != 0) goto err_idle;
   h->idle.data = h;
-  uv_timer_init(loop, &h->drain_timer);
+  if (uv_timer_init(loop, &h->drain_timer) != 0) goto err_timer;
   h->drain_timer.data = h;
   uv_unref((uv_handle_t *)&h->drain_timer);
   lua_pushcfunction(L, host_new_pmain);
   lua_pushlightuserdata(L, h);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    lua_pop(L, 1);
-    h->closed = 1;
-    wpl_mailbox_release(h->mb);
-    h->nclosing = 4;
-    uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
-    uv_close((uv_handle_t *)&h->idle, wpl_host_handle_closed);
-    uv_close((uv_handle_t *)&h->sig_async, wpl_host_handle_closed);
-    uv_close((uv_handle_t *)&h->drain_timer, wpl_host_handle_closed);
-    return WP_ENOMEM;
+  if ((st = lua_pcall(L, 1, 0, 0)) != LUA_OK) {
+    /* A memory error, or L lacks what the module needs (package): the
+     * message stays on L for the caller. */
+    err = st == LUA_ERRMEM ? WP_ENOMEM : WP_EINVAL;
+    if (st == LUA_ERRMEM) lua_pop(L, 1);
+    goto err_lua;
   }
+  h->closed = 0;
   *out = h;
   return 0;
-nomem:
-  free(h);
-  return WP_ENOMEM;
+  /* Each step undoes the one before its label; h goes with the last of
+   * its handles to close (wpl_host_handle_closed). */
+err_lua:
+  h->nclosing++;
+  uv_close((uv_handle_t *)&h->drain_timer, wpl_host_handle_closed);
+err_timer:
+  h->nclosing++;
+  uv_close((uv_handle_t *)&h->idle, wpl_host_handle_closed);
+err_idle:
+  h->nclosing++;
+  uv_close((uv_handle_t *)&h->sig_async, wpl_host_handle_closed);
+err_sig:
+  wpl_mailbox_release(h->mb);
+err_mb:
+  h->nclosing++;
+  uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
+err_async:
+  if (h->nclosing == 0) free(h);
+  return err;
 }
 
 void wpl_host_handle_closed(uv_handle_t *handle) {

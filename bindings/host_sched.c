@@ -683,7 +683,7 @@ int wpool_host_spawn(wpool_host *h, int nargs, int is_main) {
   lua_insert(L, fn + 1);
   if (lua_pcall(L, nargs + 2, 0, 0) != LUA_OK) {
     lua_pop(L, 1);
-    return WP_ENOMEM;
+    return WP_ENOMEM; /* spawn_pmain raises nothing but memory errors */
   }
   return 0;
 }

@@ -20,9 +20,9 @@
 
 #define TERM_GRACE_NS 1000000000u /* a busy coroutine's time after SIGTERM */
 
-/* The host whose loop takes SIGINT and SIGTERM, and its loop's thread. */
+/* The host whose loop takes SIGINT and SIGTERM (its sig_tid: the loop's
+ * thread). */
 static wpool_host *_Atomic sig_host;
-static pthread_t sig_tid;
 
 /* Count hook armed by a signal in the running host coroutine: raises
  * "interrupted!" once h->interrupt_at has passed, and at every instruction
@@ -50,8 +50,8 @@ static void on_signal(int signum) {
     errno = saved;
     return;
   }
-  if (!pthread_equal(pthread_self(), sig_tid)) {
-    pthread_kill(sig_tid, signum);
+  if (!pthread_equal(pthread_self(), h->sig_tid)) {
+    pthread_kill(h->sig_tid, signum);
     errno = saved;
     return;
   }
@@ -79,9 +79,9 @@ void wpl_host_take_signals(wpool_host *h) {
   for (k = 0; k < 2; k++) {
     while (h->nsig_seen[k] < atomic_load(&h->nsig[k])) {
       h->nsig_seen[k]++;
-      if (h->draining == 0)
+      if (h->story == STORY_NONE)
         wpool_host_shutdown(h, names[k]);
-      else if (h->draining == 1)
+      else if (h->story == STORY_DRAINING)
         wpl_host_hard_stop(h, again[k]);
     }
   }
@@ -94,9 +94,10 @@ void wpl_host_sig_async_cb(uv_async_t *a) {
 int wpool_host_handle_signals(wpool_host *h, double drain_timeout) {
   struct sigaction sa;
   wpool_host *none = NULL;
+  int saved;
   h->drain_timeout = drain_timeout;
   if (h->signals) return 0;
-  sig_tid = pthread_self();
+  h->sig_tid = pthread_self(); /* h's own: another host's stays as it is */
   if (!atomic_compare_exchange_strong(&sig_host, &none, h))
     return WP_EEXISTS; /* another host has them */
   memset(&sa, 0, sizeof sa);
@@ -105,17 +106,17 @@ int wpool_host_handle_signals(wpool_host *h, double drain_timeout) {
   sigemptyset(&sa.sa_mask);
   sigaddset(&sa.sa_mask, SIGINT);
   sigaddset(&sa.sa_mask, SIGTERM);
-  if (sigaction(SIGINT, &sa, &h->old_sa[0]) != 0) {
-    atomic_store(&sig_host, NULL);
-    return WP_ESYS;
-  }
-  if (sigaction(SIGTERM, &sa, &h->old_sa[1]) != 0) {
-    sigaction(SIGINT, &h->old_sa[0], NULL);
-    atomic_store(&sig_host, NULL);
-    return WP_ESYS;
-  }
+  if (sigaction(SIGINT, &sa, &h->old_sa[0]) != 0) goto err_host;
+  if (sigaction(SIGTERM, &sa, &h->old_sa[1]) != 0) goto err_sigint;
   h->signals = 1;
   return 0;
+err_sigint:
+  saved = errno;
+  sigaction(SIGINT, &h->old_sa[0], NULL);
+  errno = saved;
+err_host:
+  atomic_store(&sig_host, NULL);
+  return WP_ESYS;
 }
 
 /* [-0, +1, m] Pushes tostring of c's handle. */

@@ -79,6 +79,7 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
   wpool_host *h = wpl_host_check(L, what);
   double s = (double)luaL_checknumber(L, 1);
   uint64_t ms;
+  int fn_ref;
   wtimer **ud, *t;
   luaL_argcheck(L, repeat ? s > 0 : s >= 0, 1,
                 repeat ? "interval must be a positive number of seconds"
@@ -90,10 +91,13 @@ static int new_timer(lua_State *L, const char *what, int repeat) {
   ud = lua_newuserdatauv(L, sizeof *ud, 0);
   *ud = NULL;
   luaL_setmetatable(L, WPL_TIMER_MT);
-  if ((t = calloc(1, sizeof *t)) == NULL)
-    return luaL_error(L, "not enough memory");
   lua_pushvalue(L, 2);
-  t->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* may raise: t is lost */
+  fn_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* may raise: nothing owned yet */
+  if ((t = calloc(1, sizeof *t)) == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, fn_ref);
+    return luaL_error(L, "not enough memory");
+  }
+  t->fn_ref = fn_ref;
   t->h = h;
   t->refs = 2;
   t->active = 1;

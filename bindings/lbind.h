@@ -58,6 +58,9 @@ WPL_HIDDEN json_t *wpl_json_text(const char *s, size_t len);
 WPL_HIDDEN json_t *wpl_json_str(const char *s);
 /* Turns a core event into a log line (the core's event handler). */
 WPL_HIDDEN void wpl_log_event(const wp_event *ev);
+/* Makes wpl_log_event the core's event sink, once per process, unless the
+ * embedder chose one (wpool_host_set_event_sink).  Any thread. */
+WPL_HIDDEN void wpl_log_default_sink(void);
 WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
 
 /* ---- metrics (metrics.c) ---------------------------------------------- */
@@ -93,14 +96,7 @@ WPL_HIDDEN void wpl_metrics_admission(wp_pool *p, const char *tenant,
  * thread; no Lua. */
 WPL_HIDDEN void wpl_metrics_pool_created(wp_pool *p, int tenant_label_limit);
 
-/* ---- health and metrics endpoints (http.c) ---------------------------- */
-
-typedef struct wpool_host wpool_host;
-/* Starts serving on addr; *out is closed by wpl_http_close.  0 or a UV
- * error. */
-WPL_HIDDEN int wpl_http_serve(wpool_host *h, uv_loop_t *loop, const char *addr,
-                              void **out);
-WPL_HIDDEN void wpl_http_close(void *server);
+/* The health and metrics endpoints: http.h. */
 
 /* ---- the host event loop (host.c) ------------------------------------ */
 
