@@ -155,6 +155,10 @@ void wpl_host_init(lua_State *L) {
 /* [-0, +0, e] The Lua side of wpool_host_new. */
 static int host_new_pmain(lua_State *L) {
   wpool_host *h = lua_touserdata(L, 1);
+  if (lua_getglobal(L, "package") != LUA_TTABLE)
+    return luaL_error(L, "wpool_host_new: the state has no package library "
+                         "(open the standard libraries first)");
+  lua_pop(L, 1);
   luaL_requiref(L, "workerpool", luaopen_workerpool, 0);
   lua_getglobal(L, "package"); /* require "luv": luv on the host's loop */
   lua_getfield(L, -1, "loaded");
