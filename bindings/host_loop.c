@@ -1,11 +1,11 @@
 /*
  * host_loop.c: the host object and its loop glue: wpool_host_new and
- * wpool_host_close, the mailbox that brings completions from other threads
- * to the loop through one uv_async_t (drained in batches: libuv merges
- * sends), the helpers every host file uses, and the small accessors of
- * wpool_host.h.  The other concerns live next to it: host_sched.c
- * (coroutines), host_timers.c, host_drain.c (shutdown), host_signals.c,
- * host_luv.c; host_internal.h is what they share.
+ * wpool_host_close, the uv_async_t through which the host's wpl_mailbox
+ * (mailbox.c) brings completions from other threads to the loop (drained
+ * in batches: libuv merges sends), the helpers every host file uses, and the
+ * small accessors of wpool_host.h.  The other concerns live next to it:
+ * host_sched.c (coroutines), host_timers.c, host_drain.c (shutdown),
+ * host_signals.c, host_luv.c; host_internal.h is what they share.
  */
 #include <errno.h>
 #include <signal.h>

@@ -98,7 +98,7 @@ WPL_HIDDEN void wpl_metrics_pool_created(wp_pool *p, int tenant_label_limit);
 
 /* The health and metrics endpoints: http.h. */
 
-/* ---- the host event loop (host.c) ------------------------------------ */
+/* ---- the host event loop (host_*.c) -------------------------------- */
 
 /* In a coroutine run by a host loop these park the coroutine and return 1:
  * the caller must then `return lua_yieldk(L, 0, ctx, k)`, and k finds the
@@ -171,7 +171,7 @@ WPL_HIDDEN void wpl_push_borrowed(lua_State *L, wp_pool *p);
 
 /* f:on_done(cb) for the future userdata at 1 holding f.  [-0, +0, e] */
 WPL_HIDDEN int wpl_host_on_done(lua_State *L, wp_future *f);
-/* [-0, +0, m] Registers the metatables host.c uses. */
+/* [-0, +0, m] Registers the metatables the host files use. */
 WPL_HIDDEN void wpl_host_init(lua_State *L);
 
 #endif
