@@ -190,8 +190,14 @@ void wpool_host_shutdown(wpool_host *h, const char *why) {
 }
 
 int wpool_host_finish(wpool_host *h) {
+  wpl_story before = h->story;
   if (h->closed) return h->exit_code;
   wpl_host_take_signals(h); /* one taken while the loop was stopping */
+  if (before != STORY_DONE && h->story == STORY_DONE)
+    /* A hard stop ended the story here, and its uv_stop, outside uv_run,
+     * would end the caller's next run at once: this run, which finds the
+     * stop flag set, runs no callback and only clears it. */
+    uv_run(h->loop, UV_RUN_NOWAIT);
   if (h->story == STORY_NONE && h->main != NULL && h->exit_code == 0) {
     wpl_host_call(h, wpl_host_stranded_pmain, h);
     h->exit_code = 1;

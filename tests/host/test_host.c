@@ -233,6 +233,31 @@ Test(host, a_refused_host_leaves_the_signals_alone) {
   env_close(&e);
 }
 
+/* A second signal that finish finds while the story drains forces the hard
+ * stop there, outside uv_run: the loop must still run normally afterwards,
+ * so that one run after wpool_host_close completes the closes. */
+Test(host, hard_stop_in_finish_leaves_the_loop_usable) {
+  env e;
+  env_open(&e);
+  cr_assert_eq(wpool_host_handle_signals(e.h, 30), 0);
+  cr_assert_eq(luaL_dostring(e.L, "local wp = require 'workerpool'\n"
+                                  "pool = wp.new{max_workers = 1}\n"
+                                  "pool:pause()\n"
+                                  "for i = 1, 3 do\n"
+                                  "  pool:submit(function() end)\n"
+                                  "end\n"),
+               LUA_OK);
+  wpool_host_shutdown(e.h, "test"); /* the story drains (paused: forever) */
+  raise(SIGTERM);                   /* counted; the loop does not run */
+  cr_assert_eq(wpool_host_finish(e.h), WPOOL_EXIT_DISCARDED);
+  cr_assert_eq(wpool_host_abandoned(e.h), 0);
+  wpool_host_close(e.h);
+  uv_run(&e.loop, UV_RUN_DEFAULT);
+  cr_assert_not(uv_loop_alive(&e.loop));
+  lua_close(e.L);
+  cr_assert_eq(uv_loop_close(&e.loop), 0);
+}
+
 /* An allocator that fails every growing allocation once budget reaches 0
  * (budget < 0: never). */
 static long budget = -1;
