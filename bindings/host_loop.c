@@ -182,7 +182,7 @@ static int host_new_pmain(lua_State *L) {
 
 int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   wpool_host *h;
-  int err = WP_ESYS, st;
+  int err = WP_ESYS, st, r = 0;
   *out = NULL;
   if (wpl_host_of(L)) return WP_EEXISTS;
   if ((h = calloc(1, sizeof *h)) == NULL) return WP_ENOMEM;
@@ -192,20 +192,20 @@ int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out) {
   h->L = L;
   h->drain_timeout = 25;
   h->closed = 1; /* until everything below is in place */
-  if (uv_async_init(loop, &h->async, async_cb) != 0) goto err_async;
+  if ((r = uv_async_init(loop, &h->async, async_cb)) != 0) goto err_async;
   h->async.data = h;
   uv_unref((uv_handle_t *)&h->async);
   if ((h->mb = wpl_mailbox_new(&h->async)) == NULL) {
     err = WP_ENOMEM;
     goto err_mb;
   }
-  if (uv_async_init(loop, &h->sig_async, wpl_host_sig_async_cb) != 0)
+  if ((r = uv_async_init(loop, &h->sig_async, wpl_host_sig_async_cb)) != 0)
     goto err_sig;
   h->sig_async.data = h;
   uv_unref((uv_handle_t *)&h->sig_async);
-  if (uv_idle_init(loop, &h->idle) != 0) goto err_idle;
+  if ((r = uv_idle_init(loop, &h->idle)) != 0) goto err_idle;
   h->idle.data = h;
-  if (uv_timer_init(loop, &h->drain_timer) != 0) goto err_timer;
+  if ((r = uv_timer_init(loop, &h->drain_timer)) != 0) goto err_timer;
   h->drain_timer.data = h;
   uv_unref((uv_handle_t *)&h->drain_timer);
   lua_pushcfunction(L, host_new_pmain);
@@ -238,6 +238,7 @@ err_mb:
   uv_close((uv_handle_t *)&h->async, wpl_host_handle_closed);
 err_async:
   if (h->nclosing == 0) free(h);
+  if (err == WP_ESYS) errno = -r; /* libuv's codes are negated errnos */
   return err;
 }
 
