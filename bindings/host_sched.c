@@ -67,6 +67,8 @@ static int tostring_pmain(lua_State *L) {
  * its top: the string itself, what its __tostring returns (called in L,
  * protected: co is dead), else "(error object is a T value)". */
 static const char *error_message(lua_State *L, lua_State *co) {
+  /* Nothing made room on co's stack since it died. */
+  if (!lua_checkstack(co, 2)) luaL_error(L, "not enough memory");
   if (lua_type(co, -1) == LUA_TSTRING || lua_type(co, -1) == LUA_TNUMBER) {
     lua_pushvalue(co, -1);
     return lua_tostring(co, -1);
