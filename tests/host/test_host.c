@@ -233,6 +233,58 @@ Test(host, a_refused_host_leaves_the_signals_alone) {
   env_close(&e);
 }
 
+static int l_raise_term(lua_State *L) {
+  (void)L;
+  raise(SIGTERM);
+  return 0;
+}
+
+/* A SIGTERM raised by the main script's last call, while a luv handle
+ * keeps the loop alive: the story still runs and ends the loop. */
+Test(host, sigterm_as_the_script_ends_with_luv_alive) {
+  env e;
+  env_open(&e);
+  cr_assert_eq(wpool_host_handle_signals(e.h, 5), 0);
+  lua_register(e.L, "raise_term", l_raise_term);
+  cr_assert_eq(run_main(&e,
+                        "local wp, uv = require 'workerpool', require 'luv'\n"
+                        "local t = uv.new_timer()\n"
+                        "t:start(60000, 0, function() end)\n"
+                        "wp.on_shutdown(function() shut = 1 end)\n"
+                        "raise_term()\n"),
+               0);
+  cr_assert_eq(global_int(e.L, "shut"), 1);
+  env_close(&e);
+}
+
+/* The same with the signal raised in a luv callback after the script
+ * ended, and in the callback that lets the script end. */
+Test(host, sigterm_from_a_luv_callback_as_the_script_ends) {
+  static const char *const scripts[] = {
+      "local wp, uv = require 'workerpool', require 'luv'\n"
+      "wp.on_shutdown(function() shut = 1 end)\n"
+      "local t = uv.new_timer()\n"
+      "t:start(10, 0, function() raise_term() end)\n",
+      "local wp, uv = require 'workerpool', require 'luv'\n"
+      "wp.on_shutdown(function() shut = 1 end)\n"
+      "local keep = uv.new_timer()\n"
+      "keep:start(60000, 0, function() end)\n"
+      "wp.await(function(cb)\n"
+      "  local t = uv.new_timer()\n"
+      "  t:start(10, 0, function() t:close() raise_term() cb() end)\n"
+      "end)\n"};
+  size_t i;
+  for (i = 0; i < sizeof scripts / sizeof *scripts; i++) {
+    env e;
+    env_open(&e);
+    cr_assert_eq(wpool_host_handle_signals(e.h, 5), 0);
+    lua_register(e.L, "raise_term", l_raise_term);
+    cr_assert_eq(run_main(&e, scripts[i]), 0);
+    cr_assert_eq(global_int(e.L, "shut"), 1, "script %zu", i);
+    env_close(&e);
+  }
+}
+
 /* A second signal that finish finds while the story drains forces the hard
  * stop there, outside uv_run: the loop must still run normally afterwards,
  * so that one run after wpool_host_close completes the closes. */
