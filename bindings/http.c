@@ -7,6 +7,10 @@
  *                 and while a pool is wedged (metrics.c)
  *   GET /debug/pools  what every pool's workers run now, as JSON
  *
+ * The routes are one table (http.h): the four above are built in, and
+ * another file adds one with wpl_http_route.  A path not in the table gets
+ * a 404, a method other than GET on a known path a 405.
+ *
  * Requests are parsed by http-parser (Debian's libhttp-parser).  A request
  * that is malformed, or larger than MAX_REQUEST bytes, gets a 400 and its
  * connection is closed; a client that does not finish a request within
@@ -24,6 +28,7 @@
 
 #include <http_parser.h>
 
+#include "http.h"
 #include "lbind.h"
 #include "wpool_host.h"
 
@@ -33,7 +38,7 @@
 #define IDLE_MS 5000
 #define MAX_BACKLOG (256 * 1024) /* bytes of responses not yet sent */
 
-typedef struct server server;
+typedef struct wpl_http_server server;
 
 typedef struct conn {
   uv_tcp_t tcp;    /* first: the handle's memory is the conn's */
@@ -53,7 +58,7 @@ typedef struct conn {
   char rbuf[4096];
 } conn;
 
-struct server {
+struct wpl_http_server {
   uv_tcp_t tcp;
   wpool_host *host;
   conn *conns;
@@ -158,6 +163,102 @@ static void respond_text(conn *c, int code, const char *reason,
           strlen(text), 0, keep);
 }
 
+/* ---- routes ---------------------------------------------------------- */
+
+#define MAX_ROUTES 32
+
+static void get_healthz(wpool_host *h, wpl_http_reply *r) {
+  (void)h;
+  r->body = "ok\n";
+  r->len = 3;
+}
+
+static void get_readyz(wpool_host *h, wpl_http_reply *r) {
+  if (wpool_host_ready(h) && !wpl_pools_wedged()) {
+    r->body = "ready\n";
+    r->len = 6;
+  } else {
+    r->code = 503;
+    r->reason = "Service Unavailable";
+    r->body = "not ready\n";
+    r->len = 10;
+  }
+}
+
+static void get_metrics(wpool_host *h, wpl_http_reply *r) {
+  (void)h;
+  r->type = "text/plain; version=0.0.4; charset=utf-8";
+  r->body = wpl_metrics_text(&r->len); /* the collectors' text included */
+  r->owned = 1;
+}
+
+static void get_debug_pools(wpool_host *h, wpl_http_reply *r) {
+  (void)h;
+  r->type = "application/json";
+  r->body = wpl_pools_json(&r->len);
+  r->owned = 1;
+}
+
+/* The routes of every server; the first entries are built in, and
+ * wpl_http_route appends.  Paths of added routes are malloc'd and live as
+ * long as the process. */
+static struct {
+  uv_once_t once;
+  uv_mutex_t mu; /* guards n and the entries past the built-in ones */
+  int n;
+  struct route {
+    const char *path;
+    wpl_http_handler fn;
+  } v[MAX_ROUTES];
+} routes = {UV_ONCE_INIT, .n = 4,
+            .v = {{"/healthz", get_healthz},
+                  {"/readyz", get_readyz},
+                  {"/metrics", get_metrics},
+                  {"/debug/pools", get_debug_pools}}};
+
+static void routes_init(void) {
+  if (uv_mutex_init(&routes.mu) != 0) abort();
+}
+
+/* The handler of path, or NULL.  Needs routes.mu. */
+static wpl_http_handler route_find_locked(const char *path) {
+  int i;
+  for (i = 0; i < routes.n; i++)
+    if (strcmp(routes.v[i].path, path) == 0) return routes.v[i].fn;
+  return NULL;
+}
+
+static wpl_http_handler route_find(const char *path) {
+  wpl_http_handler fn;
+  uv_once(&routes.once, routes_init);
+  uv_mutex_lock(&routes.mu);
+  fn = route_find_locked(path);
+  uv_mutex_unlock(&routes.mu);
+  return fn;
+}
+
+int wpl_http_route(const char *path, wpl_http_handler fn) {
+  char *copy;
+  int err = 0;
+  if ((copy = strdup(path)) == NULL) return WP_ENOMEM;
+  uv_once(&routes.once, routes_init);
+  uv_mutex_lock(&routes.mu);
+  if (route_find_locked(path)) {
+    err = WP_EEXISTS;
+  } else if (routes.n == MAX_ROUTES) {
+    err = WP_ENOMEM;
+  } else {
+    routes.v[routes.n].path = copy;
+    routes.v[routes.n].fn = fn;
+    routes.n++;
+  }
+  uv_mutex_unlock(&routes.mu);
+  if (err) free(copy);
+  return err;
+}
+
+/* ---- requests -------------------------------------------------------- */
+
 static int on_url(http_parser *p, const char *at, size_t len) {
   conn *c = p->data;
   if (c->url_len + len >= MAX_URL) {
@@ -182,6 +283,7 @@ static int on_message_complete(http_parser *p) {
   conn *c = p->data;
   wpool_host *h = c->srv->host;
   int keep = http_should_keep_alive(p);
+  wpl_http_handler fn;
   char *q;
   c->req_bytes = 0;
   uv_timer_again(&c->idle);
@@ -190,33 +292,19 @@ static int on_message_complete(http_parser *p) {
     return 1;
   }
   if ((q = strchr(c->url, '?')) != NULL) *q = '\0'; /* ignore the query */
-  if (strcmp(c->url, "/healthz") && strcmp(c->url, "/readyz") &&
-      strcmp(c->url, "/metrics") && strcmp(c->url, "/debug/pools")) {
+  if ((fn = route_find(c->url)) == NULL) {
     respond_text(c, 404, "Not Found", "not found\n", keep);
   } else if (p->method != HTTP_GET) {
     respond_text(c, 405, "Method Not Allowed", "only GET\n", keep);
-  } else if (strcmp(c->url, "/healthz") == 0) {
-    respond_text(c, 200, "OK", "ok\n", keep);
-  } else if (strcmp(c->url, "/readyz") == 0) {
-    if (wpool_host_ready(h) && !wpl_pools_wedged())
-      respond_text(c, 200, "OK", "ready\n", keep);
-    else
-      respond_text(c, 503, "Service Unavailable", "not ready\n", keep);
-  } else if (strcmp(c->url, "/debug/pools") == 0) {
-    size_t len = 0;
-    char *text = wpl_pools_json(&len);
-    if (text == NULL)
-      respond_text(c, 500, "Internal Server Error", "out of memory\n", 0);
-    else
-      respond(c, 200, "OK", "application/json", text, len, 1, keep);
   } else {
-    size_t len = 0;
-    char *text = wpl_metrics_text(&len);
-    if (text == NULL)
+    wpl_http_reply r = {0, NULL, NULL, NULL, 0, 0};
+    fn(h, &r);
+    if (r.owned && r.body == NULL)
       respond_text(c, 500, "Internal Server Error", "out of memory\n", 0);
     else
-      respond(c, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", text,
-              len, 1, keep);
+      respond(c, r.code ? r.code : 200, r.reason ? r.reason : "OK",
+              r.type ? r.type : "text/plain; charset=utf-8", r.body, r.len,
+              r.owned, keep);
   }
   if (keep && c->backlog > MAX_BACKLOG)
     http_parser_pause(p, 1); /* on_read/write_done keep the rest */
@@ -325,7 +413,7 @@ static void server_closed(uv_handle_t *h) {
 }
 
 int wpl_http_serve(wpool_host *h, uv_loop_t *loop, const char *addr,
-                   void **out) {
+                   wpl_http_server **out) {
   struct sockaddr_storage ss;
   server *s;
   int r;
@@ -348,8 +436,7 @@ int wpl_http_serve(wpool_host *h, uv_loop_t *loop, const char *addr,
   return 0;
 }
 
-void wpl_http_close(void *srv) {
-  server *s = srv;
+void wpl_http_close(server *s) {
   if (s == NULL) return;
   s->closing = 1;
   while (s->conns)

@@ -122,6 +122,9 @@ WPL_HIDDEN json_t *wpl_json_text(const char *s, size_t len);
 WPL_HIDDEN json_t *wpl_json_str(const char *s);
 /* Turns a core event into a log line (the core's event handler). */
 WPL_HIDDEN void wpl_log_event(const wp_event *ev);
+/* Makes wpl_log_event the core's event sink, once per process, unless the
+ * embedder chose one (wpool_host_set_event_sink).  Any thread. */
+WPL_HIDDEN void wpl_log_default_sink(void);
 WPL_HIDDEN int wpl_lua_set_log_level(lua_State *L);
 
 /* ---- metrics (metrics.c) ---------------------------------------------- */
@@ -162,16 +165,9 @@ WPL_HIDDEN wp_drop_reason wpl_refusal_class(const char *reason);
  * thread; no Lua. */
 WPL_HIDDEN void wpl_metrics_pool_created(wp_pool *p, int tenant_label_limit);
 
-/* ---- health and metrics endpoints (http.c) ---------------------------- */
+/* The health and metrics endpoints: http.h. */
 
-typedef struct wpool_host wpool_host;
-/* Starts serving on addr; *out is closed by wpl_http_close.  0 or a UV
- * error. */
-WPL_HIDDEN int wpl_http_serve(wpool_host *h, uv_loop_t *loop, const char *addr,
-                              void **out);
-WPL_HIDDEN void wpl_http_close(void *server);
-
-/* ---- the host event loop (host.c) ------------------------------------ */
+/* ---- the host event loop (host_*.c) -------------------------------- */
 
 /* In a coroutine run by a host loop these park the coroutine and return 1:
  * the caller must then `return lua_yieldk(L, 0, ctx, k)`, and k finds the
@@ -247,7 +243,7 @@ WPL_HIDDEN void wpl_push_borrowed(lua_State *L, wp_pool *p);
 
 /* f:on_done(cb) for the future userdata at 1 holding f.  [-0, +0, e] */
 WPL_HIDDEN int wpl_host_on_done(lua_State *L, wp_future *f);
-/* [-0, +0, m] Registers the metatables host.c uses. */
+/* [-0, +0, m] Registers the metatables the host files use. */
 WPL_HIDDEN void wpl_host_init(lua_State *L);
 
 #endif

@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,14 @@
 #include <uv.h>
 
 #include "lbind.h"
+#include "wpool_host.h"
+
+_Static_assert((int)WPL_DEBUG == (int)WPOOL_LOG_DEBUG &&
+                   (int)WPL_INFO == (int)WPOOL_LOG_INFO &&
+                   (int)WPL_WARN == (int)WPOOL_LOG_WARN &&
+                   (int)WPL_ERROR == (int)WPOOL_LOG_ERROR &&
+                   (int)WPL_OFF == (int)WPOOL_LOG_OFF,
+               "the public log levels are the internal ones");
 
 static const char *const level_names[] = {"debug", "info", "warn",
                                           "error", "off",  NULL};
@@ -96,6 +105,48 @@ void wpl_log(int level, const char *event, json_t *fields) {
   fflush(logger.sink ? logger.sink : stderr);
   uv_mutex_unlock(&logger.mu);
   free(text);
+}
+
+/* ---- the public settings (wpool_host.h) ------------------------------ */
+
+/* Whether the embedder chose the event sink (wpool_host_set_event_sink):
+ * luaopen_workerpool then leaves it alone. */
+static atomic_int sink_chosen;
+static uv_once_t default_sink_once = UV_ONCE_INIT;
+
+int wpool_host_set_log_level(int level) {
+  if (level < WPL_DEBUG || level > WPL_OFF) return WP_EINVAL;
+  wpl_log_set_level(level);
+  return 0;
+}
+
+int wpool_host_log_level(const char *name) {
+  int level = name ? wpl_log_level_parse(name) : -1;
+  return level < 0 ? WP_EINVAL : level;
+}
+
+int wpool_host_set_log_file(const char *path) {
+  int err = wpl_log_set_file(path);
+  if (err == 0) return 0;
+  errno = err;
+  return err == ENOMEM ? WP_ENOMEM : WP_ESYS;
+}
+
+void wpool_host_set_event_sink(wp_event_fn fn) {
+  atomic_store(&sink_chosen, 1);
+  wp_set_event_handler(fn);
+}
+
+void wpool_host_log_event(const wp_event *ev) {
+  wpl_log_event(ev);
+}
+
+static void install_default_sink(void) {
+  if (!atomic_load(&sink_chosen)) wp_set_event_handler(wpl_log_event);
+}
+
+void wpl_log_default_sink(void) {
+  uv_once(&default_sink_once, install_default_sink);
 }
 
 /* ---- core events ----------------------------------------------------- */

@@ -152,7 +152,7 @@ static int do_run(const run_opts *o) {
   }
   if (o->metrics_addr && (r = wpool_host_serve(h, o->metrics_addr)) != 0) {
     fprintf(stderr, "wpool: cannot serve on %s: %s\n", o->metrics_addr,
-            uv_strerror(r));
+            wpool_host_strerror(r));
     return 1;
   }
   uv_signal_init(&loop, &c.sigint);

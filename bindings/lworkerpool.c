@@ -811,7 +811,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   const luaL_Reg *f;
   char name[64];
   uv_once(&pinned, pin_module);
-  wp_set_event_handler(wpl_log_event);
+  wpl_log_default_sink(); /* an embedder's sink stays */
   for (f = module_funcs; f->name; f++) {
     snprintf(name, sizeof name, "workerpool.%s", f->name);
     wp_register_cfunction(name, f->func);

@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "lbind.h"
+#include "mailbox.h"
 #include "wp_internal.h" /* the codec: items travel as its bytes */
 
 static const char uses_key = 'u', pending_key = 'p', box_key = 'b',
@@ -42,56 +43,12 @@ static atomic_int any_policy;
 
 #define MAILBOX_MT "workerpool.mailbox"
 
-/* Futures that ended, from worker threads to one state. */
-typedef struct mailbox {
-  atomic_int refs; /* the state's box and each pending callback */
-  uv_mutex_t mu;
-  int closed; /* the state is gone: callbacks just release */
-  wp_future **v;
-  size_t n, cap;
-} mailbox;
-
-static void mailbox_release(mailbox *mb) {
-  size_t i;
-  if (atomic_fetch_sub(&mb->refs, 1) != 1) return;
-  for (i = 0; i < mb->n; i++)
-    wp_future_release(mb->v[i]);
-  uv_mutex_destroy(&mb->mu);
-  free(mb->v);
-  free(mb);
-}
-
-static void mailbox_cb(wp_future *f, void *ud) {
-  mailbox *mb = ud;
-  int kept = 0;
-  uv_mutex_lock(&mb->mu);
-  if (!mb->closed) {
-    if (mb->n == mb->cap) {
-      size_t cap = mb->cap ? mb->cap * 2 : 32;
-      wp_future **v = realloc(mb->v, cap * sizeof *v);
-      if (v) {
-        mb->v = v;
-        mb->cap = cap;
-      }
-    }
-    if (mb->n < mb->cap) {
-      mb->v[mb->n++] = f;
-      kept = 1;
-    }
-  }
-  uv_mutex_unlock(&mb->mu);
-  if (!kept) wp_future_release(f); /* its done hooks are lost: no memory */
-  mailbox_release(mb);
-}
-
 /* __gc of the state's mailbox box.   [-0, +0, -] */
 static int box_gc(lua_State *L) {
-  mailbox **box = luaL_checkudata(L, 1, MAILBOX_MT);
+  wpl_mailbox **box = luaL_checkudata(L, 1, MAILBOX_MT);
   if (*box) {
-    uv_mutex_lock(&(*box)->mu);
-    (*box)->closed = 1;
-    uv_mutex_unlock(&(*box)->mu);
-    mailbox_release(*box);
+    wpl_mailbox_close(*box); /* callbacks to come just release */
+    wpl_mailbox_release(*box);
     *box = NULL;
   }
   return 0;
@@ -99,8 +56,8 @@ static int box_gc(lua_State *L) {
 
 /* [-0, +0, m] The state's mailbox, created on first use (NULL: no
  * memory). */
-static mailbox *state_mailbox(lua_State *L) {
-  mailbox **box;
+static wpl_mailbox *state_mailbox(lua_State *L) {
+  wpl_mailbox **box;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
   box = lua_touserdata(L, -1);
   lua_pop(L, 1);
@@ -109,14 +66,7 @@ static mailbox *state_mailbox(lua_State *L) {
   *box = NULL;
   luaL_setmetatable(L, MAILBOX_MT);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &box_key);
-  if ((*box = calloc(1, sizeof **box)) == NULL) return NULL;
-  if (uv_mutex_init(&(*box)->mu)) {
-    free(*box);
-    *box = NULL;
-    return NULL;
-  }
-  atomic_init(&(*box)->refs, 1);
-  return *box;
+  return *box = wpl_mailbox_new(NULL);
 }
 
 /* ---- the pools' items, process-wide --------------------------------- */
@@ -607,7 +557,7 @@ static int finish_cb(lua_State *L) {
 
 void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut) {
   wp_future **fu = lua_touserdata(L, fut);
-  mailbox *mb;
+  wpl_mailbox *mb;
   (void)p;
   task = lua_absindex(L, task);
   fut = lua_absindex(L, fut);
@@ -632,13 +582,7 @@ void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut) {
   if (wpl_host_watch(L, *fu)) return; /* the host loop runs finish_cb */
   lua_pop(L, 1);
   if ((mb = state_mailbox(L)) == NULL) luaL_error(L, "not enough memory");
-  atomic_fetch_add(&mb->refs, 1);
-  wp_future_retain(*fu);
-  if (wp_future_on_done(*fu, mailbox_cb, mb) != 0) {
-    wp_future_release(*fu);
-    mailbox_release(mb);
-    luaL_error(L, "not enough memory");
-  }
+  if (wpl_mailbox_watch(mb, *fu) != 0) luaL_error(L, "not enough memory");
 }
 
 void wpl_policy_undo(lua_State *L, wp_pool *p, int task) {
@@ -662,19 +606,14 @@ void wpl_policy_finish(lua_State *L, wp_future *f) {
 }
 
 void wpl_policy_poll(lua_State *L) {
-  mailbox **box;
-  wp_future **v;
+  wpl_mailbox **box;
+  wpl_msg *v;
   size_t n, i;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
   box = lua_touserdata(L, -1);
   lua_pop(L, 1);
   if (box == NULL || *box == NULL) return;
-  uv_mutex_lock(&(*box)->mu);
-  v = (*box)->v;
-  n = (*box)->n;
-  (*box)->v = NULL;
-  (*box)->n = (*box)->cap = 0;
-  uv_mutex_unlock(&(*box)->mu);
+  v = wpl_mailbox_take(*box, &n);
   if (n == 0) {
     free(v);
     return;
@@ -684,9 +623,9 @@ void wpl_policy_poll(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &pending_key);
   for (i = 0; i < n; i++) {
     if (lua_istable(L, -1)) {
-      if (lua_rawgetp(L, -1, v[i]) == LUA_TFUNCTION) {
+      if (lua_rawgetp(L, -1, v[i].ptr) == LUA_TFUNCTION) {
         lua_pushnil(L);
-        lua_rawsetp(L, -3, v[i]);
+        lua_rawsetp(L, -3, v[i].ptr);
         if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
           wpl_log(
               WPL_ERROR, "policy.error",
@@ -697,7 +636,7 @@ void wpl_policy_poll(lua_State *L) {
         lua_pop(L, 1);
       }
     }
-    wp_future_release(v[i]);
+    wp_future_release(v[i].ptr);
   }
   lua_pop(L, 1);
   free(v);

@@ -4,7 +4,7 @@
  * loaded, and exits once no coroutine, timer or pool has work left, or once
  * a SIGINT/SIGTERM shutdown has drained the pools.  Pools still busy when
  * the script ends drain inside the loop, so a signal still bounds them.  It is
- * to the host runtime (host.c) what lua.c is to lauxlib.
+ * to the host runtime (host_*.c) what lua.c is to lauxlib.
  *
  * Exit status: 0 success; 1 the script failed; 2 bad usage;
  * 3 (WPOOL_EXIT_DISCARDED) a shutdown discarded or abandoned tasks.
@@ -87,14 +87,15 @@ static int run(int argc, char **argv, const run_opts *o) {
     return 1;
   }
   luaL_openlibs(L);
-  if (wpool_host_new(&loop, L, &h) != 0 ||
-      wpool_host_handle_signals(h, o->drain_timeout) != 0) {
-    fprintf(stderr, "wpool: cannot start the host runtime\n");
+  if ((i = wpool_host_new(&loop, L, &h)) != 0 ||
+      (i = wpool_host_handle_signals(h, o->drain_timeout)) != 0) {
+    fprintf(stderr, "wpool: cannot start the host runtime: %s\n",
+            wpool_host_strerror(i));
     return 1;
   }
   if (o->metrics_addr && (i = wpool_host_serve(h, o->metrics_addr)) != 0) {
     fprintf(stderr, "wpool: cannot serve on %s: %s\n", o->metrics_addr,
-            uv_strerror(i));
+            wpool_host_strerror(i));
     return 1;
   }
   set_arg(L, argv, o->script_index, argc);
@@ -127,7 +128,8 @@ int main(int argc, char **argv) {
   run_opts o = {25, NULL, NULL, 0};
   int i;
   char *end;
-  wpl_log_set_level(WPL_INFO); /* the module alone logs nothing by default */
+  /* the module alone logs nothing by default */
+  wpool_host_set_log_level(WPOOL_LOG_INFO);
   if (argc < 2) {
     fputs(usage, stderr);
     return 2;
@@ -167,17 +169,16 @@ int main(int argc, char **argv) {
     } else if (strcmp(opt, "--metrics-addr") == 0) {
       o.metrics_addr = argv[i + 1];
     } else if (strcmp(opt, "--log-level") == 0) {
-      int level = wpl_log_level_parse(argv[i + 1]);
+      int level = wpool_host_log_level(argv[i + 1]);
       if (level < 0)
         return usage_error("--log-level must be debug, info, warn or "
                            "error, got '%s'",
                            argv[i + 1]);
-      wpl_log_set_level(level);
+      wpool_host_set_log_level(level);
     } else if (strcmp(opt, "--log-file") == 0) {
-      int err = wpl_log_set_file(argv[i + 1]);
-      if (err) {
+      if (wpool_host_set_log_file(argv[i + 1]) != 0) {
         fprintf(stderr, "wpool: cannot open log file %s: %s\n", argv[i + 1],
-                strerror(err));
+                strerror(errno));
         return 1;
       }
     } else {

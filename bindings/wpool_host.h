@@ -7,7 +7,14 @@
  * waiting coroutine is suspended and the loop keeps running.  Completions
  * reach the loop through one uv_async_t, drained in batches.
  *
- * Every function here is for the loop thread only.  See docs/embedding.md.
+ * Every function taking a wpool_host is for the loop thread only; the
+ * logging settings at the end are process-wide and any thread may call
+ * them.  See docs/embedding.md.
+ *
+ * Errors: every function that can fail returns 0 or a negative WP_E* code
+ * of wpool.h (wp_strerror, wp_err_name), and no other domain.  WP_ESYS
+ * means the system refused (a libuv handle, sigaction, bind, listen...),
+ * and leaves errno saying why; wpool_host_strerror words both.
  */
 #ifndef WPOOL_HOST_H
 #define WPOOL_HOST_H
@@ -29,8 +36,10 @@ typedef struct wpool_host wpool_host;
 
 /* Attaches a host to loop and L (a main state with the standard libraries
  * open): loads the workerpool module into package.loaded.  The host lives
- * until wpool_host_close.  WP_ENOMEM, WP_EEXISTS (L already has a host),
- * WP_ESYS. */
+ * until wpool_host_close.  WP_EEXISTS (L already has a host), WP_ENOMEM,
+ * WP_ESYS (a libuv handle could not be made), WP_EINVAL (loading the
+ * module into L raised an error, L lacking the package library say: the
+ * error message is then left at the top of L's stack). */
 WP_API int wpool_host_new(uv_loop_t *loop, lua_State *L, wpool_host **out);
 
 /* [-(nargs+1), +0, -] Starts the function below its nargs arguments as a
@@ -62,11 +71,12 @@ WP_API int wpool_host_finish(wpool_host *h);
 /* Starts the same shutdown story without a signal (why names it in logs). */
 WP_API void wpool_host_shutdown(wpool_host *h, const char *why);
 
-/* Serves GET /metrics, /healthz and /readyz on addr ("127.0.0.1:9100",
- * "[::1]:9100") from the loop (docs/guards.md).  Sets SIGPIPE to be ignored
- * when it has its default action, so that a client that disconnects costs
- * only its connection.  0 or a libuv error code (UV_EADDRINUSE, UV_EINVAL
- * for a malformed address...). */
+/* Serves GET /metrics, /healthz, /readyz and /debug/pools on addr
+ * ("127.0.0.1:9100", "[::1]:9100") from the loop (docs/guards.md).  Sets
+ * SIGPIPE to be ignored when it has its default action, so that a client
+ * that disconnects costs only its connection.  WP_EEXISTS (already
+ * serving), WP_EINVAL (a malformed address), WP_ENOMEM, WP_ESYS (errno
+ * says why: EADDRINUSE...). */
 WP_API int wpool_host_serve(wpool_host *h, const char *addr);
 
 /* Readiness as /readyz reports it: 0 once shutdown began or any pool of
@@ -85,6 +95,48 @@ WP_API int wpool_host_abandoned(const wpool_host *h);
  * more afterwards (uv_run UV_RUN_DEFAULT) so the closes complete, then
  * lua_close(L) may follow. */
 WP_API void wpool_host_close(wpool_host *h);
+
+/* The message of an error code returned by a function of this header:
+ * wp_strerror's, except that for WP_ESYS it words errno ("address already
+ * in use"), so call it before anything else can change errno.  Never
+ * NULL. */
+WP_API const char *wpool_host_strerror(int err);
+
+/* ---- logging: process-wide, any thread -------------------------------- */
+
+/* Levels of the JSON log lines (docs/logging.md). */
+enum {
+  WPOOL_LOG_DEBUG,
+  WPOOL_LOG_INFO,
+  WPOOL_LOG_WARN,
+  WPOOL_LOG_ERROR,
+  WPOOL_LOG_OFF
+};
+
+/* Lines below level are skipped.  WPOOL_LOG_OFF until set (the wpool
+ * command sets WPOOL_LOG_INFO).  0 or WP_EINVAL. */
+WP_API int wpool_host_set_log_level(int level);
+
+/* The level named "debug", "info", "warn", "error" or "off", or
+ * WP_EINVAL. */
+WP_API int wpool_host_log_level(const char *name);
+
+/* Appends the log lines to path from now on (NULL: back to stderr, the
+ * default).  0, WP_ENOMEM or WP_ESYS (errno says why the file could not be
+ * opened; the former destination stays). */
+WP_API int wpool_host_set_log_file(const char *path);
+
+/* Installs fn as the sink of the core's events (wp_event, wpool.h; NULL:
+ * none), in place of the default that turns each into a JSON log line.
+ * Once an embedder has called it, luaopen_workerpool never installs the
+ * default again (without it, the first luaopen_workerpool of the process
+ * does).  fn runs on any thread, without a pool lock held, and must not
+ * block. */
+WP_API void wpool_host_set_event_sink(wp_event_fn fn);
+
+/* The default sink: writes ev as a JSON log line.  A sink of the embedder
+ * may call it to keep the log. */
+WP_API void wpool_host_log_event(const wp_event *ev);
 
 /* The module's entry point, for hosts that link wpool statically. */
 WP_API int luaopen_workerpool(lua_State *L);

@@ -10,6 +10,7 @@
  * fuzzer's -timeout catches a connection that is never closed).  One pool
  * exists, so that /metrics has something to say.
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,8 +60,9 @@ static void serve(void) {
   if (wp_pool_new(&o, &p, err, sizeof err)) fail(err);
   for (port = 20000 + (int)(uv_os_getpid() % 20000); r; port++) {
     snprintf(where, sizeof where, "127.0.0.1:%d", port);
-    if ((r = wpool_host_serve(h, where)) != 0 && r != UV_EADDRINUSE)
-      fail(uv_strerror(r));
+    if ((r = wpool_host_serve(h, where)) != 0 &&
+        !(r == WP_ESYS && errno == EADDRINUSE))
+      fail(wpool_host_strerror(r));
   }
   uv_ip4_addr("127.0.0.1", port - 1, &addr);
 }
