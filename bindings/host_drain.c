@@ -2,7 +2,9 @@
  * host_drain.c: the shutdown story and the drain at exit.  A shutdown
  * (signal or wpool_host_shutdown) runs the on_shutdown handlers, drains
  * every pool of the process for at most drain_timeout seconds, then
- * discards what is left (the hard stop) and stops the loop.  When the main
+ * discards what is left (the hard stop) and stops the loop.  The drain
+ * also waits for the on_shutdown handlers to end (a handler may sleep,
+ * await a luv close, or stop a pool), within the same deadline.  When the main
  * script ends with pools still busy, wpool_host_finish drains them with
  * the loop still running, so that a signal still bounds that drain.
  */
@@ -100,8 +102,9 @@ static void drain_finish(wpool_host *h) {
   h->abandoned = running;
   if (!running) release_pools(h); /* else the process leaves them behind */
   wpl_log(h->dropped || running ? WPL_WARN : WPL_INFO, "shutdown.stopped",
-          json_pack("{s:i, s:i, s:b}", "dropped", h->dropped, "abandoned",
-                    running, "clean", !h->dropped && !running));
+          json_pack("{s:i, s:i, s:i, s:b}", "dropped", h->dropped,
+                    "abandoned", running, "handlers", h->handlers, "clean",
+                    !h->dropped && !running));
   if ((h->dropped || running) && h->exit_code == 0)
     h->exit_code = WPOOL_EXIT_DISCARDED;
   drain_end(h);
@@ -114,9 +117,10 @@ void wpl_host_hard_stop(wpool_host *h, const char *reason) {
   h->dropped += gather_pools(h, 1);
   drain_counts(h, &queued, &running);
   wpl_log(WPL_WARN, "shutdown.deadline_exceeded",
-          json_pack("{s:s, s:f, s:I, s:i}", "reason", reason, "deadline_s",
-                    h->drain_timeout, "queued", (json_int_t)queued, "running",
-                    running));
+          json_pack("{s:s, s:f, s:I, s:i, s:i}", "reason", reason,
+                    "deadline_s", h->drain_timeout, "queued",
+                    (json_int_t)queued, "running", running, "handlers",
+                    h->handlers));
   for (i = 0; i < h->npools; i++)
     h->dropped += wp_pool_shutdown(h->pools[i], 0);
   drain_finish(h);
@@ -129,7 +133,7 @@ static void drain_tick(uv_timer_t *t) {
   int running;
   gather_pools(h, 0); /* pool ops begun since */
   drain_counts(h, &queued, &running);
-  if (queued == 0 && running == 0) {
+  if (queued == 0 && running == 0 && (h->exit_drain || h->handlers == 0)) {
     if (h->exit_drain) {
       release_pools(h);
       drain_end(h);
@@ -156,7 +160,8 @@ static void drain_timer_start(wpool_host *h) {
   uv_timer_start(&h->drain_timer, drain_tick, 0, 50);
 }
 
-/* [-0, +0, m] Starts every on_shutdown handler. */
+/* [-0, +0, m] Starts every on_shutdown handler; the drain ends only when
+ * they have ended too (or at its deadline). */
 static int run_handlers_pmain(lua_State *L) {
   wpool_host *h = lua_touserdata(L, 1);
   lua_Integer i, n;
@@ -165,8 +170,12 @@ static int run_handlers_pmain(lua_State *L) {
   list = lua_gettop(L);
   n = (lua_Integer)lua_rawlen(L, list);
   for (i = 1; i <= n; i++) {
+    wpl_co *c;
     lua_rawgeti(L, list, i);
-    wpl_co_resume(h, wpl_co_new(h, L, 0), 0, L);
+    c = wpl_co_new(h, L, 0);
+    c->is_handler = 1; /* the drain waits for it */
+    h->handlers++;
+    wpl_co_resume(h, c, 0, L);
     lua_settop(L, list); /* drop the handle */
   }
   return 0;

@@ -64,6 +64,7 @@ typedef struct wpl_co {
   int state;             /* CO_* */
   int parked;            /* PARK_* */
   int is_main;           /* errors end the loop */
+  int is_handler;        /* an on_shutdown handler the drain waits for */
   wp_future *f;          /* awaited future, while PARK_FUTURE */
   struct wpl_co *joined; /* awaited coroutine, while PARK_JOIN */
   void *awaiter;         /* its await, while PARK_AWAIT */
@@ -124,6 +125,7 @@ struct wpool_host {
   /* shutdown */
   uv_timer_t drain_timer;
   wpl_story story; /* where the shutdown story is */
+  int handlers;    /* on_shutdown handlers started and not yet ended */
   int exit_drain;  /* pools drain at exit, with no deadline */
   double drain_timeout, drain_start, last_progress;
   wp_pool **pools; /* references to the pools being drained */

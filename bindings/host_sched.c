@@ -95,6 +95,10 @@ static void co_finish(wpool_host *h, wpl_co *c, int st, int nres) {
   c->state = st == LUA_OK ? CO_DONE : CO_ERROR;
   c->nres = nres;
   if (c == h->main) h->main = NULL;
+  if (c->is_handler) {
+    c->is_handler = 0;
+    h->handlers--;
+  }
   if (st != LUA_OK) {
     const char *msg = error_message(L, co);
     luaL_traceback(co, co, msg, 0); /* the outcome: the top value */
@@ -526,7 +530,10 @@ static int await_cb(lua_State *L) {
 
 /* workerpool.await(fn, ...) -> the callback's arguments   [-0, +?, e]
  * Calls fn(..., callback) and suspends the calling host coroutine until
- * callback runs. */
+ * callback runs.  When fn fails at once, luv's way (it returns nil and a
+ * message without calling callback), await returns that message as the
+ * callback's first argument (luv passes errors first) instead of waiting
+ * for a call that never comes. */
 int wpl_await(lua_State *L) {
   wpl_co *c = co_current(L);
   int n = lua_gettop(L), st;
@@ -549,11 +556,18 @@ int wpl_await(lua_State *L) {
   lua_pushcclosure(L, await_cb, 1); /* fn, fn, args..., aw, cb */
   lua_rotate(L, -2, 1);             /* fn, fn, args..., cb, aw */
   lua_insert(L, 2);                 /* fn, aw, fn, args..., cb */
-  st = lua_pcall(L, n, 0, 0);
+  st = lua_pcall(L, n, LUA_MULTRET, 0); /* fn, aw, results... */
   if (st != LUA_OK) {
     aw->state = AWAIT_DONE; /* a later call of the callback is ignored */
     return lua_error(L);
   }
+  if (aw->state == AWAIT_CALLING && lua_gettop(L) >= 4 && lua_isnil(L, 3) &&
+      lua_type(L, 4) == LUA_TSTRING) {
+    aw->state = AWAIT_DONE; /* failed at once; a late call is ignored */
+    lua_settop(L, 4);
+    return 1;
+  }
+  lua_settop(L, 2);
   if (aw->state == AWAIT_EARLY) {
     aw->state = AWAIT_DONE;
     lua_getiuservalue(L, 2, 1);

@@ -6,11 +6,16 @@
  * the script ends drain inside the loop, so a signal still bounds them.  It is
  * to the host runtime (host_*.c) what lua.c is to lauxlib.
  *
+ * SIGPIPE is ignored, as servers do: a write to a peer that has gone (a
+ * luv socket, a closed stdout pipe) fails with EPIPE instead of killing
+ * the process.
+ *
  * Exit status: 0 success; 1 the script failed; 2 bad usage;
  * 3 (WPOOL_EXIT_DISCARDED) a shutdown discarded or abandoned tasks.
  */
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,6 +135,7 @@ int main(int argc, char **argv) {
   char *end;
   /* the module alone logs nothing by default */
   wpool_host_set_log_level(WPOOL_LOG_INFO);
+  signal(SIGPIPE, SIG_IGN);
   if (argc < 2) {
     fputs(usage, stderr);
     return 2;

@@ -158,10 +158,8 @@ local function respond(conn, status, body, ctype, conn_header, head_only)
     "Content-Length: ", #body, "\r\n",
     conn_header and "Connection: " .. conn_header .. "\r\n" or "", "\r\n",
     head_only and "" or body }
-  return workerpool.await(function(cb)
-    local req, err = conn:write(msg, cb)
-    if not req then cb(err) end -- refused at once: no callback will come
-  end) == nil
+  -- nil once written; an error at once (EPIPE, ECONNRESET) or later.
+  return workerpool.await(conn.write, conn, msg) == nil
 end
 
 -- One connection's coroutine: requests in order, until either side closes.
@@ -220,14 +218,6 @@ local function serve(conn)
   stats.open = stats.open - 1
   conn:close()
 end
-
--- `wpool run` leaves SIGPIPE at its default action (it ignores it only with
--- --metrics-addr), so a write to a client that has gone would kill the
--- process. A luv signal handle takes it instead and the write fails with
--- EPIPE; unreferenced, it does not keep the loop alive.
-local sigpipe = uv.new_signal()
-sigpipe:start("sigpipe", function() end)
-sigpipe:unref()
 
 local server = uv.new_tcp()
 assert(server:bind("127.0.0.1", port))

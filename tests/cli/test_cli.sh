@@ -820,6 +820,24 @@ check "it names the join cycle" err_has "(a join cycle)"
 check "a traceback of the main script" err_has "in method 'join'"
 check "the script did not go on" out_lacks "unreachable"
 
+S_BIG_OUTPUT=$(script big_output.lua <<'EOF'
+local line = ("x"):rep(99) .. "\n"
+local failed
+for _ = 1, 20000 do
+  local ok, err = io.stdout:write(line)
+  if not ok then failed = err break end
+end
+io.stderr:write("write failed: ", tostring(failed), "\n")
+EOF
+)
+
+begin "stdout closed early (| head): SIGPIPE is ignored, the write fails"
+rm -f "$TMP"/*.flat
+timeout -k 5 60 "$WPOOL" run "$S_BIG_OUTPUT" 2>"$ERR" </dev/null | head -c 10 >"$OUT"
+rc=${PIPESTATUS[0]}
+check "exit 0, not killed by SIGPIPE (141)" rc_is 0
+check "the write reported EPIPE" err_has "write failed: Broken pipe"
+
 end_case
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -212,6 +212,27 @@ Test(host, signals_start_the_shutdown_story) {
   cr_assert(after.sa_handler == before.sa_handler);
 }
 
+/* The drain waits for on_shutdown handlers that suspend (here a sleep),
+ * not only for the pools; before, it ended at its first check and the
+ * handler was cut off. */
+Test(host, drain_waits_for_shutdown_handlers) {
+  uv_timer_t t;
+  env e;
+  env_open(&e);
+  cr_assert_eq(wpool_host_handle_signals(e.h, 30), 0);
+  uv_timer_init(&e.loop, &t);
+  uv_timer_start(&t, raise_term, 20, 0);
+  cr_assert_eq(run_main(&e, "local wp = require 'workerpool'\n"
+                            "wp.on_shutdown(function()\n"
+                            "  wp.sleep(0.2) cleaned = 1 end)\n"
+                            "wp.on_shutdown(function() quick = 1 end)\n"
+                            "wp.sleep(10)\n"),
+               0);
+  cr_assert_eq(global_int(e.L, "quick"), 1);
+  cr_assert_eq(global_int(e.L, "cleaned"), 1);
+  env_close(&e);
+}
+
 /* A host on another thread that is refused the signals must not redirect
  * them: they still reach the first host's loop thread. */
 static void *refused_host(void *arg) {

@@ -10,10 +10,6 @@ local T = require "harness"
 local wp = require "workerpool"
 local uv = require "luv"
 
--- A write to a server that died must fail this test, not kill it.
-local sigpipe = uv.new_signal()
-sigpipe:start("sigpipe", function() end)
-sigpipe:unref()
 
 local src = assert(os.getenv("WPOOL_SOURCE_DIR"), "WPOOL_SOURCE_DIR unset")
 local example = src .. "/scripts/examples/http_server.lua"

@@ -84,6 +84,21 @@ T.test("an error in fn is raised by await; a later callback is ignored", functio
   saved("ignored")
 end)
 
+T.test("a luv call that fails at once: await returns its error, no wait", function()
+  local c = uv.new_tcp() -- never connected: write fails at once, no callback
+  local err = wp.await(c.write, c, "x")
+  T.eq(type(err), "string", "the error in the callback's first place")
+  T.ok(err:find("EBADF", 1, true) or err:find("ENOTCONN", 1, true), err)
+  -- In a spawned coroutine too (before, it hung there for ever).
+  local t = wp.spawn(function() return wp.await(c.write, c, "y") end)
+  local ok, e2 = t:join(5)
+  T.ok(ok, tostring(e2))
+  T.eq(type(e2), "string")
+  -- A plain nil result (no message) is not a failure: await waits.
+  T.eq(wp.await(function(cb) wp.after(0.01, function() cb("later") end) return nil end), "later")
+  c:close()
+end)
+
 T.test("await outside a host coroutine raises a clear error", function()
   local ok, err = pcall(coroutine.wrap(function() return wp.await(print) end))
   T.eq(ok, false)
