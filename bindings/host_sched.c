@@ -553,9 +553,9 @@ int wpl_await(lua_State *L) {
   lua_pushvalue(L, 1);
   lua_rotate(L, 2, 1); /* fn, fn, args..., aw */
   lua_pushvalue(L, -1);
-  lua_pushcclosure(L, await_cb, 1); /* fn, fn, args..., aw, cb */
-  lua_rotate(L, -2, 1);             /* fn, fn, args..., cb, aw */
-  lua_insert(L, 2);                 /* fn, aw, fn, args..., cb */
+  lua_pushcclosure(L, await_cb, 1);     /* fn, fn, args..., aw, cb */
+  lua_rotate(L, -2, 1);                 /* fn, fn, args..., cb, aw */
+  lua_insert(L, 2);                     /* fn, aw, fn, args..., cb */
   st = lua_pcall(L, n, LUA_MULTRET, 0); /* fn, aw, results... */
   if (st != LUA_OK) {
     aw->state = AWAIT_DONE; /* a later call of the callback is ignored */
