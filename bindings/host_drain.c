@@ -102,8 +102,8 @@ static void drain_finish(wpool_host *h) {
   h->abandoned = running;
   if (!running) release_pools(h); /* else the process leaves them behind */
   wpl_log(h->dropped || running ? WPL_WARN : WPL_INFO, "shutdown.stopped",
-          json_pack("{s:i, s:i, s:i, s:b}", "dropped", h->dropped,
-                    "abandoned", running, "handlers", h->handlers, "clean",
+          json_pack("{s:i, s:i, s:i, s:b}", "dropped", h->dropped, "abandoned",
+                    running, "handlers", h->handlers, "clean",
                     !h->dropped && !running));
   if ((h->dropped || running) && h->exit_code == 0)
     h->exit_code = WPOOL_EXIT_DISCARDED;
@@ -117,10 +117,9 @@ void wpl_host_hard_stop(wpool_host *h, const char *reason) {
   h->dropped += gather_pools(h, 1);
   drain_counts(h, &queued, &running);
   wpl_log(WPL_WARN, "shutdown.deadline_exceeded",
-          json_pack("{s:s, s:f, s:I, s:i, s:i}", "reason", reason,
-                    "deadline_s", h->drain_timeout, "queued",
-                    (json_int_t)queued, "running", running, "handlers",
-                    h->handlers));
+          json_pack("{s:s, s:f, s:I, s:i, s:i}", "reason", reason, "deadline_s",
+                    h->drain_timeout, "queued", (json_int_t)queued, "running",
+                    running, "handlers", h->handlers));
   for (i = 0; i < h->npools; i++)
     h->dropped += wp_pool_shutdown(h->pools[i], 0);
   drain_finish(h);
