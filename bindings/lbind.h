@@ -85,6 +85,11 @@ WPL_HIDDEN int wpl_shared_open(lua_State *L);
  * code, or for a policy refusal wpl_refusal_name of its drop class.  Lua
  * code compares NAMEs, never messages. */
 
+/* [-0, +0, m] Registers metatable name with gc as its __gc (a box that
+ * frees what it holds). */
+WPL_HIDDEN void wpl_gc_metatable(lua_State *L, const char *name,
+                                 lua_CFunction gc);
+
 /* [-0, +3, m] Pushes nil, wp_strerror(err) and wp_err_name(err); returns
  * 3, the runtime-failure return of every module function. */
 WPL_HIDDEN int wpl_pusherr(lua_State *L, int err);

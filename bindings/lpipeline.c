@@ -52,6 +52,33 @@ int wpl_usage_error(const char *help, const char *fmt, const char *arg) {
   return 2;
 }
 
+int wpl_cli_host_open(uv_loop_t *loop, lua_State **L, wpool_host **h,
+                      double drain_timeout, const char *metrics_addr) {
+  int r;
+  if (uv_loop_init(loop) != 0) {
+    fprintf(stderr, "wpool: cannot create the event loop\n");
+    return 1;
+  }
+  if ((*L = luaL_newstate()) == NULL) {
+    fprintf(stderr, "wpool: not enough memory\n");
+    return 1;
+  }
+  luaL_openlibs(*L);
+  if ((r = wpool_host_new(loop, *L, h)) != 0 ||
+      (drain_timeout >= 0 &&
+       (r = wpool_host_handle_signals(*h, drain_timeout)) != 0)) {
+    fprintf(stderr, "wpool: cannot start the host runtime: %s\n",
+            wpool_host_strerror(r));
+    return 1;
+  }
+  if (metrics_addr && (r = wpool_host_serve(*h, metrics_addr)) != 0) {
+    fprintf(stderr, "wpool: cannot serve on %s: %s\n", metrics_addr,
+            wpool_host_strerror(r));
+    return 1;
+  }
+  return 0;
+}
+
 static int usage_error(const char *fmt, const char *arg) {
   return wpl_usage_error("wpool pipeline --help", fmt, arg);
 }
@@ -135,26 +162,10 @@ static int do_run(const run_opts *o) {
   lua_State *L;
   wpool_host *h;
   cli c;
-  int r, code;
+  int code;
   memset(&c, 0, sizeof c);
-  if (uv_loop_init(&loop) != 0) {
-    fprintf(stderr, "wpool: cannot create the event loop\n");
-    return 1;
-  }
-  if ((L = luaL_newstate()) == NULL) {
-    fprintf(stderr, "wpool: not enough memory\n");
-    return 1;
-  }
-  luaL_openlibs(L);
-  if (wpool_host_new(&loop, L, &h) != 0) {
-    fprintf(stderr, "wpool: cannot start the host runtime\n");
-    return 1;
-  }
-  if (o->metrics_addr && (r = wpool_host_serve(h, o->metrics_addr)) != 0) {
-    fprintf(stderr, "wpool: cannot serve on %s: %s\n", o->metrics_addr,
-            wpool_host_strerror(r));
-    return 1;
-  }
+  /* The pipeline's own signal handles, not the host's story. */
+  if (wpl_cli_host_open(&loop, &L, &h, -1, o->metrics_addr)) return 1;
   uv_signal_init(&loop, &c.sigint);
   uv_signal_init(&loop, &c.sigterm);
   c.sigint.data = c.sigterm.data = &c;

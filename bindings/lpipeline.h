@@ -7,6 +7,7 @@
 #define WPOOL_LPIPELINE_H
 
 #include "lbind.h"
+#include "wpool_host.h"
 
 /* A growable byte buffer kept in a userdata at a fixed stack index, so
  * that the stack may be used freely between writes (luaL_Buffer wants its
@@ -42,6 +43,15 @@ WPL_HIDDEN void wpl_json_open(lua_State *L);
  * returns 2, the exit status of a usage error.  Main thread only. */
 WPL_HIDDEN int wpl_usage_error(const char *help, const char *fmt,
                                const char *arg);
+
+/* Starts what every `wpool` subcommand runs on: the loop, a state with the
+ * standard libraries, the host on them (with the signal story when
+ * drain_timeout >= 0) and the metrics server when metrics_addr is not
+ * NULL.  0, or 1 after a message on stderr (the process then exits, so
+ * what was made is left to it).  Main thread only. */
+WPL_HIDDEN int wpl_cli_host_open(uv_loop_t *loop, lua_State **L, wpool_host **h,
+                                 double drain_timeout,
+                                 const char *metrics_addr);
 
 /* `wpool pipeline ...`: argv[0] is "pipeline".  Returns the exit status:
  * 0 done, 1 bad config, unreadable source, unwritable sink or a failed

@@ -135,9 +135,10 @@ static int shared_get(lua_State *L) {
   return 1;
 }
 
-/* d:set(k, v [, ttl]) -> true | nil, "not enough memory"   [-0, +1|3, e]
- * v nil deletes k. */
-static int shared_set(lua_State *L) {
+/* [-0, +1|3, e] d:set or d:add (store is wp_shdict_set or _add). */
+static int shared_store(lua_State *L,
+                        int (*store)(wp_shdict *, const char *, size_t,
+                                     const wp_shval *, double)) {
   wp_shdict *d = checkdict(L);
   size_t klen;
   const char *k = luaL_checklstring(L, 2, &klen);
@@ -146,27 +147,22 @@ static int shared_set(lua_State *L) {
   int rc;
   checkvalue(L, 3, &v);
   ttl = optttl(L, 4);
-  rc = wp_shdict_set(d, k, klen, &v, ttl);
+  rc = store(d, k, klen, &v, ttl);
   if (rc < 0) return wpl_pusherr(L, rc);
   lua_pushboolean(L, 1);
   return 1;
 }
 
+/* d:set(k, v [, ttl]) -> true | nil, "not enough memory"   [-0, +1|3, e]
+ * v nil deletes k. */
+static int shared_set(lua_State *L) {
+  return shared_store(L, wp_shdict_set);
+}
+
 /* d:add(k, v [, ttl]) -> true | nil, "exists" | nil, "not enough memory"
  * [-0, +1|3, e] */
 static int shared_add(lua_State *L) {
-  wp_shdict *d = checkdict(L);
-  size_t klen;
-  const char *k = luaL_checklstring(L, 2, &klen);
-  wp_shval v;
-  double ttl;
-  int rc;
-  checkvalue(L, 3, &v);
-  ttl = optttl(L, 4);
-  rc = wp_shdict_add(d, k, klen, &v, ttl);
-  if (rc < 0) return wpl_pusherr(L, rc);
-  lua_pushboolean(L, 1);
-  return 1;
+  return shared_store(L, wp_shdict_add);
 }
 
 /* d:incr(k, step [, init [, ttl]]) -> number | nil, message   [-0, +1|3, e]

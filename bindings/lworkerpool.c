@@ -27,6 +27,13 @@
 const char wpl_pool_class[] = WPL_POOL_MT;
 const char wpl_future_class[] = WPL_FUTURE_MT;
 
+void wpl_gc_metatable(lua_State *L, const char *name, lua_CFunction gc) {
+  luaL_newmetatable(L, name);
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+}
+
 int wpl_pusherr(lua_State *L, int err) {
   lua_pushnil(L);
   lua_pushstring(L, wp_strerror(err));

@@ -1004,14 +1004,8 @@ static int cbuf_gc(lua_State *L) {
 }
 
 void wpl_metrics_init(lua_State *L) {
-  luaL_newmetatable(L, WPL_CBUF_MT);
-  lua_pushcfunction(L, cbuf_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  luaL_newmetatable(L, WPL_COLL_MT);
-  lua_pushcfunction(L, coll_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  wpl_gc_metatable(L, WPL_CBUF_MT, cbuf_gc);
+  wpl_gc_metatable(L, WPL_COLL_MT, coll_gc);
 }
 
 /* [-0, +1, m] Pushes the exposition text for every live pool.  The text is

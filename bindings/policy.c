@@ -286,14 +286,8 @@ void wpl_policy_init(lua_State *L) {
                                    {"store", prim_store},
                                    {"encodable", prim_encodable},
                                    {NULL, NULL}};
-  luaL_newmetatable(L, MAILBOX_MT);
-  lua_pushcfunction(L, box_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  luaL_newmetatable(L, ENCBUF_MT);
-  lua_pushcfunction(L, encbuf_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  wpl_gc_metatable(L, MAILBOX_MT, box_gc);
+  wpl_gc_metatable(L, ENCBUF_MT, encbuf_gc);
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &prim_key) == LUA_TNIL) {
     lua_newtable(L);
     luaL_setfuncs(L, prims, 0);

@@ -83,26 +83,8 @@ static int run(int argc, char **argv, const run_opts *o) {
     return 1;
   }
   fclose(fp);
-  if (uv_loop_init(&loop) != 0) {
-    fprintf(stderr, "wpool: cannot create the event loop\n");
+  if (wpl_cli_host_open(&loop, &L, &h, o->drain_timeout, o->metrics_addr))
     return 1;
-  }
-  if ((L = luaL_newstate()) == NULL) {
-    fprintf(stderr, "wpool: not enough memory\n");
-    return 1;
-  }
-  luaL_openlibs(L);
-  if ((i = wpool_host_new(&loop, L, &h)) != 0 ||
-      (i = wpool_host_handle_signals(h, o->drain_timeout)) != 0) {
-    fprintf(stderr, "wpool: cannot start the host runtime: %s\n",
-            wpool_host_strerror(i));
-    return 1;
-  }
-  if (o->metrics_addr && (i = wpool_host_serve(h, o->metrics_addr)) != 0) {
-    fprintf(stderr, "wpool: cannot serve on %s: %s\n", o->metrics_addr,
-            wpool_host_strerror(i));
-    return 1;
-  }
   set_arg(L, argv, o->script_index, argc);
   if (luaL_loadfile(L, o->script) != LUA_OK) {
     fprintf(stderr, "wpool: %s\n", lua_tostring(L, -1));
