@@ -127,7 +127,8 @@ static void *heap_get(heap *h, size_t n) {
   return malloc(n);
 }
 
-/* Releases p, a block that heap_get returned for n bytes. */
+/* Releases p, a block Lua knows as n bytes: heap_get's for n, or a
+ * larger one kept by a shrink (worker_alloc). */
 static void heap_put(heap *h, void *p, size_t n) {
   if (HEAP_SMALL(n) && h->kept < HEAP_KEEP) {
     size_t c = HEAP_CLASS(n);
@@ -175,6 +176,8 @@ static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     else if ((p = heap_get(h, nsize)) != NULL) {
       memcpy(p, ptr, osize < nsize ? osize : nsize);
       heap_put(h, ptr, osize);
+    } else if (nsize < osize) {
+      p = ptr; /* a shrink never fails; the block is big enough */
     }
     if (p == NULL) return NULL;
     ptr = p;
