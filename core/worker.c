@@ -158,17 +158,94 @@ void wp__worker_interrupt(wp__worker *w, uint64_t seq, int reason) {
   pthread_kill(w->tid, isig.sig);
 }
 
+/* Free lists per state.  Blocks of up to HEAP_MAX bytes, in classes of
+ * HEAP_STEP, freed by a state are kept for its next allocations of the same
+ * class (up to HEAP_KEEP bytes in all) instead of going back to malloc: a
+ * garbage collection frees thousands of small blocks at once, more than
+ * glibc's per-thread cache holds, and glibc consolidates the rest before
+ * every allocation of 1 KB or more (docs/performance.md, Pipelines).  A
+ * heap belongs to one state and is used only by the thread running it. */
+#define HEAP_STEP 16
+#define HEAP_MAX 512
+#define HEAP_KEEP (256 * 1024)
+
+typedef struct heap {
+  wp__worker *w;
+  size_t kept;                      /* bytes on the lists */
+  void *free[HEAP_MAX / HEAP_STEP]; /* singly linked through word 0 */
+} heap;
+
+/* n - 1 < HEAP_MAX: 1 <= n <= HEAP_MAX (n == 0 wraps). */
+#define HEAP_SMALL(n) ((size_t)(n)-1 < HEAP_MAX)
+#define HEAP_CLASS(n) (((n)-1) / HEAP_STEP)
+
+/* A block of at least n bytes (n >= 1), or NULL. */
+static void *heap_get(heap *h, size_t n) {
+  if (HEAP_SMALL(n)) {
+    size_t c = HEAP_CLASS(n);
+    void *p = h->free[c];
+    if (p == NULL) return malloc((c + 1) * HEAP_STEP);
+    h->free[c] = *(void **)p;
+    h->kept -= (c + 1) * HEAP_STEP;
+    return p;
+  }
+  return malloc(n);
+}
+
+/* Releases p, a block Lua knows as n bytes: heap_get's for n, or a
+ * larger one kept by a shrink (worker_alloc). */
+static void heap_put(heap *h, void *p, size_t n) {
+  if (HEAP_SMALL(n) && h->kept < HEAP_KEEP) {
+    size_t c = HEAP_CLASS(n);
+    *(void **)p = h->free[c];
+    h->free[c] = p;
+    h->kept += (c + 1) * HEAP_STEP;
+    return;
+  }
+  free(p);
+}
+
+static void heap_destroy(heap *h) {
+  size_t c;
+  for (c = 0; c < HEAP_MAX / HEAP_STEP; c++) {
+    void *p = h->free[c];
+    while (p) {
+      void *next = *(void **)p;
+      free(p);
+      p = next;
+    }
+  }
+  free(h);
+}
+
 static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
-  wp__worker *w = ud;
+  heap *h = ud;
+  wp__worker *w = h->w;
   if (ptr == NULL) osize = 0;
   if (nsize == 0) {
-    free(ptr);
+    if (ptr) heap_put(h, ptr, osize);
     w->mem -= osize;
   } else if (w->mem_limit && nsize > osize &&
              w->mem + (nsize - osize) > w->mem_limit) {
     w->limit_hit = 1;
     return NULL;
-  } else if ((ptr = realloc(ptr, nsize)) != NULL) {
+  } else {
+    void *p;
+    if (ptr == NULL)
+      p = heap_get(h, nsize);
+    else if (!HEAP_SMALL(osize) && !HEAP_SMALL(nsize))
+      p = realloc(ptr, nsize);
+    else if (HEAP_SMALL(osize) && HEAP_SMALL(nsize) &&
+             HEAP_CLASS(osize) == HEAP_CLASS(nsize))
+      p = ptr;
+    else if ((p = heap_get(h, nsize)) != NULL) {
+      memcpy(p, ptr, osize < nsize ? osize : nsize);
+      heap_put(h, ptr, osize);
+    } else if (nsize < osize) {
+      p = ptr; /* a shrink never fails; the block is big enough */
+    }
+    if (p == NULL) return NULL;
+    ptr = p;
     w->mem = w->mem - osize + nsize;
   }
   atomic_store_explicit(&w->mem_pub, w->mem, memory_order_relaxed);
@@ -225,9 +302,15 @@ static int open_pmain(lua_State *L) {
 }
 
 int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
-  lua_State *L = lua_newstate(worker_alloc, w);
+  heap *h = calloc(1, sizeof *h);
+  lua_State *L = NULL;
   int st;
+  if (h != NULL) {
+    h->w = w;
+    L = lua_newstate(worker_alloc, h);
+  }
   if (L == NULL) {
+    free(h);
     if (errlen) snprintf(errbuf, errlen, "not enough memory");
     return WP_ENOMEM;
   }
@@ -237,10 +320,12 @@ int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
   if (st != LUA_OK) {
     copy_error(L, errbuf, errlen);
     lua_close(L);
+    heap_destroy(h);
     return st == LUA_ERRMEM ? WP_ENOMEM : WP_EINIT;
   }
   assert(lua_gettop(L) == 0);
   w->L = L;
+  w->heap = h;
   w->tasks_run = 0;
   return 0;
 }
@@ -250,6 +335,8 @@ void wp__worker_close(wp__worker *w) {
   if (atomic_load(&w->closing) == 0) /* else set by the caller already */
     atomic_store(&w->closing, uv_hrtime());
   lua_close(w->L);
+  heap_destroy(w->heap);
+  w->heap = NULL;
   w->L = NULL;
   atomic_store(&w->closing, 0);
 }

@@ -210,6 +210,7 @@ struct wp__worker {
   wp_pool *pool;
   uv_thread_t tid;
   lua_State *L;          /* owned; NULL until created */
+  void *heap;            /* L's free lists (worker.c), with L */
   int id;                /* 1, 2, ... per pool */
   int started_thread;    /* the thread was created */
   int detached;          /* stuck and left behind by stop: frees itself */
