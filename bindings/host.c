@@ -1485,6 +1485,11 @@ int wpool_host_serve(wpool_host *h, const char *addr) {
   return wpl_http_serve(h, h->loop, addr, &h->http);
 }
 
+uv_loop_t *wpl_host_loop(lua_State *L) {
+  wpool_host *h = host_of(L);
+  return h && !h->closed ? h->loop : NULL;
+}
+
 int wpool_host_ready(const wpool_host *h) {
   return !h->draining && !h->closed && wp_pools_stopped() == 0;
 }

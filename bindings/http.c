@@ -198,7 +198,7 @@ static int on_message_complete(http_parser *p) {
   } else if (strcmp(c->url, "/healthz") == 0) {
     respond_text(c, 200, "OK", "ok\n", keep);
   } else if (strcmp(c->url, "/readyz") == 0) {
-    if (wpool_host_ready(h) && !wpl_pools_wedged())
+    if (wpool_host_ready(h) && !wpl_pools_wedged() && !wpl_redis_down())
       respond_text(c, 200, "OK", "ready\n", keep);
     else
       respond_text(c, 503, "Service Unavailable", "not ready\n", keep);
