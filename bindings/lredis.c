@@ -10,6 +10,7 @@
  *   redis.connect_async(host, port)
  *                                 -> connection on the host's loop | nil, msg
  *   redis.has_loop()              -> true in a host state (wpool run)
+ *   redis.consumer_name()         -> "<hostname>-<pid>"
  *   redis.status(url, dclients, ddown), redis.count(url, decision),
  *   redis.metrics()               -> the process-wide registry behind the
  *                                    workerpool_redis_* metrics and /readyz
@@ -38,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <hiredis/adapters/libuv.h>
 #include <hiredis/async.h>
@@ -547,6 +549,15 @@ static int has_loop(lua_State *L) {
   return 1;
 }
 
+/* redis.consumer_name() -> "<hostname>-<pid>"   [-0, +1, m] */
+static int consumer_name(lua_State *L) {
+  char host[256];
+  if (gethostname(host, sizeof host) != 0) strcpy(host, "localhost");
+  host[sizeof host - 1] = '\0';
+  lua_pushfstring(L, "%s-%d", host, (int)getpid());
+  return 1;
+}
+
 /* ---- the process-wide registry (metrics, /readyz) -------------------- */
 
 typedef struct url_entry {
@@ -712,7 +723,8 @@ void wpl_redis_open(lua_State *L) {
       {"redis.parse_url", parse_url}, {"redis.connect", sconnect},
       {"redis.connect_async", aconnect}, {"redis.has_loop", has_loop},
       {"redis.status", reg_status},   {"redis.count", reg_count},
-      {"redis.metrics", reg_metrics}, {NULL, NULL}};
+      {"redis.metrics", reg_metrics}, {"redis.consumer_name", consumer_name},
+      {NULL, NULL}};
   const luaL_Reg *f;
   if (luaL_newmetatable(L, SYNC_MT)) {
     luaL_newlib(L, sync_methods);
