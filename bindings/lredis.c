@@ -521,7 +521,8 @@ static int aconnected(lua_State *L) {
 
 /* c:close()   [-0, +0, -]  Callbacks still pending never run. */
 static int aclose(lua_State *L) {
-  aconn *c = check_aconn(L);
+  aconn **box = luaL_checkudata(L, 1, ASYNC_MT), *c = *box;
+  if (c == NULL) return 0; /* collected already (a finalizer's order) */
   aconn_detach(c);
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->pend_ref);
   lua_pushnil(L);

@@ -194,6 +194,10 @@ function Client:send(cb, ...)
   return true
 end
 
+-- A client dropped without close (a worker state that closes) leaves the
+-- registry as close would.
+function Client:__gc() self:close() end
+
 function Client:close()
   if self.closed then return end
   self.closed = true

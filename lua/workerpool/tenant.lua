@@ -102,6 +102,9 @@ end
 function tenant.bucket(opts)
   local what = "tenant.bucket"
   if type(opts) ~= "table" then fail(what, "options must be a table", 2) end
+  if opts.redis ~= nil then -- shared by every process: lua/workerpool/redis_bucket.lua
+    return require("workerpool.redis_bucket").new(opts, spec_of("bucket", opts))
+  end
   check_keys(what, opts, { rate = true, burst = true, dict = true, capacity = true,
     cost = true, overrides = true, default = true, clock = true })
   local default
