@@ -1773,7 +1773,10 @@ function M.run(config, opts)
     if failure then break end
     if progress ~= false then show_progress(false) end
     if plan.checkpoint and now() - last_cp >= 1 then checkpoint(false) end
-    if stream then ack_step(false) end
+    if stream then
+      ack_step(false)
+      source.tick()
+    end
     if not progressed then
       -- Wait for the most downstream batch still running.
       local waited = false

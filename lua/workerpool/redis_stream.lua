@@ -94,8 +94,8 @@ end
 
 -- ---- source ---------------------------------------------------------------
 
--- M.source(e) -> source: fetch(want, may_block), ack(ids, force),
--- redeliver(id, error), forget(id), close().  e is the checked endpoint.
+-- M.source(e) -> source: fetch(want, may_block), ack(ids, give_up),
+-- redeliver(id, error), dead(id), tick(), close().  e is the checked endpoint.
 function M.source(e)
   local rd = redis.client(e.url, { timeout = e.block + 10 })
   local ctl = redis.client(e.url)
@@ -207,9 +207,6 @@ function M.source(e)
     errs[#errs + 1] = { id, msg }
   end
 
-  -- Leaves the entry pending without an error (a hard stop).
-  function S.forget(id) S.inflight[id] = nil end
-
   function S.dead(id) dead_ids[#dead_ids + 1] = id end
 
   -- ack(ids, give_up): XACK ids (and what an earlier call could not),
@@ -247,6 +244,25 @@ function M.source(e)
       if not give_up or give_up() then return false end
       sleep_retry(ctl)
     end
+  end
+
+  -- Every claim_idle / 3, resets the idle time of the entries this
+  -- process still holds (XCLAIM ... JUSTID keeps their delivery count),
+  -- so that other consumers reclaim only the entries of a dead one even
+  -- when an entry takes longer than claim_idle to go through.
+  local next_beat = workerpool.now() + e.claim_idle / 3
+  function S.tick()
+    local t = workerpool.now()
+    if t < next_beat then return end
+    next_beat = t + e.claim_idle / 3
+    local cmd = { "XCLAIM", e.stream, e.group, consumer, 0 }
+    for id in pairs(S.inflight) do
+      cmd[#cmd + 1] = id
+      if #cmd >= 4000 then break end -- lredis.c takes 4096 arguments
+    end
+    if #cmd == 5 then return end
+    cmd[#cmd + 1] = "JUSTID"
+    ctl:call(table.unpack(cmd))
   end
 
   function S.close()

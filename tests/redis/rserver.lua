@@ -6,6 +6,8 @@
 --   srv:cli("XLEN", "jobs")                   -- redis-cli, output trimmed
 --   srv:restart()                             -- same port, same folder
 --   srv:stop()
+--   local p = rserver.spawn(cmd, dir)         -- a background process
+--   p:pid(), p:done() -> exit status | nil, p:kill("TERM"), p:wait(timeout)
 local M = {}
 
 local function sh(cmd)
@@ -103,5 +105,59 @@ function Srv:stop()
   if pid then sh("kill -9 " .. pid .. " 2>/dev/null") end
   sh("rm -rf " .. self.dir)
 end
+
+-- ---- background processes ----------------------------------------------
+
+local Proc = {}
+Proc.__index = Proc
+local nproc = 0
+
+-- Runs cmd (a shell command line) in the background, its output to
+-- dir/procN.log; a subshell waits for it, so its exit status is kept in
+-- dir/procN.rc and no zombie is left behind.
+function M.spawn(cmd, dir)
+  nproc = nproc + 1
+  local base = string.format("%s/proc%d", dir, nproc)
+  local p = setmetatable({ base = base, log = base .. ".log" }, Proc)
+  os.remove(base .. ".rc")
+  os.remove(base .. ".pid")
+  sh(string.format("( %s > %s 2>&1 & echo $! > %s.pid; wait $!; echo $? > %s.rc.tmp; " ..
+                   "mv %s.rc.tmp %s.rc ) </dev/null >/dev/null 2>&1 &",
+                   cmd, p.log, base, base, base, base))
+  for _ = 1, 200 do
+    if p:pid() then break end
+    sh("sleep 0.02")
+  end
+  return p
+end
+
+function Proc:pid()
+  self._pid = self._pid or tonumber(read(self.base .. ".pid") or "")
+  return self._pid
+end
+
+function Proc:done()
+  local s = read(self.base .. ".rc")
+  return s and tonumber(s) or nil
+end
+
+function Proc:kill(sig)
+  if self:pid() and not self:done() then sh(string.format("kill -%s %d 2>/dev/null", sig, self:pid())) end
+end
+
+-- Waits for the process to end (timeout seconds); its exit status or nil.
+function Proc:wait(timeout)
+  local t0 = os.time()
+  while os.time() - t0 <= timeout do
+    local rc = self:done()
+    if rc then return rc end
+    sh("sleep 0.05")
+  end
+  return nil
+end
+
+function Proc:output() return read(self.log) or "" end
+
+function M.sleep(s) sh("sleep " .. s) end
 
 return M
