@@ -331,6 +331,55 @@ typedef struct aconn {
   char err[160];
 } aconn;
 
+/* hiredis' libuv adapter ignores a poll callback with an error status; but
+ * libuv reports POLLERR (a write to a socket the server reset) that way and
+ * stops the handle, so hiredis would never learn that the connection died
+ * and its callbacks would never run.  The adapter's handle and cleanup are
+ * kept; its four event hooks are replaced by these, whose callback lets
+ * hiredis read (and so fail) on an error status. */
+static void poll_cb(uv_poll_t *handle, int status, int events) {
+  redisLibuvEvents *p = handle->data;
+  if (status == 0) {
+    redisLibuvPoll(handle, status, events);
+    return;
+  }
+  if (p->context == NULL) return;
+  redisAsyncHandleRead(p->context); /* fails, and disconnects */
+  if (p->context != NULL && p->events) /* it did not: watch again */
+    uv_poll_start(&p->handle, p->events, poll_cb);
+}
+
+static void ev_update(redisLibuvEvents *p) {
+  if (p->events)
+    uv_poll_start(&p->handle, p->events, poll_cb);
+  else
+    uv_poll_stop(&p->handle);
+}
+
+static void ev_add_read(void *privdata) {
+  redisLibuvEvents *p = privdata;
+  p->events |= UV_READABLE;
+  ev_update(p);
+}
+
+static void ev_del_read(void *privdata) {
+  redisLibuvEvents *p = privdata;
+  p->events &= ~UV_READABLE;
+  ev_update(p);
+}
+
+static void ev_add_write(void *privdata) {
+  redisLibuvEvents *p = privdata;
+  p->events |= UV_WRITABLE;
+  ev_update(p);
+}
+
+static void ev_del_write(void *privdata) {
+  redisLibuvEvents *p = privdata;
+  p->events &= ~UV_WRITABLE;
+  ev_update(p);
+}
+
 static uv_handle_t *poll_handle(redisAsyncContext *ac) {
   return (uv_handle_t *)&((redisLibuvEvents *)ac->ev.data)->handle;
 }
@@ -461,6 +510,10 @@ static int aconnect(lua_State *L) {
     lua_pushliteral(L, "io");
     return 3;
   }
+  ac->ev.addRead = ev_add_read;
+  ac->ev.delRead = ev_del_read;
+  ac->ev.addWrite = ev_add_write;
+  ac->ev.delWrite = ev_del_write;
   ac->data = c;
   c->ac = ac;
   redisAsyncSetConnectCallback(ac, on_connect);

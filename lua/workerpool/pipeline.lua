@@ -718,7 +718,9 @@ local function fns_literal(st)
 end
 
 -- Loads every stage module in a scratch pool and checks the names.
-local function check_modules(plan, errs)
+-- keep: a list that takes the scratch pools instead of stopping them (a
+-- stopped pool would make /readyz answer 503 for the whole run).
+local function check_modules(plan, errs, keep)
   local cache = {}
   local function fields_of(module)
     if cache[module] == nil then
@@ -728,7 +730,7 @@ local function check_modules(plan, errs)
         cache[module] = { err = msg }
       else
         local ok2, t = pcall(p.submit_wait, p, "__wp_fields")
-        p:stop()
+        if keep then keep[#keep + 1] = p else p:stop() end
         cache[module] = ok2 and { fields = t } or { err = tostring(t) }
       end
     end
@@ -779,13 +781,13 @@ local function host_function(plan, e, ptr)
   return m[e.fn]
 end
 
-local function prepare(config)
+local function prepare(config, keep)
   local cfg, base, fname = load_config(config)
   if not cfg then return nil, base end
   local plan, errs = validate(cfg, base, fname)
   errs = errs or {}
   if plan then
-    check_modules(plan, errs)
+    check_modules(plan, errs, keep)
     for _, k in ipairs{ "source", "sink" } do
       local e = plan[k]
       if e and e.type == "lua" and e.module then
@@ -910,7 +912,8 @@ end
 function M.run(config, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("bad argument #2 to 'run' (table expected)", 2) end
-  local plan, errs = prepare(config)
+  local scratch = {} -- the pools check_modules used, stopped at the end
+  local plan, errs = prepare(config, scratch)
   if not plan then return nil, table.concat(errs, "\n"), errs end
   local P = plan.name
   local shared = workerpool.shared(DICT)
@@ -1846,6 +1849,7 @@ function M.run(config, opts)
       checkpoint(true)
     end
   end
+  for _, p in ipairs(scratch) do p:stop() end
   source.close()
   if rsink then rsink.close() end
   if rdl then rdl.close() end

@@ -130,7 +130,25 @@ function Client:_conn()
   return c
 end
 
+-- Error replies of a server that cannot serve yet (loading its data after
+-- a restart...) count as a failure of the connection: retried later.
+local TRANSIENT = { "^LOADING", "^BUSY ", "^TRYAGAIN", "^MASTERDOWN" }
+local function transient(msg)
+  if type(msg) ~= "string" then return false end
+  for _, pat in ipairs(TRANSIENT) do if msg:find(pat) then return true end end
+  return false
+end
+
 local function outcome(self, r, e, kind)
+  if r == nil and kind == "reply" and transient(e) then kind = "io" end
+  if type(r) == "table" and r.error == nil then -- a pipeline's replies
+    for _, x in ipairs(r) do
+      if type(x) == "table" and transient(x.error) then
+        r, e, kind = nil, x.error, "io"
+        break
+      end
+    end
+  end
   if r == nil and kind == "io" then self:_down(e) elseif self.c then self:_up() end
   return r, e, kind
 end
