@@ -123,16 +123,17 @@ static int command_args(lua_State *L, int first, int last, const char ***argv,
   int n = last - first + 1, i;
   void *mem;
   if (n < 1) luaL_error(L, "a Redis command needs at least its name");
-  if (n > MAX_ARGS) luaL_error(L, "a Redis command takes at most %d arguments",
-                               MAX_ARGS);
+  if (n > MAX_ARGS)
+    luaL_error(L, "a Redis command takes at most %d arguments", MAX_ARGS);
   mem = lua_newuserdatauv(L, (size_t)n * (sizeof(char *) + sizeof(size_t)), 0);
   *argv = mem;
   *lens = (size_t *)((char *)mem + (size_t)n * sizeof(char *));
   for (i = 0; i < n; i++) {
     int t = lua_type(L, first + i);
     if (t != LUA_TSTRING && t != LUA_TNUMBER)
-      luaL_error(L, "Redis command argument %d: string or number expected, "
-                    "got %s",
+      luaL_error(L,
+                 "Redis command argument %d: string or number expected, "
+                 "got %s",
                  i + 1, lua_typename(L, t));
     (*argv)[i] = lua_tolstring(L, first + i, &(*lens)[i]);
   }
@@ -198,8 +199,9 @@ static int parse_url(lua_State *L) {
   return 1;
 bad:
   lua_pushnil(L);
-  lua_pushfstring(L, "bad Redis URL \"%s\" (redis://[:password@]host[:port][/db] "
-                     "expected)",
+  lua_pushfstring(L,
+                  "bad Redis URL \"%s\" (redis://[:password@]host[:port][/db] "
+                  "expected)",
                   u);
   return 2;
 }
@@ -344,7 +346,7 @@ static void poll_cb(uv_poll_t *handle, int status, int events) {
     return;
   }
   if (p->context == NULL) return;
-  redisAsyncHandleRead(p->context); /* fails, and disconnects */
+  redisAsyncHandleRead(p->context);    /* fails, and disconnects */
   if (p->context != NULL && p->events) /* it did not: watch again */
     uv_poll_start(&p->handle, p->events, poll_cb);
 }
@@ -773,12 +775,15 @@ static const luaL_Reg async_methods[] = {{"send", asend},
 
 /* [-0, +0, m] Sets the redis.* functions in the module table at the top. */
 void wpl_redis_open(lua_State *L) {
-  static const luaL_Reg funcs[] = {
-      {"redis.parse_url", parse_url}, {"redis.connect", sconnect},
-      {"redis.connect_async", aconnect}, {"redis.has_loop", has_loop},
-      {"redis.status", reg_status},   {"redis.count", reg_count},
-      {"redis.metrics", reg_metrics}, {"redis.consumer_name", consumer_name},
-      {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"redis.parse_url", parse_url},
+                                   {"redis.connect", sconnect},
+                                   {"redis.connect_async", aconnect},
+                                   {"redis.has_loop", has_loop},
+                                   {"redis.status", reg_status},
+                                   {"redis.count", reg_count},
+                                   {"redis.metrics", reg_metrics},
+                                   {"redis.consumer_name", consumer_name},
+                                   {NULL, NULL}};
   const luaL_Reg *f;
   if (luaL_newmetatable(L, SYNC_MT)) {
     luaL_newlib(L, sync_methods);

@@ -102,7 +102,8 @@ function Client:_conn()
   if workerpool.now() < self.retry_at then
     return nil, string.format("disconnected (next try in %.1fs)", self:retry_in())
   end
-  local u, c, err = self.u, nil, nil
+  local u = self.u
+  local c, err
   if self.async then
     c, err = workerpool["redis.connect_async"](u.host, u.port)
   else

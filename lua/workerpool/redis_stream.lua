@@ -79,7 +79,8 @@ function M.check(kind, t, ptr, err, e)
     e.block = secs("block", 2.0, true)
     local s = t.start
     if s ~= nil and s ~= "$" and s ~= "0" then
-      err(ptr .. "/start", string.format('must be "$" (new entries) or "0" (the whole stream), got %s',
+      err(ptr .. "/start", string.format(
+        'must be "$" (new entries) or "0" (the whole stream), got %s',
         workerpool.json.encode(s) or tostring(s)))
     end
     e.start = s == "0" and "0" or "$"

@@ -142,7 +142,9 @@ function Proc:done()
 end
 
 function Proc:kill(sig)
-  if self:pid() and not self:done() then sh(string.format("kill -%s %d 2>/dev/null", sig, self:pid())) end
+  if self:pid() and not self:done() then
+    sh(string.format("kill -%s %d 2>/dev/null", sig, self:pid()))
+  end
 end
 
 -- Waits for the process to end (timeout seconds); its exit status or nil.
