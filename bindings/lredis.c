@@ -210,10 +210,20 @@ bad:
 
 typedef struct sconn {
   redisContext *c; /* NULL once closed */
+  int dirty;       /* a pipeline was cut short: replies are out of step */
 } sconn;
 
+/* The connection at 1; one a raised error left with commands whose replies
+ * were never read is closed (the next call reports it, the client opens a
+ * new one). */
 static sconn *check_sconn(lua_State *L) {
-  return luaL_checkudata(L, 1, SYNC_MT);
+  sconn *s = luaL_checkudata(L, 1, SYNC_MT);
+  if (s->dirty && s->c) {
+    redisFree(s->c);
+    s->c = NULL;
+  }
+  s->dirty = 0;
+  return s;
 }
 
 /* redis.connect(host, port, timeout) -> conn | nil, message, "io"
@@ -226,6 +236,7 @@ static int sconnect(lua_State *L) {
   struct timeval tv;
   sconn *s = lua_newuserdatauv(L, sizeof *s, 0);
   s->c = NULL;
+  s->dirty = 0;
   luaL_setmetatable(L, SYNC_MT);
   if (!(t > 0)) t = 1;
   tv.tv_sec = (time_t)t;
@@ -283,6 +294,7 @@ static int spipeline(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   n = (lua_Integer)lua_rawlen(L, 2);
   if (s->c == NULL) return sconn_ioerr(L, s);
+  s->dirty = 1; /* until every reply was read */
   for (i = 1; i <= n; i++) {
     const char **argv;
     size_t *lens;
@@ -311,6 +323,7 @@ static int spipeline(lua_State *L) {
     freeReplyObject(b->r);
     b->r = NULL;
   }
+  s->dirty = 0;
   lua_pop(L, 1);
   return 1;
 }
