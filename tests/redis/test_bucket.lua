@@ -114,6 +114,28 @@ local function unavailable(srv)
     workerpool.sleep(0.005)
   end
   assert(got, "no grant from a reachable Redis")
+  -- A server that forgot the script (SCRIPT FLUSH, a restart): NOSCRIPT,
+  -- SCRIPT LOAD again, on the host loop and on a blocking connection.
+  srv:cli("SCRIPT", "FLUSH")
+  got = nil
+  for _ = 1, 200 do
+    got = reject:admit({ tenant = "v" })
+    if got then break end
+    workerpool.sleep(0.005)
+  end
+  assert(got, "no grant after SCRIPT FLUSH")
+  local pool = workerpool.new{ max_workers = 1 }
+  local n = pool:submit_wait(function(url)
+    require "workerpool" -- preloads workerpool.tenant in this state
+    local b = require("workerpool.tenant").bucket{ rate = 1, burst = 2, redis = url }
+    local k = 0
+    if b:admit({ tenant = "x" }) then k = k + 1 end
+    require("workerpool.redis").client(url):call("SCRIPT", "FLUSH")
+    if b:admit({ tenant = "x" }) then k = k + 1 end
+    return k
+  end, srv.url)
+  pool:stop()
+  assert(n == 2, "blocking admits around a SCRIPT FLUSH: " .. tostring(n))
   srv:kill()
   local r_ok, r_why, a_ok
   for _ = 1, 200 do -- until both noticed
