@@ -13,7 +13,7 @@ description = {
 A C engine that runs Lua 5.4 tasks on a pool of worker threads, each worker
 owning its own Lua state, with futures, policies and a libuv host runtime.
 Needs the Debian packages liblua5.4-dev, libuv1-dev, libjansson-dev,
-libhttp-parser-dev and lua-luv-dev, plus cmake and pkg-config.]],
+libhttp-parser-dev, lua-luv-dev and libhiredis-dev, plus cmake and pkg-config.]],
 }
 dependencies = {
    "lua >= 5.4, < 5.5",

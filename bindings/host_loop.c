@@ -38,6 +38,11 @@ wpool_host *wpl_host_check(lua_State *L, const char *what) {
   return h;
 }
 
+uv_loop_t *wpl_host_loop(lua_State *L) {
+  wpool_host *h = wpl_host_of(L);
+  return h && !h->closed ? h->loop : NULL;
+}
+
 /* workerpool.in_host() -> boolean   [-0, +1, -] Whether L runs inside a
  * live wpool host, where spawn, after, every and on_shutdown work. */
 int wpl_in_host(lua_State *L) {

@@ -174,7 +174,7 @@ static void get_healthz(wpool_host *h, wpl_http_reply *r) {
 }
 
 static void get_readyz(wpool_host *h, wpl_http_reply *r) {
-  if (wpool_host_ready(h) && !wpl_pools_wedged()) {
+  if (wpool_host_ready(h) && !wpl_pools_wedged() && !wpl_redis_down()) {
     r->body = "ready\n";
     r->len = 6;
   } else {

@@ -250,5 +250,14 @@ WPL_HIDDEN void wpl_push_borrowed(lua_State *L, wp_pool *p);
 WPL_HIDDEN int wpl_host_on_done(lua_State *L, wp_future *f);
 /* [-0, +0, m] Registers the metatables the host files use. */
 WPL_HIDDEN void wpl_host_init(lua_State *L);
+/* The loop of L's host, or NULL when L's state has none (a worker state,
+ * plain lua5.4).  Loop thread. */
+WPL_HIDDEN uv_loop_t *wpl_host_loop(lua_State *L);
+
+/* Redis (lredis.c): [-0, +0, m] sets the redis.* functions in the module
+ * table at the top; wpl_redis_down: 1 while some Redis client of the
+ * process is disconnected (/readyz answers 503).  Any thread. */
+WPL_HIDDEN void wpl_redis_open(lua_State *L);
+WPL_HIDDEN int wpl_redis_down(void);
 
 #endif

@@ -835,6 +835,7 @@ WP_API int luaopen_workerpool(lua_State *L) {
   preload_embedded(L);
   luaL_newlib(L, module_funcs);
   wpl_json_open(L);
+  wpl_redis_open(L);
   lua_pushliteral(L, WP_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_createtable(L, 0, 1);

@@ -6,13 +6,16 @@
 set -euo pipefail
 
 # Building: the compiler, cmake, pkg-config and the libraries.
-packages=(build-essential cmake pkg-config lua5.4 liblua5.4-dev libuv1-dev
+packages=(build-essential cmake pkg-config lua5.4 liblua5.4-dev libuv1-dev libhiredis-dev
           libjansson-dev libhttp-parser-dev lua-luv-dev)
 # Testing: Criterion, the linters, the HTTP tests' curl, wrk, promtool and
 # python3, luv for the benchmark smoke test, luarocks and man for the
 # install tests.
 packages+=(libcriterion-dev lua-check clang-format curl wrk prometheus python3
            lua-luv luarocks man-db)
+# Redis: the server the redis-stream tests, examples and benchmarks start
+# on a free loopback port (docs/scale-out.md).
+packages+=(redis-server)
 # Fuzzing (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes.
 packages+=(clang-14 libclang-rt-14-dev)
 

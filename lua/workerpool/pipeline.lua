@@ -23,6 +23,7 @@
 -- to find the one that hangs.
 
 local workerpool = require "workerpool"
+local RS = require "workerpool.redis_stream"
 local json = workerpool.json
 local null = json.null
 
@@ -92,13 +93,16 @@ local STAGE = { name = true, kind = true, module = true, handler = true, init = 
                 fuse = true }
 local REDUCE_FNS = { "init", "add", "merge", "finish" }
 local SOURCES = { lines = { path = true }, jsonl = { path = true },
-                  lua = { module = true, ["function"] = true } }
+                  lua = { module = true, ["function"] = true },
+                  ["redis-stream"] = RS.SOURCE_KEYS }
 local SINKS = { lines = { path = true }, jsonl = { path = true },
-                lua = { module = true, ["function"] = true }, null = {} }
-local DEAD = { jsonl = { path = true } }
+                lua = { module = true, ["function"] = true }, null = {},
+                ["redis-stream"] = RS.SINK_KEYS }
+local DEAD = { jsonl = { path = true }, ["redis-stream"] = RS.SINK_KEYS }
 local POLICIES = {
   ["tenant.bucket"] = { rate = true, burst = true, overrides = true, default = true,
-                        capacity = true },
+                        capacity = true, redis = true, key_prefix = true,
+                        on_unavailable = true },
   ["tenant.concurrency"] = { limit = true, overrides = true, capacity = true },
   breaker = { name = true, consecutive_failures = true, window = true, failure_rate = true,
               min_calls = true, slow_call_s = true, slow_call_rate = true, open_timeout = true,
@@ -212,6 +216,7 @@ local function validate(cfg, base, fname)
     for k in pairs(types[ty]) do known[k] = true end
     keys(t, known, ptr)
     local e = { type = ty }
+    if ty == "redis-stream" then RS.check(what, t, ptr, err, e) end
     if types[ty].path then
       local p = str(t, "path", ptr, true)
       e.path = p and resolve(base, p)
@@ -392,6 +397,18 @@ local function validate(cfg, base, fname)
         err(st.ptr .. "/timeout", "not supported on fused stages")
       end
       st.raw = nil
+    end
+  end
+  if plan.source and plan.source.type == "redis-stream" then
+    if cfg.checkpoint ~= nil then
+      err("/checkpoint", "not used with a redis-stream source (the consumer group keeps " ..
+        "the position)")
+    end
+    for _, st in ipairs(plan.stages) do
+      if st.kind == "reduce" then
+        err(st.ptr .. "/kind", "a reduce stage never finishes on a redis-stream source " ..
+          "(it has no end)")
+      end
     end
   end
   if #errs > 0 then return nil, errs end
@@ -690,7 +707,9 @@ local function fns_literal(st)
 end
 
 -- Loads every stage module in a scratch pool and checks the names.
-local function check_modules(plan, errs)
+-- keep: a list that takes the scratch pools instead of stopping them (a
+-- stopped pool would make /readyz answer 503 for the whole run).
+local function check_modules(plan, errs, keep)
   local cache = {}
   local function fields_of(module)
     if cache[module] == nil then
@@ -700,7 +719,7 @@ local function check_modules(plan, errs)
         cache[module] = { err = msg }
       else
         local ok2, t = pcall(p.submit_wait, p, "__wp_fields")
-        p:stop()
+        if keep then keep[#keep + 1] = p else p:stop() end
         cache[module] = ok2 and { fields = t } or { err = tostring(t) }
       end
     end
@@ -751,13 +770,13 @@ local function host_function(plan, e, ptr)
   return m[e.fn]
 end
 
-local function prepare(config)
+local function prepare(config, keep)
   local cfg, base, fname = load_config(config)
   if not cfg then return nil, base end
   local plan, errs = validate(cfg, base, fname)
   errs = errs or {}
   if plan then
-    check_modules(plan, errs)
+    check_modules(plan, errs, keep)
     for _, k in ipairs{ "source", "sink" } do
       local e = plan[k]
       if e and e.type == "lua" and e.module then
@@ -783,6 +802,7 @@ local SEQS = { __index = function(t, i) return rawget(t, "seq0") + i - 1 end }
 
 local function open_source(plan, skip)
   local src = plan.source
+  if src.type == "redis-stream" then return RS.source(src) end
   if src.type == "lua" then
     local ok, it = pcall(src.call)
     if not ok then return nil, "source: " .. tostring(it) end
@@ -857,7 +877,7 @@ end
 
 local function new_counts()
   return { ["in"] = 0, out = 0, ok = 0, dropped = 0, errors = 0, retried = 0,
-           dead_lettered = 0, skipped = 0, failed = 0, abandoned = 0 }
+           dead_lettered = 0, skipped = 0, failed = 0, abandoned = 0, redelivered = 0 }
 end
 
 local function read_checkpoint(path)
@@ -881,7 +901,8 @@ end
 function M.run(config, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("bad argument #2 to 'run' (table expected)", 2) end
-  local plan, errs = prepare(config)
+  local scratch = {} -- the pools check_modules used, stopped at the end
+  local plan, errs = prepare(config, scratch)
   if not plan then return nil, table.concat(errs, "\n"), errs end
   local P = plan.name
   local shared = workerpool.shared(DICT)
@@ -917,17 +938,22 @@ function M.run(config, opts)
   -- Sinks first: an unwritable sink fails before any input is read.
   local append = opts.resume and skip > 0
   local sink = plan.sink
-  local out_fh, dl_fh, ferr
+  local out_fh, dl_fh, ferr, rsink, rdl
   if sink.type == "jsonl" or sink.type == "lines" then
     out_fh, ferr = open_writer(sink.path, append)
     if not out_fh then return nil, "cannot open sink: " .. tostring(ferr) end
+  elseif sink.type == "redis-stream" then
+    rsink = RS.sink(sink)
   end
-  if plan.dead_letter then
+  if plan.dead_letter and plan.dead_letter.type == "redis-stream" then
+    rdl = RS.sink(plan.dead_letter)
+  elseif plan.dead_letter then
     dl_fh, ferr = open_writer(plan.dead_letter.path, append)
     if not dl_fh then return nil, "cannot open dead_letter: " .. tostring(ferr) end
   end
   local source, serr = open_source(plan, skip)
   if not source then return nil, serr end
+  local stream = source.stream and plan.source -- a redis-stream source
 
   -- Pools.
   local stages = plan.stages
@@ -1024,14 +1050,44 @@ function M.run(config, opts)
   local written, sink_c = 0, new_counts()
   local last_cp = now()
   local dl_count = 0
+  local drain_start
+  -- A redis-stream source: the entry id and delivery count of each seq,
+  -- and the seqs not to acknowledge (left pending for another delivery).
+  local ids, dlv, noack, acked, last_ack = {}, {}, {}, skip, now()
+  -- Whether a write that waits for Redis should stop waiting.
+  local function give_up()
+    return abort or interrupted() >= 2
+      or (drain_start ~= nil and now() - drain_start > drain_timeout)
+  end
 
   local function dead_letter(stage, seq, attempts, msg, item)
     dl_count = dl_count + 1
+    if rdl then
+      local text = json.encode(item)
+      local rec = { pipeline = P, stage = stage, seq = seq or 0, attempts = attempts,
+                    error = msg, item = text or "null", item_text = not text and tostring(item)
+                    or nil, id = stream and ids[seq] or nil,
+                    deliveries = stream and dlv[seq] or nil }
+      local r = rdl.write({ (rdl.command(rec)) }, give_up)
+      if not r then
+        if seq then noack[seq] = true end
+      elseif type(r[1]) == "table" and r[1].error then
+        failure = failure or "cannot write a dead letter: " .. r[1].error
+        if seq then noack[seq] = true end
+      elseif stream and ids[seq] then
+        source.dead(ids[seq])
+      end
+      return
+    end
+    if stream and ids[seq] then source.dead(ids[seq]) end
+    local id, nd = stream and ids[seq] or nil, stream and dlv[seq] or nil
     local line = json.encode{ pipeline = P, stage = stage, seq = seq or null,
-                              attempts = attempts, error = msg, item = item }
+                              attempts = attempts, error = msg, item = item,
+                              id = id, deliveries = nd }
     if not line then
       line = json.encode{ pipeline = P, stage = stage, seq = seq or null, attempts = attempts,
-                          error = msg, item = null, item_text = tostring(item) }
+                          error = msg, item = null, item_text = tostring(item),
+                          id = id, deliveries = nd }
     end
     if not dl_fh:write(line, "\n") then failure = failure or "cannot write a dead letter" end
   end
@@ -1040,6 +1096,16 @@ function M.run(config, opts)
   local function item_failed(st, c, seq, attempts, msg, item)
     c.errors = c.errors + 1
     local how = st.on_error
+    if stream and ids[seq] and how ~= "skip" then
+      noack[seq] = true
+      if how == "dead_letter" and (dlv[seq] or 1) < stream.max_deliveries then
+        -- Left pending: delivered again (here or elsewhere) after claim_idle.
+        c.redelivered = c.redelivered + 1
+        source.redeliver(ids[seq], msg)
+        return
+      end
+      if how == "dead_letter" then noack[seq] = nil end
+    end
     if how == "dead_letter" then
       c.dead_lettered = c.dead_lettered + 1
       dead_letter(st.name, seq, attempts, msg, item)
@@ -1055,9 +1121,36 @@ function M.run(config, opts)
 
   local sink_st = { name = "sink", on_error = plan.dead_letter and "dead_letter" or "fail" }
   local source_st = { name = "source", on_error = sink_st.on_error }
+  -- Stream entries delivered too often, without a dead letter: dropped.
+  if stream and not plan.dead_letter then source_st.on_error = "skip" end
   local function to_sink(items, seqs, n)
     sink_c["in"] = sink_c["in"] + n
     local t = sink.type
+    if rsink then
+      local cmds, idx = {}, {}
+      for i = 1, n do
+        local cmd, e = rsink.command(items[i])
+        if cmd then
+          cmds[#cmds + 1] = cmd
+          idx[#idx + 1] = i
+        else
+          item_failed(sink_st, sink_c, seqs[i], 1, e, items[i])
+        end
+      end
+      local r = rsink.write(cmds, give_up)
+      for k, i in ipairs(idx) do
+        local rep = r and r[k]
+        if not r then
+          noack[seqs[i]] = true -- gave up: left pending, delivered again elsewhere
+        elseif type(rep) == "table" and rep.error then
+          item_failed(sink_st, sink_c, seqs[i], 1, "XADD: " .. rep.error, items[i])
+        else
+          sink_c.ok = sink_c.ok + 1
+          written = written + 1
+        end
+      end
+      return
+    end
     if t == "null" then
       sink_c.ok = sink_c.ok + n
       written = written + n
@@ -1106,6 +1199,28 @@ function M.run(config, opts)
       end
     end
     return m - 1
+  end
+
+  -- Acknowledges the entries of a redis-stream source below the watermark
+  -- (everything they produced reached the sink or the dead letter), after
+  -- flushing the files; at most every 50 ms unless forced.
+  local function ack_step(force, until_fn)
+    local wm = watermark()
+    if wm <= acked and not force then return end
+    if not force and now() - last_ack < 0.05 and wm - acked < 512 then return end
+    if out_fh then out_fh:flush() end
+    if dl_fh then dl_fh:flush() end
+    local list = {}
+    for s = acked + 1, wm do
+      local id = ids[s]
+      if id then
+        if not noack[s] then list[#list + 1] = id end
+        ids[s], dlv[s], noack[s] = nil, nil, nil
+      end
+    end
+    acked = math.max(acked, wm)
+    last_ack = now()
+    source.ack(list, until_fn)
   end
 
   local function checkpoint(complete)
@@ -1433,10 +1548,43 @@ function M.run(config, opts)
   -- line on the host; a stage with policies splits them on the host);
   -- from other sources, one item at a time.
   local src_c = new_counts()
+  local quiet_until = 0
+  -- A redis-stream source: XREADGROUP (blocking only while the pipeline is
+  -- empty), claims, and entries delivered too often to the dead letter.
+  local function read_stream(want)
+    local idle = true
+    for _, s in ipairs(stages) do
+      if s.t >= s.h or s.ct >= s.ch then idle = false break end
+    end
+    if want <= 0 or (not idle and now() < quiet_until) then return 0 end
+    ack_step(idle)
+    local list, wait = source.fetch(want, idle)
+    if #list == 0 then
+      if wait then workerpool.sleep(math.min(wait, 0.1))
+      elseif not idle then quiet_until = now() + 0.02 end
+      return 0
+    end
+    local items, seqs, got = {}, {}, 0
+    for _, en in ipairs(list) do
+      local seq = next_seq
+      next_seq = next_seq + 1
+      src_c["in"] = src_c["in"] + 1
+      ids[seq], dlv[seq] = en.id, en.deliveries
+      if en.dead then
+        item_failed(source_st, src_c, seq, en.deliveries, en.error, en.item)
+      else
+        got = got + 1
+        items[got], seqs[got] = en.item, seq
+      end
+    end
+    if got > 0 then push(1, items, seqs, got) end
+    return #list
+  end
   local function read_source()
     local st = stages[1]
     local want = (st.queue - st.np) // st.batch * st.batch
     local got = 0
+    if stream then return read_stream(want) end
     if source.block then
       while got < want do
         local ok, b, n = pcall(source.block, math.min(st.batch, want - got))
@@ -1552,7 +1700,6 @@ function M.run(config, opts)
   end
 
   -- The main loop.
-  local drain_start
   local hard = false
   while true do
     local irq = interrupted()
@@ -1620,6 +1767,10 @@ function M.run(config, opts)
     if failure then break end
     if progress ~= false then show_progress(false) end
     if plan.checkpoint and now() - last_cp >= 1 then checkpoint(false) end
+    if stream then
+      ack_step(false)
+      source.tick()
+    end
     if not progressed then
       -- Wait for the most downstream batch still running.
       local waited = false
@@ -1648,6 +1799,13 @@ function M.run(config, opts)
       end
     end
   end
+  if stream then
+    -- What completed is acknowledged; the rest stays pending for others.
+    local t_end = now()
+    ack_step(true, function()
+      return interrupted() >= 2 or now() - t_end > math.max(1, drain_timeout)
+    end)
+  end
   local status, exit_code = "done", 0
   if failure or hard or abort then cancel_all() end
   if failure then
@@ -1658,7 +1816,8 @@ function M.run(config, opts)
     stop_all(true)
   else
     stop_all(false)
-    if stop_reading then status, exit_code = "interrupted", 3 end
+    -- A stream has no end: a drained stop is how its run ends.
+    if stop_reading and not stream then status, exit_code = "interrupted", 3 end
   end
   -- Whatever is still inside was abandoned.
   for _, st in ipairs(stages) do
@@ -1681,7 +1840,10 @@ function M.run(config, opts)
       checkpoint(true)
     end
   end
+  for _, p in ipairs(scratch) do p:stop() end
   source.close()
+  if rsink then rsink.close() end
+  if rdl then rdl.close() end
   if out_fh then
     out_fh:flush()
     if out_fh ~= io.stdout then out_fh:close() end
@@ -1708,6 +1870,7 @@ function M.run(config, opts)
   rep.totals.out = written
   rep.totals.dead_lettered = rep.totals.dead_lettered + src_c.dead_lettered + sink_c.dead_lettered
   rep.totals.skipped = rep.totals.skipped + src_c.skipped + sink_c.skipped
+  rep.totals.redelivered = rep.totals.redelivered + src_c.redelivered + sink_c.redelivered
   rep.totals.errors = rep.totals.errors + src_c.errors + sink_c.errors
   if plan.checkpoint then rep.checkpoint = read_checkpoint(plan.checkpoint) end
   if stop_reading or hard then

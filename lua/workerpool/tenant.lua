@@ -70,6 +70,11 @@ end
 --               [, default = {rate =, burst =}] [, clock =]}
 function tenant.bucket(opts)
   local ck = util.checker(tenant.bucket, "tenant.bucket: %s")
+  if type(opts) == "table" and opts.redis ~= nil then
+    -- shared by every process: lua/workerpool/redis_bucket.lua
+    return require("workerpool.redis_bucket").new(opts,
+      util.spec("workerpool.tenant", "bucket", opts))
+  end
   ck:options(opts, { rate = true, burst = true, dict = true, capacity = true,
     cost = true, overrides = true, default = true, clock = true })
   local default
