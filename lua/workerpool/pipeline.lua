@@ -216,7 +216,7 @@ local function validate(cfg, base, fname)
     for k in pairs(types[ty]) do known[k] = true end
     keys(t, known, ptr)
     local e = { type = ty }
-    if ty == "redis-stream" then RS.check(what, t, ptr, err, e) end
+    if ty == "redis-stream" then RS.check(what, t, ptr, err, e, str) end
     if types[ty].path then
       local p = str(t, "path", ptr, true)
       e.path = p and resolve(base, p)

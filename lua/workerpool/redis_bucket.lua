@@ -50,68 +50,29 @@ return ok
 local GRANT_TTL = 1.0  -- seconds a grant may wait for its admit
 local MAX_ASKING = 64  -- requests in flight per tenant (host loop)
 
-local KNOWN = { rate = true, burst = true, redis = true, key_prefix = true,
-                on_unavailable = true, overrides = true, cost = true, clock = true }
-
-local function fail(msg) error("tenant.bucket: " .. msg, 4) end
-
-local function positive(name, v, allow_inf)
-  if type(v) ~= "number" or v ~= v or v <= 0 or (not allow_inf and v == math.huge) then
-    fail(string.format("%s must be a positive%s number (got %s)", name,
-      allow_inf and "" or " finite", tostring(v)))
-  end
-  return v
-end
-
 local Bucket = {}
 Bucket.__index = Bucket
 
--- redis_bucket.new(opts, spec) -> bucket; raises on bad options.  spec is
--- what pool:use records so other states rebuild the same bucket.
-function M.new(opts, spec)
-  for k in pairs(opts) do
-    if not KNOWN[k] then
-      local hint = (k == "dict" or k == "capacity" or k == "default")
-        and " (not with redis: the bucket lives in Redis)" or ""
-      fail(string.format("unknown option '%s'%s", tostring(k), hint))
-    end
-  end
+-- redis_bucket.new(ck, opts, fields, base) -> bucket; raises through the
+-- checker ck on bad options.  tenant.bucket has checked rate, burst,
+-- overrides and cost into fields (spec included: what pool:use records so
+-- other states rebuild the same bucket); base is the local bucket's method
+-- table, whose config and cost_of this bucket shares.
+function M.new(ck, opts, fields, base)
+  Bucket.config, Bucket.cost_of = base.config, base.cost_of
   local u, err = redis.parse_url(opts.redis)
-  if not u then fail("redis: " .. err) end
+  if not u then ck:fail("redis: %s", err) end
   local prefix = opts.key_prefix == nil and "wpool:bucket:" or opts.key_prefix
-  if type(prefix) ~= "string" then fail("key_prefix must be a string") end
+  if type(prefix) ~= "string" then ck:fail("key_prefix must be a string") end
   local unavail = opts.on_unavailable == nil and "reject" or opts.on_unavailable
   if unavail ~= "reject" and unavail ~= "allow" then
-    fail(string.format('on_unavailable must be "reject" or "allow" (got %s)', tostring(unavail)))
+    ck:fail('on_unavailable must be "reject" or "allow" (got %s)', tostring(unavail))
   end
-  local default = { rate = positive("rate", opts.rate, true),
-                    burst = positive("burst", opts.burst, false) }
-  local overrides = {}
-  if opts.overrides ~= nil then
-    if type(opts.overrides) ~= "table" then fail("overrides must be a table") end
-    for name, c in pairs(opts.overrides) do
-      if type(name) ~= "string" or type(c) ~= "table" then
-        fail("overrides must map tenant names to {rate =, burst =}")
-      end
-      overrides[name] = {
-        rate = positive("overrides." .. name .. ".rate", c.rate or default.rate, true),
-        burst = positive("overrides." .. name .. ".burst", c.burst or default.burst, false) }
-    end
-  end
-  local cost = opts.cost == nil and 1 or opts.cost
-  if type(cost) ~= "function" and (type(cost) ~= "number" or cost ~= cost or cost < 0
-                                   or cost == math.huge) then
-    fail("cost must be a non-negative number or a function(task)")
-  end
-  return setmetatable({
-    url = u.display, rawurl = opts.redis, prefix = prefix, on_unavailable = unavail,
-    default = default, overrides = overrides, cost = cost, spec = spec,
-    async = workerpool["redis.has_loop"](), grants = {}, asking = {},
-  }, Bucket)
-end
-
-function Bucket:config(name)
-  return self.overrides[name or "-"] or self.default
+  fields.url, fields.rawurl, fields.prefix = u.display, opts.redis, prefix
+  fields.on_unavailable = unavail
+  fields.async = workerpool["redis.has_loop"]()
+  fields.grants, fields.asking = {}, {}
+  return setmetatable(fields, Bucket)
 end
 
 function Bucket:_client()
@@ -168,18 +129,6 @@ function Bucket:_eval_async(key, conf, cost, cb, again)
     cb(r, e2, kind)
   end, "EVALSHA", self.sha, 1, key, conf.rate, conf.burst, cost)
   if not ok then cb(nil, e, "io") end
-end
-
-function Bucket:cost_of(task)
-  local c = self.cost
-  if type(c) == "function" then
-    c = c(task)
-    if type(c) ~= "number" or c ~= c or c < 0 or c == math.huge then
-      error(string.format("tenant.bucket: cost function returned %s "
-        .. "(a non-negative number expected)", tostring(c)), 3)
-    end
-  end
-  return c
 end
 
 -- policy:admit(task) -> true | nil, "rate_limited"

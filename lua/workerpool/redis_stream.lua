@@ -29,20 +29,14 @@ local function is_num(v)
   return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
 end
 
--- M.check(kind, t, ptr, err, e): checks the redis-stream keys of the
--- endpoint t (kind "source", "sink" or "dead_letter") and puts them in e;
--- each problem is reported with err(pointer, message).
-function M.check(kind, t, ptr, err, e)
+-- M.check(kind, t, ptr, err, e, check_str): checks the redis-stream keys
+-- of the endpoint t (kind "source", "sink" or "dead_letter") and puts them
+-- in e; each problem is reported with err(pointer, message).  check_str is
+-- the pipeline's own string check: check_str(t, key, ptr, required).
+function M.check(kind, t, ptr, err, e, check_str)
   local function str(k, required, default)
-    local v = t[k]
-    if v == nil then
-      if required then err(ptr, string.format("missing required key %q", k)) end
-      return default
-    end
-    if type(v) ~= "string" or v == "" then
-      err(ptr .. "/" .. k, "must be a non-empty string")
-      return default
-    end
+    local v = check_str(t, k, ptr, required)
+    if v == nil then return default end
     return v
   end
   local function int(k, default, max)

@@ -65,18 +65,21 @@ local function policy(ck, fn, opts, fields, mt)
   return setmetatable(fields, mt)
 end
 
+local LOCAL_KEYS = { rate = true, burst = true, dict = true, capacity = true,
+  cost = true, overrides = true, default = true, clock = true }
+-- With redis = URL the bucket lives in Redis: no dictionary, no default.
+local REDIS_KEYS = { rate = true, burst = true, cost = true, overrides = true,
+  clock = true, redis = true, key_prefix = true, on_unavailable = true }
+
 -- tenant.bucket{rate = r, burst = b [, dict =] [, capacity =] [, cost =]
 --               [, overrides = {name = {rate =, burst =}}]
 --               [, default = {rate =, burst =}] [, clock =]}
+-- or, shared by every process, {rate =, burst =, redis = URL
+--   [, key_prefix =] [, on_unavailable =] [, cost =] [, overrides =]}
 function tenant.bucket(opts)
   local ck = util.checker(tenant.bucket, "tenant.bucket: %s")
-  if type(opts) == "table" and opts.redis ~= nil then
-    -- shared by every process: lua/workerpool/redis_bucket.lua
-    return require("workerpool.redis_bucket").new(opts,
-      util.spec("workerpool.tenant", "bucket", opts))
-  end
-  ck:options(opts, { rate = true, burst = true, dict = true, capacity = true,
-    cost = true, overrides = true, default = true, clock = true })
+  local shared = type(opts) == "table" and opts.redis ~= nil
+  ck:options(opts, shared and REDIS_KEYS or LOCAL_KEYS)
   local default
   if opts.default ~= nil then
     if opts.rate ~= nil or opts.burst ~= nil then
@@ -97,8 +100,13 @@ function tenant.bucket(opts)
   local overrides = overrides_of(ck, opts.overrides, function(field, c)
     return bucket_conf(ck, field, c, default)
   end)
-  return policy(ck, "bucket", opts, { default = default, overrides = overrides, cost = cost,
-    now = ck:clock(opts.clock) }, Bucket)
+  local fields = { default = default, overrides = overrides, cost = cost }
+  if shared then -- lua/workerpool/redis_bucket.lua
+    fields.spec = util.spec("workerpool.tenant", "bucket", opts)
+    return require("workerpool.redis_bucket").new(ck, opts, fields, Bucket)
+  end
+  fields.now = ck:clock(opts.clock)
+  return policy(ck, "bucket", opts, fields, Bucket)
 end
 
 function Bucket:config(name)
