@@ -158,6 +158,7 @@ static int pack(lua_State *L) {
     lua_rawgeti(L, 1, i);
     if (lua_isnil(L, -1)) k.why = "a nil in the list";
     if (k.why || pack_value(&k, lua_gettop(L), 0)) {
+      lua_settop(L, 2); /* what a failed pack_value left is dropped */
       lua_pushnil(L);
       lua_pushstring(L, k.why);
       lua_pushstring(L, wp_err_name(WP_EINVAL));
