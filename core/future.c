@@ -176,10 +176,7 @@ int wp_future_wait(wp_future *f, double timeout) {
   uint64_t deadline = 0;
   int r = 0;
   if (wp_future_status(f) != WP_PENDING) return 0;
-  if (timeout != 0) {
-    atomic_store_explicit(&p->last_wait, uv_hrtime(), memory_order_relaxed);
-    if (wp__spin(future_ended, f)) return 0;
-  }
+  if (timeout != 0 && wp__spin(future_ended, f)) return 0;
   if (timeout >= 0) {
     if (timeout > 1e9) timeout = 1e9; /* about 31 years */
     deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);

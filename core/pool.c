@@ -390,16 +390,6 @@ static int work_queued(void *arg) {
          atomic_load_explicit(&p->stopped, memory_order_relaxed);
 }
 
-/* How recent a wait for a result must be for an idle worker to spin. */
-#define WAITED_LATELY_NS (50 * (uint64_t)WP__SPIN_NS)
-
-/* 1 when a thread began to wait for a pending future within
- * WAITED_LATELY_NS of now. */
-static int waited_lately(wp_pool *p, uint64_t now) {
-  uint64_t w = atomic_load_explicit(&p->last_wait, memory_order_relaxed);
-  return w && w + WAITED_LATELY_NS >= now;
-}
-
 static void worker_main(void *arg) {
   wp__worker *w = arg;
   wp_pool *p = w->pool;
@@ -418,16 +408,11 @@ static void worker_main(void *arg) {
         break;
       /* Before it sleeps, once per idle spell and one worker at a time, a
        * worker spins while a CPU is left over (the tasks running now and
-       * one thread submitting each have one) and a thread waited for a
-       * result lately (round trips: its next task comes soon, and a
-       * wake-up would cost more), or else yields its CPU once: the thread
-       * submitting may be waiting for it.  A task queued meanwhile is then
-       * taken without a wake-up.  A thread that only submits gains nothing
-       * from a spinner, which takes each task the moment it is queued, so
-       * that the queue lock moves between them at every task. */
+       * one thread submitting each have one), or else yields its CPU once:
+       * the thread submitting may be waiting for it.  A task queued
+       * meanwhile is then taken without a wake-up. */
       if (!spun && !p->paused && p->state == WP__RUNNING && p->nspinning == 0) {
-        int spare_cpu =
-            p->nrunning + 2 <= wp__ncpus() && waited_lately(p, p->last_active);
+        int spare_cpu = p->nrunning + 2 <= wp__ncpus();
         spun = 1;
         p->nspinning++;
         uv_mutex_unlock(&p->mu);

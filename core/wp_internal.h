@@ -437,10 +437,6 @@ struct wp_pool {
   uv_cond_t space_cv;  /* submitters waiting for room in the queue */
   /* nqueued, for spinning workers: written by the thread queueing. */
   _Alignas(WP__CACHE_LINE) atomic_size_t nqueued_hint;
-  /* When a thread last began to wait for a pending future of this pool
-   * (uv_hrtime; relaxed): an idle worker spins only while waits are recent
-   * (pool.c). */
-  atomic_uint_fast64_t last_wait;
   uv_mutex_t done_mu; /* threads waiting for a future of this pool */
   uv_cond_t done_cv;  /* sleep here; see future.c */
   /* The watchdog (watchdog.c). */
