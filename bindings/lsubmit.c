@@ -106,6 +106,7 @@ typedef struct fncache {
   const void *fn;      /* anchored in the uservalue; NULL: none */
   const void *refused; /* the last function without a record: a hint only,
                           not anchored */
+  int nenv;            /* its upvalues, each the global table when cached */
   size_t len;
   char rec[256];
 } fncache;
@@ -115,6 +116,7 @@ typedef struct fncache {
 int wpl_push_fncache(lua_State *L) {
   fncache *c = lua_newuserdatauv(L, sizeof *c, 1);
   c->fn = c->refused = NULL;
+  c->nenv = 0;
   c->len = 0;
   return 1;
 }
@@ -129,12 +131,12 @@ static int submit_plain(lua_State *L, wp_pool *p, int task, int nargs,
       (c = lua_touserdata(L, FNCACHE_UPVALUE)) == NULL)
     return wp_submit_lua_opts(p, L, task, nargs, what, o, out);
   fn = lua_topointer(L, task);
-  if (fn == c->fn)
+  if (fn == c->fn && (c->nenv == 0 || wp__fn_env_only(L, task, c->nenv)))
     return wp__submit_lua_rec(p, L, task, nargs, what, o, out, c->rec, c->len);
   r = wp_submit_lua_opts(p, L, task, nargs, what, o, out);
   if (r == 0 && fn != c->refused) { /* sent now: keep its record */
     c->fn = NULL;
-    if (wp__fn_record(L, task, c->rec, sizeof c->rec, &c->len)) {
+    if (wp__fn_record(L, task, c->rec, sizeof c->rec, &c->len, &c->nenv)) {
       lua_pushvalue(L, task);
       lua_setiuservalue(L, FNCACHE_UPVALUE, 1);
       c->fn = fn;

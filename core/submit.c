@@ -110,23 +110,43 @@ static int encode_pmain(lua_State *L) {
   return 0;
 }
 
-int wp__fn_record(lua_State *L, int idx, char *out, size_t cap, size_t *len) {
+int wp__fn_env_only(lua_State *L, int idx, int n) {
+  int i, same = 1;
+  idx = lua_absindex(L, idx);
+  if (!lua_checkstack(L, 2)) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  for (i = 1; same && i <= n; i++) {
+    if (lua_getupvalue(L, idx, i) == NULL) {
+      same = 0;
+      break;
+    }
+    same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return same;
+}
+
+int wp__fn_record(lua_State *L, int idx, char *out, size_t cap, size_t *len,
+                  int *nenv) {
   char storage[WP__INLINE_MSG];
   wp__buf b = WP__BUF_ON(storage);
-  int ok = 0;
+  int ok = 0, n = 0;
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) != LUA_TFUNCTION || lua_iscfunction(L, idx) ||
       !lua_checkstack(L, 1))
     return 0;
-  if (lua_getupvalue(L, idx, 1) != NULL) {
+  while (lua_getupvalue(L, idx, n + 1) != NULL) {
     lua_pop(L, 1);
-    return 0;
+    n++;
   }
+  if (!wp__fn_env_only(L, idx, n)) return 0;
   /* One value: its count is the one byte 1, then the function. */
   if (wp__encode_fast(L, &b, idx, 1) && b.len > 1 && b.data[0] == 1 &&
       b.len - 1 <= cap) {
     memcpy(out, b.data + 1, b.len - 1);
     *len = b.len - 1;
+    *nenv = n;
     ok = 1;
   }
   wp__buf_free(&b);

@@ -10,7 +10,11 @@ local t0 = wp.now()
 for i = 1, N do futs[i] = pool:submit(task, i) end
 local t1 = wp.now()
 local sum = 0
-for i = 1, N do local ok, r = futs[i]:wait(); sum = sum + r end
+for i = 1, N do
+  local ok, r = futs[i]:wait()
+  assert(ok, r)
+  sum = sum + r
+end
 local t2 = wp.now()
 assert(sum == N * (N + 1) // 2 + N)
 io.write(string.format("submit %.0f ns/task, wait %.1f ms\n", (t1 - t0) / N * 1e9, (t2 - t1) * 1e3))

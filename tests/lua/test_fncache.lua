@@ -1,8 +1,9 @@
 -- test_fncache.lua: the submitting state's cache of the last function sent
 -- (lsubmit.c, fncache): submitting the same function again copies its
 -- message record instead of encoding it.  What must hold: the cached record
--- is used only for that very function, every argument still travels, and a
--- function with upvalues is encoded afresh each time.
+-- is used only for that very function, every argument still travels, a
+-- function whose only upvalues are _ENV is cached while they stay the global
+-- table, and a function with other upvalues is encoded afresh each time.
 
 local T = require "harness"
 local wp = require "workerpool"
@@ -54,6 +55,18 @@ T.test("functions with upvalues travel with their current values", function()
   local h = function() return type(string) end -- _ENV as its upvalue
   T.eq(pool:submit_wait(h), "table")
   T.eq(pool:submit_wait(h), "table")
+end)
+
+T.test("a function whose _ENV is changed runs with the new one", function()
+  -- Its own chunk, so that its _ENV is not this file's.
+  local f = load("return function() return type(string) end")()
+  for _ = 1, 3 do T.eq(pool:submit_wait(f), "table") end -- cached
+  debug.setupvalue(f, 1, { string = 5, type = type })
+  T.eq(pool:submit_wait(f), "number")
+  T.eq(pool:submit_wait(f), "number")
+  debug.setupvalue(f, 1, _G)
+  T.eq(pool:submit_wait(f), "table")
+  T.eq(pool:submit_wait(f), "table")
 end)
 
 T.test("post, descriptors, futures and the function as an argument",
