@@ -71,6 +71,8 @@ WPL_HIDDEN int wpl_push_outcome(lua_State *L, wp_future *f);
  * lsubmit.c).  They need both metatables as upvalues. */
 WPL_HIDDEN int wpl_pool_submit(lua_State *L);
 WPL_HIDDEN int wpl_pool_post(lua_State *L);
+/* [-0, +1, m] Pushes a new function cache for the pool methods. */
+WPL_HIDDEN int wpl_push_fncache(lua_State *L);
 WPL_HIDDEN int wpl_pool_submit_wait(lua_State *L);
 WPL_HIDDEN int wpl_pool_map(lua_State *L);
 

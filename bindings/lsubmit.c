@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "lbind.h"
+#include "wp_internal.h" /* wp__fn_record, wp__submit_lua_rec */
 
 static const char *const desc_fields[] = {"fn",      "handler", "name",
                                           "timeout", "tenant",  NULL};
@@ -97,6 +98,55 @@ static int parse_task(lua_State *L, const char *what, wp_task_opts *o) {
   return 2;
 }
 
+/* The last Lua function this state submitted, with its message record,
+ * so that submitting it again copies the record instead of looking it up
+ * and encoding it (see wpl_push_fncache).  One per state: the third
+ * upvalue of the pool methods. */
+typedef struct fncache {
+  const void *fn;      /* anchored in the uservalue; NULL: none */
+  const void *refused; /* the last function without a record: a hint only,
+                          not anchored */
+  int nenv;            /* its upvalues, each the global table when cached */
+  size_t len;
+  char rec[256];
+} fncache;
+
+#define FNCACHE_UPVALUE lua_upvalueindex(3)
+
+int wpl_push_fncache(lua_State *L) {
+  fncache *c = lua_newuserdatauv(L, sizeof *c, 1);
+  c->fn = c->refused = NULL;
+  c->nenv = 0;
+  c->len = 0;
+  return 1;
+}
+
+/* [-0, +0, e] wp_submit_lua_opts, through the state's function cache. */
+static int submit_plain(lua_State *L, wp_pool *p, int task, int nargs,
+                        const char *what, wp_task_opts *o, wp_future **out) {
+  fncache *c;
+  const void *fn;
+  int r;
+  if (lua_type(L, task) != LUA_TFUNCTION ||
+      (c = lua_touserdata(L, FNCACHE_UPVALUE)) == NULL)
+    return wp_submit_lua_opts(p, L, task, nargs, what, o, out);
+  fn = lua_topointer(L, task);
+  if (fn == c->fn && (c->nenv == 0 || wp__fn_env_only(L, task, c->nenv)))
+    return wp__submit_lua_rec(p, L, task, nargs, what, o, out, c->rec, c->len);
+  r = wp_submit_lua_opts(p, L, task, nargs, what, o, out);
+  if (r == 0 && fn != c->refused) { /* sent now: keep its record */
+    c->fn = NULL;
+    if (wp__fn_record(L, task, c->rec, sizeof c->rec, &c->len, &c->nenv)) {
+      lua_pushvalue(L, task);
+      lua_setiuservalue(L, FNCACHE_UPVALUE, 1);
+      c->fn = fn;
+    } else {
+      c->refused = fn;
+    }
+  }
+  return r;
+}
+
 /* How long a coroutine waits before trying a full queue again. */
 #define FULL_RETRY 0.005
 
@@ -126,7 +176,7 @@ static int submit_guarded(lua_State *L, wp_pool *p, int task, int nargs,
                           int tt) {
   guarded g;
   int i;
-  if (!tt) return wp_submit_lua_opts(p, L, task, nargs, what, o, out);
+  if (!tt) return submit_plain(L, p, task, nargs, what, o, out);
   g.p = p;
   g.what = what;
   g.o = o;
@@ -191,7 +241,7 @@ static int submit(lua_State *L, const char *what, int ret) {
   if (ret == RET_TRUE && !admitted && !degraded && !parkable) {
     /* Nothing will ever look at the future: none is made for Lua. */
     o.nowait = 0;
-    r = wp_submit_lua_opts(u->p, L, task, nargs, what, &o, NULL);
+    r = submit_plain(L, u->p, task, nargs, what, &o, NULL);
     if (r) return wpl_pusherr(L, r);
     lua_pushboolean(L, 1);
     return 1;

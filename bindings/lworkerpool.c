@@ -731,13 +731,16 @@ static const luaL_Reg future_methods[] = {{"wait", future_wait},
                                           {NULL, NULL}};
 
 /* [-0, +0, m] Fills the metatable at mt: `methods` in __index, then the
- * metamethods; each function gets both metatables as upvalues. */
+ * metamethods; each function gets both metatables as upvalues, and the
+ * methods of a pool (fncache) the state's function cache (lsubmit.c) as
+ * a third. */
 static void fill_class(lua_State *L, int mt, const luaL_Reg *methods,
-                       const luaL_Reg *meta) {
+                       const luaL_Reg *meta, int fncache) {
   lua_newtable(L);
   luaL_getmetatable(L, WPL_POOL_MT);
   luaL_getmetatable(L, WPL_FUTURE_MT);
-  luaL_setfuncs(L, methods, 2);
+  if (fncache) wpl_push_fncache(L);
+  luaL_setfuncs(L, methods, fncache ? 3 : 2);
   lua_setfield(L, mt, "__index");
   lua_pushvalue(L, mt);
   luaL_getmetatable(L, WPL_POOL_MT);
@@ -825,8 +828,8 @@ WP_API int luaopen_workerpool(lua_State *L) {
   }
   luaL_newmetatable(L, WPL_POOL_MT);
   luaL_newmetatable(L, WPL_FUTURE_MT);
-  fill_class(L, lua_absindex(L, -2), pool_methods, pool_meta);
-  fill_class(L, lua_absindex(L, -1), future_methods, future_meta);
+  fill_class(L, lua_absindex(L, -2), pool_methods, pool_meta, 1);
+  fill_class(L, lua_absindex(L, -1), future_methods, future_meta, 0);
   lua_pop(L, 2);
   wpl_shared_init(L);
   wpl_host_init(L);

@@ -110,13 +110,116 @@ static int encode_pmain(lua_State *L) {
   return 0;
 }
 
+int wp__fn_env_only(lua_State *L, int idx, int n) {
+  int i, same = 1;
+  idx = lua_absindex(L, idx);
+  if (!lua_checkstack(L, 2)) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  for (i = 1; same && i <= n; i++) {
+    if (lua_getupvalue(L, idx, i) == NULL) {
+      same = 0;
+      break;
+    }
+    same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return same;
+}
+
+int wp__fn_record(lua_State *L, int idx, char *out, size_t cap, size_t *len,
+                  int *nenv) {
+  char storage[WP__INLINE_MSG];
+  wp__buf b = WP__BUF_ON(storage);
+  int ok = 0, n = 0;
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) != LUA_TFUNCTION || lua_iscfunction(L, idx) ||
+      !lua_checkstack(L, 1))
+    return 0;
+  while (lua_getupvalue(L, idx, n + 1) != NULL) {
+    lua_pop(L, 1);
+    n++;
+  }
+  if (!wp__fn_env_only(L, idx, n)) return 0;
+  /* One value: its count is the one byte 1, then the function. */
+  if (wp__encode_fast(L, &b, idx, 1) && b.len > 1 && b.data[0] == 1 &&
+      b.len - 1 <= cap) {
+    memcpy(out, b.data + 1, b.len - 1);
+    *len = b.len - 1;
+    *nenv = n;
+    ok = 1;
+  }
+  wp__buf_free(&b);
+  return ok;
+}
+
+/* Encodes the task at `task` (a string or a Lua function, checked) and its
+ * nargs arguments into b; rec, when not NULL, is the function's record
+ * (wp__fn_record).  Raises like wp_submit_lua_opts. */
+static void encode_task(lua_State *L, wp__buf *b, int task, int t, int nargs,
+                        const char *what, const char *rec, size_t rlen) {
+  encode_call c;
+  int i;
+  /* Scalars and functions sent before need no protected call. */
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *name = lua_tolstring(L, task, &len);
+    if (put_name(b, name, len) == 0 && wp__encode_fast(L, b, task + 1, nargs))
+      return;
+  } else if (rec) {
+    /* The tag, the count, the record, then the arguments as
+     * wp__encode_fast writes them, less their own count. */
+    size_t at;
+    if (wp__buf_reserve(b, 1) == 0) {
+      b->data[b->len++] = WP__TASK_FUNC;
+      if (wp__put_varint(b, (uint64_t)nargs + 1) == 0 &&
+          wp__buf_reserve(b, rlen) == 0) {
+        memcpy(b->data + b->len, rec, rlen);
+        b->len += rlen;
+        at = b->len;
+        if (wp__encode_fast(L, b, task + 1, nargs)) {
+          size_t k = b->len - at; /* count and arguments */
+          char tmp[16];           /* a varint takes at most 10: no allocation */
+          wp__buf cb = WP__BUF_ON(tmp);
+          if (wp__put_varint(&cb, (uint64_t)nargs) == 0 && cb.len <= k) {
+            memmove(b->data + at, b->data + at + cb.len, k - cb.len);
+            b->len -= cb.len;
+            return;
+          }
+        }
+      }
+    }
+  } else if (wp__buf_reserve(b, 1) == 0) {
+    b->data[b->len++] = WP__TASK_FUNC;
+    if (wp__encode_fast(L, b, task, nargs + 1)) return;
+  }
+  b->len = 0;
+  c.b = b;
+  c.what = what;
+  c.nargs = nargs;
+  luaL_checkstack(L, nargs + 3, "too many arguments");
+  lua_pushcfunction(L, encode_pmain);
+  lua_pushlightuserdata(L, &c);
+  for (i = 0; i <= nargs; i++)
+    lua_pushvalue(L, task + i);
+  if (lua_pcall(L, nargs + 2, 0, 0) != LUA_OK) {
+    wp__buf_free(b);
+    lua_error(L);
+  }
+}
+
 int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
                        const char *what, const wp_task_opts *opts,
                        wp_future **out) {
+  return wp__submit_lua_rec(p, L, task, nargs, what, opts, out, NULL, 0);
+}
+
+int wp__submit_lua_rec(wp_pool *p, lua_State *L, int task, int nargs,
+                       const char *what, const wp_task_opts *opts,
+                       wp_future **out, const char *rec, size_t rlen) {
   char storage[WP__INLINE_MSG];
   wp__buf b = WP__BUF_ON(storage);
-  encode_call c;
-  int i, t, r;
+  int t, r;
   if (out) *out = NULL;
   task = lua_absindex(L, task);
   t = lua_type(L, task);
@@ -129,30 +232,8 @@ int wp_submit_lua_opts(wp_pool *p, lua_State *L, int task, int nargs,
     wp__count_drop(p, WP__DROP_STOPPED, 1);
     return WP_ESTOPPED;
   }
-  /* Scalars and functions sent before need no protected call. */
-  if (t == LUA_TSTRING) {
-    size_t len;
-    const char *name = lua_tolstring(L, task, &len);
-    if (put_name(&b, name, len) == 0 && wp__encode_fast(L, &b, task + 1, nargs))
-      goto encoded;
-  } else if (wp__buf_reserve(&b, 1) == 0) {
-    b.data[b.len++] = WP__TASK_FUNC;
-    if (wp__encode_fast(L, &b, task, nargs + 1)) goto encoded;
-  }
-  b.len = 0;
-  c.b = &b;
-  c.what = what;
-  c.nargs = nargs;
-  luaL_checkstack(L, nargs + 3, "too many arguments");
-  lua_pushcfunction(L, encode_pmain);
-  lua_pushlightuserdata(L, &c);
-  for (i = 0; i <= nargs; i++)
-    lua_pushvalue(L, task + i);
-  if (lua_pcall(L, nargs + 2, 0, 0) != LUA_OK) {
-    wp__buf_free(&b);
-    lua_error(L);
-  }
-encoded:
+  encode_task(L, &b, task, t, nargs, what, t == LUA_TFUNCTION ? rec : NULL,
+              rlen);
   r = submit_msg(p, &b, opts, out);
   wp__buf_free(&b);
   return r;

@@ -108,6 +108,29 @@ WP_HIDDEN void wp__encode(lua_State *L, wp__buf *b, int first, int n,
  * buffer and uses wp__encode) or 1. */
 WP_HIDDEN int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n);
 
+/* ---- submitting with a cached function (submit.c) -------------------- */
+
+/* 1 when upvalues 1..n of the function at idx are all the global table
+ * (the only upvalues a cached record may have).  [-0, +0, -] */
+WP_HIDDEN int wp__fn_env_only(lua_State *L, int idx, int n);
+
+/* Copies into out (cap bytes) what a message holds for the Lua function
+ * at idx: a function whose upvalues, if any, are all the global table
+ * (their count in *nenv), and which this state has sent before (its bytes
+ * never change while it lives; its upvalues can, so a user of the record
+ * checks them again with wp__fn_env_only).  1 when written, with *len and
+ * *nenv set; 0 when it is not such a function or does not fit.
+ * [-0, +0, -] */
+WP_HIDDEN int wp__fn_record(lua_State *L, int idx, char *out, size_t cap,
+                            size_t *len, int *nenv);
+
+/* wp_submit_lua_opts, given rec: the wp__fn_record of the task at `task`
+ * when it is that function, copied instead of encoded again (NULL: none).
+ * The caller keeps the function alive while it reuses the record. */
+WP_HIDDEN int wp__submit_lua_rec(wp_pool *p, lua_State *L, int task, int nargs,
+                                 const char *what, const wp_task_opts *opts,
+                                 wp_future **out, const char *rec, size_t rlen);
+
 /* Appends a varint / a whole C value.  0 or WP_ENOMEM / WP_ETOOBIG. */
 WP_HIDDEN int wp__put_varint(wp__buf *b, uint64_t v);
 WP_HIDDEN int wp__put_cvalue(wp__buf *b, const wp_value *v);
