@@ -162,4 +162,25 @@ function Proc:output() return read(self.log) or "" end
 
 function M.sleep(s) sh("sleep " .. s) end
 
+-- M.write(path, text): writes a test's file.
+function M.write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+-- M.run(fn, ...): runs each fn(srv) against a redis-server of its own,
+-- stopping it whatever happens; on a failure writes it and exits 1.
+function M.run(...)
+  for _, fn in ipairs{ ... } do
+    local srv = M.start()
+    local ok, err = pcall(fn, srv)
+    srv:stop()
+    if not ok then
+      io.stderr:write("FAIL ", tostring(err), "\n")
+      os.exit(1)
+    end
+  end
+end
+
 return M

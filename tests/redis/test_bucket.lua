@@ -14,11 +14,7 @@ local redis = require "workerpool.redis"
 local WPOOL = assert(arg[1], "usage: test_bucket.lua path/to/wpool")
 local SCALE = tonumber(os.getenv("WPOOL_TEST_TIME_SCALE") or "1")
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
+local write = rserver.write
 
 local function redis_time(c)
   local t = assert(c:call("TIME"))
@@ -159,13 +155,5 @@ local function unavailable(srv)
   allow:close()
 end
 
-for _, t in ipairs{ processes, host_and_workers, unavailable } do
-  local srv = rserver.start()
-  local ok, err = pcall(t, srv)
-  srv:stop()
-  if not ok then
-    io.stderr:write("FAIL ", tostring(err), "\n")
-    os.exit(1)
-  end
-end
+rserver.run(processes, host_and_workers, unavailable)
 print("ok")

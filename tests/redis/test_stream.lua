@@ -14,11 +14,7 @@ local redis = require "workerpool.redis"
 local WPOOL = assert(arg[1], "usage: test_stream.lua path/to/wpool")
 local SCALE = tonumber(os.getenv("WPOOL_TEST_TIME_SCALE") or "1")
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
+local write = rserver.write
 
 local function fields(list)
   local t = {}
@@ -167,12 +163,4 @@ local function restart(srv)
   print(string.format("ok redis restart: %d entries, %d results", N, n))
 end
 
-for _, t in ipairs{ poison, restart } do
-  local srv = rserver.start()
-  local ok, err = pcall(t, srv)
-  srv:stop()
-  if not ok then
-    io.stderr:write("FAIL ", tostring(err), "\n")
-    os.exit(1)
-  end
-end
+rserver.run(poison, restart)
