@@ -310,7 +310,8 @@ int wp__worker_open(wp__worker *w, char *errbuf, size_t errlen) {
     L = lua_newstate(worker_alloc, h);
   }
   if (L == NULL) {
-    free(h);
+    /* lua_newstate freed what it made into h's lists: free them too */
+    if (h != NULL) heap_destroy(h);
     if (errlen) snprintf(errbuf, errlen, "not enough memory");
     return WP_ENOMEM;
   }
