@@ -86,8 +86,9 @@ void wp_options_init(wp_options *opts) {
   const wp__option *d;
   memset(opts, 0, sizeof *opts);
   for (d = wp__options; d->name; d++) {
-    char *at = (char *)opts + d->offset;
+    char *at;
     if (d->offset == WP__OPT_NOFIELD) continue;
+    at = (char *)opts + d->offset;
     switch (d->type) {
     case WP__OPT_SIZE:
       *(size_t *)at = (size_t)d->def;
