@@ -772,7 +772,7 @@ end
 
 local function prepare(config, keep)
   local cfg, base, fname = load_config(config)
-  if not cfg then return nil, base end
+  if cfg == nil then return nil, base end -- a JSON false is a config too (a bad one)
   local plan, errs = validate(cfg, base, fname)
   errs = errs or {}
   if plan then
