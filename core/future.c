@@ -20,7 +20,7 @@ static wp__done done_closed;
 
 wp_future *wp__future_new(wp_pool *p, wp__buf *b) {
   size_t inl = b->len <= WP__INLINE_MSG || b->borrowed ? b->len : 0;
-  wp_future *f = malloc(sizeof *f + inl);
+  wp_future *f = wp__slab_alloc(sizeof *f + inl);
   if (f == NULL) {
     wp__buf_free(b);
     return NULL;
@@ -74,7 +74,7 @@ void wp_future_release(wp_future *f) {
     d = next;
   }
   wp__pool_mrelease(f->pool);
-  free(f);
+  wp__slab_free(f);
 }
 
 wp_status wp_future_status(wp_future *f) {

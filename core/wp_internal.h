@@ -2,8 +2,9 @@
  * wp_internal.h: what the files of core/ share and nothing outside sees.
  *
  * Lock order: the pool registry lock, then a pool's mu; a pool's done_mu
- * is a leaf and is never held with any other lock.  No lock is held across
- * a Lua API call that can raise.
+ * is a leaf and is never held with any other lock; a slab class lock
+ * (slab.c) is a leaf that may be taken under a pool's mu.  No lock is held
+ * across a Lua API call that can raise.
  */
 #ifndef WPOOL_INTERNAL_H
 #define WPOOL_INTERNAL_H
@@ -39,6 +40,21 @@ typedef struct wp__buf {
  * WP_MAX_MSG. */
 WP_HIDDEN int wp__buf_reserve(wp__buf *b, size_t n);
 WP_HIDDEN void wp__buf_free(wp__buf *b);
+
+/* Blocks up to WP__SLAB_MAX bytes come from the size classes of slab.c,
+ * larger ones from malloc. */
+#define WP__SLAB_MAX 1024
+
+/* A block of n bytes, 16-byte aligned, or NULL when memory runs out.
+ * Freed with wp__slab_free only.  Any thread. */
+WP_HIDDEN void *wp__slab_alloc(size_t n);
+
+/* Frees a block of wp__slab_alloc; NULL is ignored.  Any thread. */
+WP_HIDDEN void wp__slab_free(void *ptr);
+
+/* Bytes the slab holds from the system now, or -1 in the builds where
+ * every block comes from malloc (ASan, allocation-failure injection). */
+WP_HIDDEN long wp__slab_mapped(void);
 
 /* Spins for up to WP__SPIN_NS while ready(arg) is false, and returns its
  * last answer.  A thread about to sleep on a condition variable spins

@@ -1,0 +1,225 @@
+/*
+ * slab.c: the memory futures live in.
+ *
+ * A script that keeps 200,000 futures touches 50 MB of fresh heap, and on
+ * a VM every first touch of a 4 KiB page is a fault that costs
+ * microseconds (docs/performance.md).  Futures therefore come from size
+ * classes of 64-byte slots carved from chunks of their own: a class's
+ * first chunk is 64 KiB, each new one twice the last up to 2 MiB, and a
+ * 2 MiB chunk is aligned and advised as a transparent huge page, so that
+ * a burst of futures faults once per 2 MiB.  A freed slot goes back on
+ * its chunk's free list and is reused first; a chunk whose slots are all
+ * free is returned to the system unless it is its class's only chunk with
+ * room, so a burst does not stay resident.
+ *
+ * Each slot starts with a header naming its chunk (NULL: the block came
+ * from malloc, for sizes past the largest class).  One mutex per class;
+ * any thread may allocate and free.  Under AddressSanitizer and in the
+ * allocation-failure build every block comes from malloc, so that those
+ * tools see each future on its own.
+ */
+#include <assert.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "wp_internal.h"
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define WP__SLAB_MALLOC 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(WPOOL_FAULT_H)
+#define WP__SLAB_MALLOC 1
+#endif
+
+#ifdef WP__SLAB_MALLOC
+
+void *wp__slab_alloc(size_t n) {
+  return malloc(n);
+}
+
+void wp__slab_free(void *ptr) {
+  free(ptr);
+}
+
+long wp__slab_mapped(void) {
+  return -1;
+}
+
+#else
+
+#include <sys/mman.h>
+
+#define HDR 16 /* keeps the block 16-byte aligned */
+#define SLOT_UNIT 64
+#define NCLASSES (WP__SLAB_MAX / SLOT_UNIT)
+#define FIRST_CHUNK ((size_t)64 << 10)
+#define HUGE_CHUNK ((size_t)2 << 20)
+
+typedef struct chunk chunk;
+typedef struct sclass sclass;
+
+/* The start of every slot. */
+typedef struct slot {
+  chunk *owner;      /* NULL for a malloc'd block */
+  struct slot *next; /* on its chunk's free list, while free */
+} slot;
+
+/* The head of a mapping of size bytes; its slots follow. */
+struct chunk {
+  chunk *next, *prev; /* in the class's list of chunks with room */
+  sclass *cls;
+  size_t size;
+  char *bump, *end; /* slots never handed out: [bump, end) */
+  slot *free;       /* slots handed out and freed */
+  size_t live;      /* slots in use */
+  int listed;       /* on cls->room */
+};
+
+struct sclass {
+  uv_mutex_t mu;
+  chunk *room;       /* chunks with a free or never-used slot */
+  size_t slot_size;  /* header included */
+  size_t next_chunk; /* the size of the next mapping */
+};
+
+/* Slots start after the head, on a slot boundary. */
+#define HEAD_SIZE ((sizeof(chunk) + SLOT_UNIT - 1) / SLOT_UNIT * SLOT_UNIT)
+
+static sclass classes[NCLASSES];
+static uv_once_t classes_once = UV_ONCE_INIT;
+static atomic_long mapped; /* bytes in chunks, for tests */
+
+static void classes_init(void) {
+  for (int i = 0; i < NCLASSES; i++) {
+    /* A mutex that cannot be made is a broken system: libuv aborts. */
+    uv_mutex_init(&classes[i].mu);
+    classes[i].slot_size = (size_t)(i + 1) * SLOT_UNIT;
+    classes[i].next_chunk = FIRST_CHUNK;
+  }
+}
+
+static void room_add(sclass *c, chunk *k) {
+  k->prev = NULL;
+  k->next = c->room;
+  if (c->room) c->room->prev = k;
+  c->room = k;
+  k->listed = 1;
+}
+
+static void room_remove(sclass *c, chunk *k) {
+  if (k->prev)
+    k->prev->next = k->next;
+  else
+    c->room = k->next;
+  if (k->next) k->next->prev = k->prev;
+  k->next = k->prev = NULL;
+  k->listed = 0;
+}
+
+/* Maps a chunk of size bytes, 2 MiB-aligned and advised as a huge page
+ * when it is that large.  NULL when the system refuses. */
+static chunk *chunk_map(size_t size) {
+  size_t len = size >= HUGE_CHUNK ? size + HUGE_CHUNK : size;
+  char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                 -1, 0);
+  char *base;
+  if (m == MAP_FAILED) return NULL;
+  base = m;
+  if (len != size) { /* trim to an aligned chunk */
+    base = (char *)(((uintptr_t)m + HUGE_CHUNK - 1) &
+                    ~(uintptr_t)(HUGE_CHUNK - 1));
+    if (base > m) munmap(m, (size_t)(base - m));
+    if (base + size < m + len)
+      munmap(base + size, (size_t)(m + len - (base + size)));
+#ifdef MADV_HUGEPAGE
+    (void)madvise(base, size, MADV_HUGEPAGE); /* advice: may be ignored */
+#endif
+  }
+  atomic_fetch_add_explicit(&mapped, (long)size, memory_order_relaxed);
+  return (chunk *)base;
+}
+
+/* Needs c->mu.  NULL when the system refuses memory. */
+static chunk *chunk_new_locked(sclass *c) {
+  size_t size = c->next_chunk;
+  chunk *k = chunk_map(size);
+  if (k == NULL) return NULL;
+  if (c->next_chunk < HUGE_CHUNK) c->next_chunk *= 2;
+  k->cls = c;
+  k->size = size;
+  k->bump = (char *)k + HEAD_SIZE;
+  k->end = (char *)k + size;
+  k->free = NULL;
+  k->live = 0;
+  room_add(c, k);
+  return k;
+}
+
+void *wp__slab_alloc(size_t n) {
+  sclass *c;
+  chunk *k;
+  slot *s;
+  if (n > WP__SLAB_MAX - HDR) {
+    if ((s = malloc(HDR + n)) == NULL) return NULL;
+    s->owner = NULL;
+    return (char *)s + HDR;
+  }
+  uv_once(&classes_once, classes_init);
+  c = &classes[(n + HDR - 1) / SLOT_UNIT];
+  uv_mutex_lock(&c->mu);
+  if ((k = c->room) == NULL && (k = chunk_new_locked(c)) == NULL) {
+    uv_mutex_unlock(&c->mu);
+    return NULL;
+  }
+  if (k->free) {
+    s = k->free;
+    k->free = s->next;
+  } else {
+    s = (slot *)k->bump;
+    k->bump += c->slot_size;
+  }
+  k->live++;
+  if (k->free == NULL && (size_t)(k->end - k->bump) < c->slot_size)
+    room_remove(c, k); /* full */
+  uv_mutex_unlock(&c->mu);
+  s->owner = k;
+  return (char *)s + HDR;
+}
+
+void wp__slab_free(void *ptr) {
+  slot *s;
+  chunk *k, *unmap = NULL;
+  sclass *c;
+  if (ptr == NULL) return;
+  s = (slot *)((char *)ptr - HDR);
+  if ((k = s->owner) == NULL) {
+    free(s);
+    return;
+  }
+  c = k->cls;
+  uv_mutex_lock(&c->mu);
+  assert(k->live > 0);
+  s->next = k->free;
+  k->free = s;
+  k->live--;
+  if (!k->listed) room_add(c, k);
+  if (k->live == 0 && (k->prev || k->next)) { /* another has room */
+    room_remove(c, k);
+    unmap = k;
+  }
+  uv_mutex_unlock(&c->mu);
+  if (unmap) {
+    atomic_fetch_sub_explicit(&mapped, (long)unmap->size, memory_order_relaxed);
+    munmap(unmap, unmap->size);
+  }
+}
+
+long wp__slab_mapped(void) {
+  return atomic_load_explicit(&mapped, memory_order_relaxed);
+}
+
+#endif

@@ -1,0 +1,154 @@
+/*
+ * test_slab.c: Criterion tests of the memory futures live in
+ * (core/slab.c): blocks of every size are aligned and apart, a burst is
+ * given back to the system once freed, and threads that allocate and
+ * free each other's blocks neither lose nor share one (run under TSan
+ * too).  In the ASan and allocation-failure builds the slab is plain
+ * malloc, and the checks of what it maps are skipped.
+ */
+#include <criterion/criterion.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "wp_internal.h"
+
+static void stamp(unsigned char *b, size_t n, unsigned tag) {
+  for (size_t i = 0; i < n; i++)
+    b[i] = (unsigned char)(tag + i);
+}
+
+static int stamped(const unsigned char *b, size_t n, unsigned tag) {
+  for (size_t i = 0; i < n; i++)
+    if (b[i] != (unsigned char)(tag + i)) return 0;
+  return 1;
+}
+
+Test(slab, blocks_of_every_size_are_aligned_and_apart) {
+  enum { N = 1400 };
+  static unsigned char *blocks[N];
+  for (size_t n = 0; n < N; n++) {
+    blocks[n] = wp__slab_alloc(n);
+    cr_assert_not_null(blocks[n]);
+    cr_assert_eq((uintptr_t)blocks[n] % 16, 0, "size %zu", n);
+    stamp(blocks[n], n, (unsigned)n);
+  }
+  for (size_t n = 0; n < N; n++) {
+    cr_assert(stamped(blocks[n], n, (unsigned)n), "size %zu overwritten", n);
+    wp__slab_free(blocks[n]);
+  }
+  wp__slab_free(NULL);
+}
+
+Test(slab, freed_blocks_are_reused) {
+  void *a = wp__slab_alloc(200), *b;
+  cr_assert_not_null(a);
+  wp__slab_free(a);
+  b = wp__slab_alloc(190); /* the same class */
+  if (wp__slab_mapped() >= 0) cr_assert_eq(a, b);
+  wp__slab_free(b);
+}
+
+Test(slab, a_burst_goes_back_to_the_system) {
+  enum { N = 100000, SIZE = 240 };
+  void **blocks = malloc(N * sizeof *blocks);
+  long before = wp__slab_mapped(), during;
+  cr_assert_not_null(blocks);
+  for (int i = 0; i < N; i++) {
+    cr_assert_not_null(blocks[i] = wp__slab_alloc(SIZE));
+    memset(blocks[i], i, SIZE);
+  }
+  during = wp__slab_mapped();
+  for (int i = 0; i < N; i++)
+    wp__slab_free(blocks[i]);
+  free(blocks);
+  if (before < 0) return; /* malloc underneath */
+  cr_assert_geq(during - before, (long)N * SIZE, "%ld mapped", during);
+  /* The class keeps one chunk at most. */
+  cr_assert_leq(wp__slab_mapped() - before, 2L << 20, "%ld left",
+                wp__slab_mapped() - before);
+}
+
+/* Threads allocate blocks, hand every other one to the next thread
+ * through a mailbox while it has room, and free what they are handed
+ * after checking it; what is left is freed after the join. */
+enum { THREADS = 4, ROUNDS = 40000, BOX = 64 };
+
+typedef struct box {
+  uv_mutex_t mu;
+  unsigned char *slot[BOX];
+  size_t len[BOX];
+  int n;
+} box;
+
+static box boxes[THREADS];
+static int bad_of[THREADS]; /* each thread writes its own */
+
+static size_t size_of(unsigned seed) {
+  return (seed * 2654435761u >> 7) % 900;
+}
+
+static int drain(box *b) {
+  unsigned char *got[BOX];
+  size_t len[BOX];
+  int n, bad = 0;
+  uv_mutex_lock(&b->mu);
+  n = b->n;
+  memcpy(got, b->slot, (size_t)n * sizeof *got);
+  memcpy(len, b->len, (size_t)n * sizeof *len);
+  b->n = 0;
+  uv_mutex_unlock(&b->mu);
+  for (int i = 0; i < n; i++) {
+    if (!stamped(got[i], len[i], (unsigned)len[i] * 7u)) bad++;
+    wp__slab_free(got[i]);
+  }
+  return bad;
+}
+
+static void worker(void *arg) {
+  int id = (int)(intptr_t)arg, *bad = &bad_of[id];
+  box *next = &boxes[(id + 1) % THREADS];
+  for (unsigned r = 0; r < ROUNDS; r++) {
+    size_t n = size_of(r * THREADS + (unsigned)id);
+    unsigned char *b = wp__slab_alloc(n);
+    if (b == NULL) {
+      (*bad)++;
+      continue;
+    }
+    stamp(b, n, (unsigned)n * 7u);
+    uv_mutex_lock(&next->mu);
+    if (r % 2 && next->n < BOX) { /* a block for the next thread */
+      next->slot[next->n] = b;
+      next->len[next->n++] = n;
+      b = NULL;
+    }
+    uv_mutex_unlock(&next->mu);
+    if (b) {
+      if (!stamped(b, n, (unsigned)n * 7u)) (*bad)++;
+      wp__slab_free(b);
+    }
+    if (r % 16 == 0) *bad += drain(&boxes[id]);
+  }
+}
+
+Test(slab, threads_free_each_others_blocks) {
+  uv_thread_t t[THREADS];
+  int bad = 0;
+  for (int i = 0; i < THREADS; i++) {
+    cr_assert_eq(uv_mutex_init(&boxes[i].mu), 0);
+    boxes[i].n = 0;
+    bad_of[i] = 0;
+  }
+  for (int i = 0; i < THREADS; i++)
+    cr_assert_eq(uv_thread_create(&t[i], worker, (void *)(intptr_t)i), 0);
+  for (int i = 0; i < THREADS; i++)
+    uv_thread_join(&t[i]);
+  for (int i = 0; i < THREADS; i++) {
+    bad += bad_of[i] + drain(&boxes[i]);
+    uv_mutex_destroy(&boxes[i].mu);
+  }
+  cr_assert_eq(bad, 0);
+}
