@@ -603,6 +603,7 @@ void wpl_policy_poll(lua_State *L) {
   wpl_mailbox **box;
   wpl_msg *v;
   size_t n, i;
+  if (!atomic_load_explicit(&any_policy, memory_order_relaxed)) return;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
   box = lua_touserdata(L, -1);
   lua_pop(L, 1);

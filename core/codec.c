@@ -781,6 +781,39 @@ static void dec_cfunction(dec *d, const char *name, size_t len) {
     luaL_error(L, "cannot resolve C function '%s'", lua_tostring(L, -1));
   }
 }
+/* [-0, +1, m] Pushes the scalar (nil, boolean, number, string) whose tag
+ * was just read.  0 when done, WP_EINVAL when the bytes after the tag are
+ * short, 1 when the tag is not a scalar's (nothing read or pushed). */
+static int dec_scalar(lua_State *L, wp__reader *r, unsigned char tag) {
+  const char *s;
+  size_t len;
+  int64_t i;
+  double n;
+  switch (tag) {
+  case WP__T_NIL:
+    lua_pushnil(L);
+    return 0;
+  case WP__T_FALSE:
+  case WP__T_TRUE:
+    lua_pushboolean(L, tag == WP__T_TRUE);
+    return 0;
+  case WP__T_INT:
+    if (get_bytes(r, &i, 8)) return WP_EINVAL;
+    lua_pushinteger(L, (lua_Integer)i);
+    return 0;
+  case WP__T_FLT:
+    if (get_bytes(r, &n, 8)) return WP_EINVAL;
+    lua_pushnumber(L, (lua_Number)n);
+    return 0;
+  case WP__T_STR:
+    if (get_lstring(r, &s, &len)) return WP_EINVAL;
+    lua_pushlstring(L, s, len);
+    return 0;
+  default:
+    return 1;
+  }
+}
+
 static void dec_value(dec *d, int depth) {
   lua_State *L = d->L;
   wp__reader *r = d->r;
@@ -788,29 +821,13 @@ static void dec_value(dec *d, int depth) {
   const char *s;
   size_t len;
   uint64_t id;
-  int64_t i;
-  double n;
+  int sc;
   if (depth > WP_MAX_DEPTH + 1 || get_bytes(r, &tag, 1)) dec_bad(d);
+  if ((sc = dec_scalar(L, r, tag)) <= 0) {
+    if (sc) dec_bad(d);
+    return;
+  }
   switch (tag) {
-  case WP__T_NIL:
-    lua_pushnil(L);
-    break;
-  case WP__T_FALSE:
-  case WP__T_TRUE:
-    lua_pushboolean(L, tag == WP__T_TRUE);
-    break;
-  case WP__T_INT:
-    if (get_bytes(r, &i, 8)) dec_bad(d);
-    lua_pushinteger(L, (lua_Integer)i);
-    break;
-  case WP__T_FLT:
-    if (get_bytes(r, &n, 8)) dec_bad(d);
-    lua_pushnumber(L, (lua_Number)n);
-    break;
-  case WP__T_STR:
-    if (get_lstring(r, &s, &len)) dec_bad(d);
-    lua_pushlstring(L, s, len);
-    break;
   case WP__T_ENV:
     lua_pushglobaltable(L);
     break;
@@ -866,13 +883,24 @@ void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   if (n < 0 || (size_t)n > (size_t)(r->end - r->p)) /* >= 1 byte each */
     luaL_error(L, "malformed value message");
   luaL_checkstack(L, n + 4, "too many values");
+  /* Leading scalars (most results are a few) need no table of
+   * references. */
+  for (i = 0; i < n && r->p < r->end; i++) {
+    int sc = dec_scalar(L, r, (unsigned char)*r->p++);
+    if (sc == 1) { /* dec_value reads it */
+      r->p--;
+      break;
+    }
+    if (sc) luaL_error(L, "malformed value message");
+  }
+  if (i == n) return;
   d.L = L;
   d.r = r;
   d.nextid = 0;
   d.cache = cache ? lua_absindex(L, cache) : 0;
   lua_pushnil(L);
   d.refs = lua_gettop(L);
-  for (i = 0; i < n; i++)
+  for (; i < n; i++)
     dec_value(&d, 0);
   lua_remove(L, d.refs);
 }

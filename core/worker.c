@@ -349,6 +349,19 @@ typedef struct task_run {
   wp_status status;
 } task_run;
 
+/* Whether the n values from first are all nil, booleans, numbers or
+ * strings: results that wp__encode_fast writes as wp__encode would (it
+ * would not number a function returned twice). */
+static int scalars_only(lua_State *L, int first, int n) {
+  for (int i = 0; i < n; i++) {
+    int t = lua_type(L, first + i);
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER &&
+        t != LUA_TSTRING)
+      return 0;
+  }
+  return 1;
+}
+
 /* [-1, +0, e] Decodes and calls the task of run->f, then encodes its
  * results (or its error value) into run->w->out. */
 static int task_pmain(lua_State *L) {
@@ -397,7 +410,11 @@ static int task_pmain(lua_State *L) {
     wp__encode(L, out, -1, 1, NULL, 0);
   } else {
     run->status = WP_OK;
-    wp__encode(L, out, base + 1, lua_gettop(L) - base, NULL, 0);
+    if (!scalars_only(L, base + 1, lua_gettop(L) - base) ||
+        !wp__encode_fast(L, out, base + 1, lua_gettop(L) - base)) {
+      out->len = 0;
+      wp__encode(L, out, base + 1, lua_gettop(L) - base, NULL, 0);
+    }
   }
   return 0;
 }

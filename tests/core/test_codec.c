@@ -754,6 +754,33 @@ Test(codec, every_truncation_raises) {
   wp__buf_free(&b);
 }
 
+/* Leading scalars take the decoder's short path: the values after them
+ * still decode, and every prefix still fails as malformed. */
+Test(codec, leading_scalars_then_a_table) {
+  STATES;
+  wp__buf b = {0};
+  size_t k;
+  encode_src("local t = {x = 1}; t.self = t\n"
+             "return 1, 'two', 3.5, true, nil, t, t, ('s'):rep(300)",
+             &b);
+  decode(&b);
+  check("assert(R.n == 8 and R[1] == 1 and math.type(R[1]) == 'integer')\n"
+        "assert(R[2] == 'two' and R[3] == 3.5 and R[4] == true)\n"
+        "assert(R[5] == nil and R[6].x == 1 and rawequal(R[6].self, R[6]))\n"
+        "assert(rawequal(R[7], R[6]) and #R[8] == 300)\n");
+  for (k = 0; k < b.len; k++) {
+    char err[512];
+    char *copy = malloc(k ? k : 1);
+    cr_assert_not_null(copy);
+    memcpy(copy, b.data, k);
+    int st = decode_ex(copy, k, 0, err, sizeof err);
+    free(copy);
+    cr_assert_neq(st, LUA_OK, "prefix of %zu of %zu bytes decoded", k, b.len);
+    cr_assert(strstr(err, "malformed") != NULL, "prefix %zu: '%s'", k, err);
+  }
+  wp__buf_free(&b);
+}
+
 /* wp__get_cvalue on every prefix: WP_EINVAL, never a read past the end. */
 Test(codec, every_truncation_cvalues) {
   STATES;
