@@ -283,11 +283,19 @@ static void enc_table(enc *e, int idx, int depth) {
   lua_pushnil(L);
   key = lua_gettop(L);
   while (lua_next(L, idx)) {
+    /* Scalars, most of what tables hold, are written here directly. */
+    int kt = lua_type(L, key), vt = lua_type(L, key + 1);
     hints[0]++;
-    if (lua_isinteger(L, key)) hints[1]++;
-    enc_value(e, key, depth + 1);
-    enc_value(e, key + 1, depth + 1);
-    lua_pop(L, 1);
+    if (kt == LUA_TNUMBER && lua_isinteger(L, key)) hints[1]++;
+    if (IS_SCALAR(kt))
+      enc_check(e, put_scalar(e->b, L, key, kt));
+    else
+      enc_value(e, key, depth + 1);
+    if (IS_SCALAR(vt))
+      enc_check(e, put_scalar(e->b, L, key + 1, vt));
+    else
+      enc_value(e, key + 1, depth + 1);
+    lua_settop(L, key);
   }
   memcpy(e->b->data + at, hints, sizeof hints);
   enc_check(e, put_tag(e->b, WP__T_END));
@@ -784,7 +792,7 @@ static void dec_cfunction(dec *d, const char *name, size_t len) {
 /* [-0, +1, m] Pushes the scalar (nil, boolean, number, string) whose tag
  * was just read.  0 when done, WP_EINVAL when the bytes after the tag are
  * short, 1 when the tag is not a scalar's (nothing read or pushed). */
-static int dec_scalar(lua_State *L, wp__reader *r, unsigned char tag) {
+static inline int dec_scalar(lua_State *L, wp__reader *r, unsigned char tag) {
   const char *s;
   size_t len;
   int64_t i;

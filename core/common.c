@@ -103,7 +103,7 @@ int wp__spin(int (*ready)(void *), void *arg) {
   }
 }
 
-int wp__buf_reserve(wp__buf *b, size_t n) {
+int wp__buf_grow(wp__buf *b, size_t n) {
   size_t cap;
   char *data;
   if (n <= b->cap - b->len) return 0;

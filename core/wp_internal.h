@@ -37,8 +37,12 @@ typedef struct wp__buf {
   { (storage), 0, sizeof(storage), 1 }
 
 /* Makes room for n more bytes: 0, WP_ENOMEM, or WP_ETOOBIG past
- * WP_MAX_MSG. */
-WP_HIDDEN int wp__buf_reserve(wp__buf *b, size_t n);
+ * WP_MAX_MSG.  Inline while there is room: the codec calls it for every
+ * value. */
+WP_HIDDEN int wp__buf_grow(wp__buf *b, size_t n);
+static inline int wp__buf_reserve(wp__buf *b, size_t n) {
+  return n <= b->cap - b->len ? 0 : wp__buf_grow(b, n);
+}
 WP_HIDDEN void wp__buf_free(wp__buf *b);
 
 /* Blocks up to WP__SLAB_MAX bytes come from the size classes of slab.c,
