@@ -8,9 +8,10 @@
  * first chunk is 64 KiB, each new one twice the last up to 2 MiB, and a
  * 2 MiB chunk is aligned and advised as a transparent huge page, so that
  * a burst of futures faults once per 2 MiB.  A freed slot goes back on
- * its chunk's free list and is reused first; a chunk whose slots are all
- * free is returned to the system unless it is its class's only chunk with
- * room, so a burst does not stay resident.
+ * its chunk's free list and is reused first.  A chunk whose slots are all
+ * free stays for the next burst while the empty chunks kept add up to
+ * 32 MiB at most (or while it is its class's only chunk with room); past
+ * that it is returned to the system, so a burst does not stay resident.
  *
  * Each slot starts with a header naming its chunk (NULL: the block came
  * from malloc, for sizes past the largest class).  One mutex per class;
@@ -49,8 +50,13 @@ long wp__slab_mapped(void) {
   return -1;
 }
 
+long wp__slab_live(void) {
+  return -1;
+}
+
 #else
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #define HDR 16 /* keeps the block 16-byte aligned */
@@ -58,6 +64,7 @@ long wp__slab_mapped(void) {
 #define NCLASSES (WP__SLAB_MAX / SLOT_UNIT)
 #define FIRST_CHUNK ((size_t)64 << 10)
 #define HUGE_CHUNK ((size_t)2 << 20)
+#define RETAIN_MAX (32L << 20) /* empty chunks kept, all classes together */
 
 typedef struct chunk chunk;
 typedef struct sclass sclass;
@@ -77,6 +84,7 @@ struct chunk {
   slot *free;       /* slots handed out and freed */
   size_t live;      /* slots in use */
   int listed;       /* on cls->room */
+  int retained;     /* empty, and counted in retained */
 };
 
 struct sclass {
@@ -91,9 +99,16 @@ struct sclass {
 
 static sclass classes[NCLASSES];
 static uv_once_t classes_once = UV_ONCE_INIT;
-static atomic_long mapped; /* bytes in chunks, for tests */
+static pthread_key_t cache_key;
+static int cache_key_ok = 1;
+static void cache_exit(void *arg);
+static atomic_long mapped;   /* bytes in chunks, for tests */
+static atomic_long live;     /* slots out of their chunks, for tests */
+static atomic_long retained; /* bytes of empty chunks kept for reuse */
 
 static void classes_init(void) {
+  /* Without a key no thread caches (cache_ready fails). */
+  if (pthread_key_create(&cache_key, cache_exit) != 0) cache_key_ok = 0;
   for (int i = 0; i < NCLASSES; i++) {
     /* A mutex that cannot be made is a broken system: libuv aborts. */
     uv_mutex_init(&classes[i].mu);
@@ -155,25 +170,20 @@ static chunk *chunk_new_locked(sclass *c) {
   k->end = (char *)k + size;
   k->free = NULL;
   k->live = 0;
+  k->retained = 0;
   room_add(c, k);
   return k;
 }
 
-void *wp__slab_alloc(size_t n) {
-  sclass *c;
-  chunk *k;
+/* Needs c->mu.  Hands out one slot, or NULL when the system refuses
+ * memory. */
+static slot *take_locked(sclass *c) {
+  chunk *k = c->room;
   slot *s;
-  if (n > WP__SLAB_MAX - HDR) {
-    if ((s = malloc(HDR + n)) == NULL) return NULL;
-    s->owner = NULL;
-    return (char *)s + HDR;
-  }
-  uv_once(&classes_once, classes_init);
-  c = &classes[(n + HDR - 1) / SLOT_UNIT];
-  uv_mutex_lock(&c->mu);
-  if ((k = c->room) == NULL && (k = chunk_new_locked(c)) == NULL) {
-    uv_mutex_unlock(&c->mu);
-    return NULL;
+  if (k == NULL && (k = chunk_new_locked(c)) == NULL) return NULL;
+  if (k->retained) {
+    k->retained = 0;
+    atomic_fetch_sub_explicit(&retained, (long)k->size, memory_order_relaxed);
   }
   if (k->free) {
     s = k->free;
@@ -183,43 +193,159 @@ void *wp__slab_alloc(size_t n) {
     k->bump += c->slot_size;
   }
   k->live++;
+  atomic_fetch_add_explicit(&live, 1, memory_order_relaxed);
   if (k->free == NULL && (size_t)(k->end - k->bump) < c->slot_size)
     room_remove(c, k); /* full */
-  uv_mutex_unlock(&c->mu);
   s->owner = k;
+  return s;
+}
+
+/* Needs c->mu.  Takes s back; a chunk left empty while another has room
+ * is unlisted and pushed on *unmap, to be unmapped after the lock. */
+static void put_locked(sclass *c, slot *s, chunk **unmap) {
+  chunk *k = s->owner;
+  assert(k->cls == c && k->live > 0);
+  s->next = k->free;
+  k->free = s;
+  k->live--;
+  atomic_fetch_sub_explicit(&live, 1, memory_order_relaxed);
+  if (k->live == 0) { /* hand its slots out in address order again */
+    k->free = NULL;
+    k->bump = (char *)k + HEAD_SIZE;
+  }
+  if (!k->listed) room_add(c, k);
+  if (k->live == 0 && (k->prev || k->next)) { /* another has room */
+    if (atomic_fetch_add_explicit(&retained, (long)k->size,
+                                  memory_order_relaxed) +
+            (long)k->size <=
+        RETAIN_MAX) {
+      k->retained = 1;
+      return;
+    }
+    atomic_fetch_sub_explicit(&retained, (long)k->size, memory_order_relaxed);
+    room_remove(c, k);
+    k->next = *unmap;
+    *unmap = k;
+  }
+}
+
+static void unmap_all(chunk *k) {
+  while (k) {
+    chunk *next = k->next;
+    atomic_fetch_sub_explicit(&mapped, (long)k->size, memory_order_relaxed);
+    munmap(k, k->size);
+    k = next;
+  }
+}
+
+/* ---- per-thread caches ----------------------------------------------- */
+
+/* Each thread keeps up to CACHE_MAX free slots per class and moves them
+ * to and from the chunks CACHE_MOVE at a time, under one lock: a thread
+ * that submits and collects futures takes no lock for most of them.  The
+ * slots stay counted as live in their chunks; a thread's cache goes back
+ * when it exits (the key's destructor). */
+#define CACHE_MAX 64
+#define CACHE_MOVE 32
+
+typedef struct tcache {
+  slot *head[NCLASSES];
+  int n[NCLASSES];
+  int registered; /* the key's destructor will flush this cache */
+} tcache;
+
+static _Thread_local tcache tc;
+
+/* Returns all but the keep newest slots of class i of this thread's
+ * cache: the oldest go, so that a burst's first chunks can empty. */
+static void cache_flush(int i, int keep) {
+  sclass *c = &classes[i];
+  chunk *unmap = NULL;
+  slot **link = &tc.head[i], *s;
+  for (int k = 0; k < keep && *link; k++)
+    link = &(*link)->next;
+  s = *link;
+  *link = NULL;
+  tc.n[i] = keep < tc.n[i] ? keep : tc.n[i];
+  uv_mutex_lock(&c->mu);
+  while (s) {
+    slot *next = s->next;
+    put_locked(c, s, &unmap);
+    s = next;
+  }
+  uv_mutex_unlock(&c->mu);
+  unmap_all(unmap);
+}
+
+static void cache_exit(void *arg) {
+  (void)arg;
+  for (int i = 0; i < NCLASSES; i++)
+    cache_flush(i, 0);
+  tc.registered = 0; /* a later free registers again */
+}
+
+/* Whether this thread may cache: its cache will be flushed at exit. */
+static int cache_ready(void) {
+  if (!tc.registered && cache_key_ok &&
+      pthread_setspecific(cache_key, &tc) == 0)
+    tc.registered = 1;
+  return tc.registered;
+}
+
+void *wp__slab_alloc(size_t n) {
+  sclass *c;
+  slot *s;
+  int i;
+  if (n > WP__SLAB_MAX - HDR) {
+    if ((s = malloc(HDR + n)) == NULL) return NULL;
+    s->owner = NULL;
+    return (char *)s + HDR;
+  }
+  uv_once(&classes_once, classes_init);
+  i = (int)((n + HDR - 1) / SLOT_UNIT);
+  c = &classes[i];
+  if (tc.head[i] == NULL) {
+    int want = cache_ready() ? CACHE_MOVE : 1;
+    uv_mutex_lock(&c->mu);
+    while (tc.n[i] < want && (s = take_locked(c)) != NULL) {
+      s->next = tc.head[i];
+      tc.head[i] = s;
+      tc.n[i]++;
+    }
+    uv_mutex_unlock(&c->mu);
+    if (tc.head[i] == NULL) return NULL;
+  }
+  s = tc.head[i];
+  tc.head[i] = s->next;
+  tc.n[i]--;
   return (char *)s + HDR;
 }
 
 void wp__slab_free(void *ptr) {
   slot *s;
-  chunk *k, *unmap = NULL;
-  sclass *c;
+  int i;
   if (ptr == NULL) return;
   s = (slot *)((char *)ptr - HDR);
-  if ((k = s->owner) == NULL) {
+  if (s->owner == NULL) {
     free(s);
     return;
   }
-  c = k->cls;
-  uv_mutex_lock(&c->mu);
-  assert(k->live > 0);
-  s->next = k->free;
-  k->free = s;
-  k->live--;
-  if (!k->listed) room_add(c, k);
-  if (k->live == 0 && (k->prev || k->next)) { /* another has room */
-    room_remove(c, k);
-    unmap = k;
-  }
-  uv_mutex_unlock(&c->mu);
-  if (unmap) {
-    atomic_fetch_sub_explicit(&mapped, (long)unmap->size, memory_order_relaxed);
-    munmap(unmap, unmap->size);
-  }
+  i = (int)(s->owner->cls - classes);
+  s->next = tc.head[i];
+  tc.head[i] = s;
+  tc.n[i]++;
+  if (!cache_ready())
+    cache_flush(i, 0);
+  else if (tc.n[i] > CACHE_MAX)
+    cache_flush(i, CACHE_MAX - CACHE_MOVE);
 }
 
 long wp__slab_mapped(void) {
   return atomic_load_explicit(&mapped, memory_order_relaxed);
+}
+
+long wp__slab_live(void) {
+  return atomic_load_explicit(&live, memory_order_relaxed);
 }
 
 #endif

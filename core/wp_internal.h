@@ -60,6 +60,10 @@ WP_HIDDEN void wp__slab_free(void *ptr);
  * every block comes from malloc (ASan, allocation-failure injection). */
 WP_HIDDEN long wp__slab_mapped(void);
 
+/* Slots out of the slab's chunks now, in use or in a thread's cache; -1
+ * where blocks come from malloc. */
+WP_HIDDEN long wp__slab_live(void);
+
 /* Spins for up to WP__SPIN_NS while ready(arg) is false, and returns its
  * last answer.  A thread about to sleep on a condition variable spins
  * first: a round trip that completes meanwhile costs no futex wake-up.
