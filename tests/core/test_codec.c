@@ -728,29 +728,32 @@ static const char RICH[] =
     "return t, shared, { shared, shared }, rec, print, _G, 12345678901234, "
     "('long'):rep(100), nil, -1.5e300";
 
-/* Every strict prefix of a valid message fails to decode, with "malformed",
- * and never reads past its end. */
+/* Every strict prefix of the message in b fails to decode, with
+ * "malformed", and never reads past its end (each is a copy of its own). */
+static void every_prefix_is_malformed(const wp__buf *b) {
+  for (size_t k = 0; k < b->len; k++) {
+    char err[512];
+    char *copy = malloc(k ? k : 1);
+    int st;
+    cr_assert_not_null(copy);
+    memcpy(copy, b->data, k);
+    st = decode_ex(copy, k, 0, err, sizeof err);
+    free(copy);
+    cr_assert_neq(st, LUA_OK, "prefix of %zu of %zu bytes decoded", k, b->len);
+    cr_assert(strstr(err, "malformed") != NULL, "prefix %zu: '%s'", k, err);
+  }
+}
+
 Test(codec, every_truncation_raises) {
   STATES;
   wp__buf b = {0};
-  size_t k;
   encode_src(RICH, &b);
   cr_assert_gt(b.len, 200);
   decode(&b);
   check("assert(R.n == 10 and rawequal(R[1].self, R[1]))\n"
         "assert(rawequal(R[3][1], R[2]) and R[4](3) == 3)\n"
         "assert(R[10] == -1.5e300)\n");
-  for (k = 0; k < b.len; k++) {
-    char err[512];
-    char *copy = malloc(k ? k : 1);
-    int st;
-    cr_assert_not_null(copy);
-    memcpy(copy, b.data, k);
-    st = decode_ex(copy, k, 0, err, sizeof err);
-    free(copy);
-    cr_assert_neq(st, LUA_OK, "prefix of %zu of %zu bytes decoded", k, b.len);
-    cr_assert(strstr(err, "malformed") != NULL, "prefix %zu: '%s'", k, err);
-  }
+  every_prefix_is_malformed(&b);
   wp__buf_free(&b);
 }
 
@@ -759,7 +762,6 @@ Test(codec, every_truncation_raises) {
 Test(codec, leading_scalars_then_a_table) {
   STATES;
   wp__buf b = {0};
-  size_t k;
   encode_src("local t = {x = 1}; t.self = t\n"
              "return 1, 'two', 3.5, true, nil, t, t, ('s'):rep(300)",
              &b);
@@ -768,16 +770,7 @@ Test(codec, leading_scalars_then_a_table) {
         "assert(R[2] == 'two' and R[3] == 3.5 and R[4] == true)\n"
         "assert(R[5] == nil and R[6].x == 1 and rawequal(R[6].self, R[6]))\n"
         "assert(rawequal(R[7], R[6]) and #R[8] == 300)\n");
-  for (k = 0; k < b.len; k++) {
-    char err[512];
-    char *copy = malloc(k ? k : 1);
-    cr_assert_not_null(copy);
-    memcpy(copy, b.data, k);
-    int st = decode_ex(copy, k, 0, err, sizeof err);
-    free(copy);
-    cr_assert_neq(st, LUA_OK, "prefix of %zu of %zu bytes decoded", k, b.len);
-    cr_assert(strstr(err, "malformed") != NULL, "prefix %zu: '%s'", k, err);
-  }
+  every_prefix_is_malformed(&b);
   wp__buf_free(&b);
 }
 
