@@ -16,8 +16,8 @@
  * Each slot starts with a header naming its chunk (NULL: the block came
  * from malloc, for sizes past the largest class).  One mutex per class,
  * taken once per 32 slots: each thread keeps a small cache of free slots
- * (below).  Any thread may allocate and free.  Under AddressSanitizer and in the
- * allocation-failure build every block comes from malloc, so that those
+ * (below).  Any thread may allocate and free.  Under AddressSanitizer and in
+ * the allocation-failure build every block comes from malloc, so that those
  * tools see each future on its own.
  */
 #include <assert.h>
