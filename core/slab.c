@@ -9,9 +9,13 @@
  * 2 MiB chunk is aligned and advised as a transparent huge page, so that
  * a burst of futures faults once per 2 MiB.  A freed slot goes back on
  * its chunk's free list and is reused first.  A chunk whose slots are all
- * free stays for the next burst while the empty chunks kept add up to
- * 32 MiB at most (or while it is its class's only chunk with room); past
- * that it is returned to the system, so a burst does not stay resident.
+ * free stays for the next burst while the empty chunks kept add up to no
+ * more than the most the process ever had in use, and 128 MiB at most (or
+ * while it is its class's only chunk with room); past that it goes back
+ * to the system, so a one-off burst does not stay resident in full.
+ *
+ * Empty chunks are shared: a class that needs a chunk takes a spare one
+ * of any class before it maps one.
  *
  * Each slot starts with a header naming its chunk (NULL: the block came
  * from malloc, for sizes past the largest class).  One mutex per class,
@@ -55,6 +59,11 @@ long wp__slab_live(void) {
   return -1;
 }
 
+long wp__slab_set_retain_max(long bytes) {
+  (void)bytes;
+  return -1;
+}
+
 #else
 
 #include <pthread.h>
@@ -65,7 +74,6 @@ long wp__slab_live(void) {
 #define NCLASSES (WP__SLAB_MAX / SLOT_UNIT)
 #define FIRST_CHUNK ((size_t)64 << 10)
 #define HUGE_CHUNK ((size_t)2 << 20)
-#define RETAIN_MAX (32L << 20) /* empty chunks kept, all classes together */
 
 typedef struct chunk chunk;
 typedef struct sclass sclass;
@@ -85,7 +93,6 @@ struct chunk {
   slot *free;       /* slots handed out and freed */
   size_t live;      /* slots in use */
   int listed;       /* on cls->room */
-  int retained;     /* empty, and counted in retained */
 };
 
 struct sclass {
@@ -103,13 +110,23 @@ static uv_once_t classes_once = UV_ONCE_INIT;
 static pthread_key_t cache_key;
 static int cache_key_ok = 1;
 static void cache_exit(void *arg);
-static atomic_long mapped;   /* bytes in chunks, for tests */
-static atomic_long live;     /* slots out of their chunks, for tests */
-static atomic_long retained; /* bytes of empty chunks kept for reuse */
+static atomic_long mapped; /* bytes in chunks, for tests */
+static atomic_long live;   /* slots out of their chunks, for tests */
+static atomic_long peak;   /* the most bytes of chunks ever in use */
+static atomic_long retain_max = 128L << 20; /* spare bytes kept at most */
+
+/* Empty chunks kept for any class, linked by next; a leaf lock, taken
+ * under a class lock. */
+static struct {
+  uv_mutex_t mu;
+  chunk *list;
+  long bytes;
+} spare;
 
 static void classes_init(void) {
   /* Without a key no thread caches (cache_ready fails). */
   if (pthread_key_create(&cache_key, cache_exit) != 0) cache_key_ok = 0;
+  uv_mutex_init(&spare.mu);
   for (int i = 0; i < NCLASSES; i++) {
     /* A mutex that cannot be made is a broken system: libuv aborts. */
     uv_mutex_init(&classes[i].mu);
@@ -159,19 +176,40 @@ static chunk *chunk_map(size_t size) {
   return (chunk *)base;
 }
 
-/* Needs c->mu.  NULL when the system refuses memory. */
+/* Records that bytes of chunks are in use now: the most ever is what
+ * the spare list may keep. */
+static void note_in_use(long bytes) {
+  long p = atomic_load_explicit(&peak, memory_order_relaxed);
+  while (bytes > p &&
+         !atomic_compare_exchange_weak_explicit(
+             &peak, &p, bytes, memory_order_relaxed, memory_order_relaxed)) {
+  }
+}
+
+/* Needs c->mu.  A spare chunk if there is one, else a new mapping; NULL
+ * when the system refuses memory. */
 static chunk *chunk_new_locked(sclass *c) {
+  chunk *k;
   size_t size = c->next_chunk;
-  chunk *k = chunk_map(size);
-  if (k == NULL) return NULL;
-  if (c->next_chunk < HUGE_CHUNK) c->next_chunk *= 2;
+  uv_mutex_lock(&spare.mu);
+  if ((k = spare.list) != NULL) {
+    spare.list = k->next;
+    spare.bytes -= (long)k->size;
+    size = k->size;
+  }
+  note_in_use(atomic_load_explicit(&mapped, memory_order_relaxed) -
+              spare.bytes + (k ? 0 : (long)size));
+  uv_mutex_unlock(&spare.mu);
+  if (k == NULL) {
+    if ((k = chunk_map(size)) == NULL) return NULL;
+    if (c->next_chunk < HUGE_CHUNK) c->next_chunk *= 2;
+  }
   k->cls = c;
   k->size = size;
   k->bump = (char *)k + HEAD_SIZE;
   k->end = (char *)k + size;
   k->free = NULL;
   k->live = 0;
-  k->retained = 0;
   room_add(c, k);
   return k;
 }
@@ -182,10 +220,6 @@ static slot *take_locked(sclass *c) {
   chunk *k = c->room;
   slot *s;
   if (k == NULL && (k = chunk_new_locked(c)) == NULL) return NULL;
-  if (k->retained) {
-    k->retained = 0;
-    atomic_fetch_sub_explicit(&retained, (long)k->size, memory_order_relaxed);
-  }
   if (k->free) {
     s = k->free;
     k->free = s->next;
@@ -201,8 +235,10 @@ static slot *take_locked(sclass *c) {
   return s;
 }
 
-/* Needs c->mu.  Takes s back; a chunk left empty while another has room
- * is unlisted and pushed on *unmap, to be unmapped after the lock. */
+/* Needs c->mu.  Takes s back.  A chunk left empty while another has room
+ * leaves the class: to the spare list while it holds less than the most
+ * ever in use (and retain_max), else on *unmap, to be unmapped after the
+ * lock. */
 static void put_locked(sclass *c, slot *s, chunk **unmap) {
   chunk *k = s->owner;
   assert(k->cls == c && k->live > 0);
@@ -216,17 +252,23 @@ static void put_locked(sclass *c, slot *s, chunk **unmap) {
   }
   if (!k->listed) room_add(c, k);
   if (k->live == 0 && (k->prev || k->next)) { /* another has room */
-    if (atomic_fetch_add_explicit(&retained, (long)k->size,
-                                  memory_order_relaxed) +
-            (long)k->size <=
-        RETAIN_MAX) {
-      k->retained = 1;
-      return;
-    }
-    atomic_fetch_sub_explicit(&retained, (long)k->size, memory_order_relaxed);
+    long budget = atomic_load_explicit(&peak, memory_order_relaxed);
+    long cap = atomic_load_explicit(&retain_max, memory_order_relaxed);
     room_remove(c, k);
-    k->next = *unmap;
-    *unmap = k;
+    k->cls = NULL;
+    if (budget > cap) budget = cap;
+    uv_mutex_lock(&spare.mu);
+    if (spare.bytes + (long)k->size <= budget) {
+      k->next = spare.list;
+      spare.list = k;
+      spare.bytes += (long)k->size;
+      k = NULL;
+    }
+    uv_mutex_unlock(&spare.mu);
+    if (k) {
+      k->next = *unmap;
+      *unmap = k;
+    }
   }
 }
 
@@ -347,6 +389,10 @@ long wp__slab_mapped(void) {
 
 long wp__slab_live(void) {
   return atomic_load_explicit(&live, memory_order_relaxed);
+}
+
+long wp__slab_set_retain_max(long bytes) {
+  return atomic_exchange_explicit(&retain_max, bytes, memory_order_relaxed);
 }
 
 #endif

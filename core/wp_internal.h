@@ -64,6 +64,12 @@ WP_HIDDEN long wp__slab_mapped(void);
  * where blocks come from malloc. */
 WP_HIDDEN long wp__slab_live(void);
 
+/* Sets the most bytes of empty chunks the slab keeps for later bursts
+ * (128 MiB unless set; it also keeps no more than the most it ever had
+ * in use); returns the previous value, -1 where blocks come from malloc.
+ * For tests. */
+WP_HIDDEN long wp__slab_set_retain_max(long bytes);
+
 /* Spins for up to WP__SPIN_NS while ready(arg) is false, and returns its
  * last answer.  A thread about to sleep on a condition variable spins
  * first: a round trip that completes meanwhile costs no futex wake-up.

@@ -53,36 +53,54 @@ Test(slab, freed_blocks_are_reused) {
   wp__slab_free(b);
 }
 
-Test(slab, a_burst_goes_back_to_the_system) {
-  enum { N = 300000, SIZE = 240 };
-  void **blocks = malloc(N * sizeof *blocks);
-  long before = wp__slab_mapped(), during, kept;
+static void **burst(int n, size_t size) {
+  void **blocks = malloc((size_t)n * sizeof *blocks);
   cr_assert_not_null(blocks);
-  for (int i = 0; i < N; i++) {
-    cr_assert_not_null(blocks[i] = wp__slab_alloc(SIZE));
-    memset(blocks[i], i, SIZE);
+  for (int i = 0; i < n; i++) {
+    cr_assert_not_null(blocks[i] = wp__slab_alloc(size));
+    memset(blocks[i], i, size);
   }
-  during = wp__slab_mapped();
-  for (int i = 0; i < N; i++)
-    wp__slab_free(blocks[i]);
-  if (before < 0) { /* malloc underneath */
-    free(blocks);
-    return;
-  }
-  cr_assert_geq(during - before, (long)N * SIZE, "%ld mapped", during);
-  /* Up to 32 MiB of empty chunks stay for the next burst, and the class
-   * keeps one chunk with room: the rest went back. */
-  kept = wp__slab_mapped();
-  cr_assert_leq(kept - before, (32L << 20) + (2L << 20), "%ld left",
-                kept - before);
-  cr_assert_geq(kept - before, 16L << 20, "%ld left", kept - before);
-  /* A smaller burst after it maps nothing new. */
-  for (int i = 0; i < N / 4; i++)
-    cr_assert_not_null(blocks[i] = wp__slab_alloc(SIZE));
-  cr_assert_eq(wp__slab_mapped(), kept);
-  for (int i = 0; i < N / 4; i++)
+  return blocks;
+}
+
+static void unburst(void **blocks, int n) {
+  for (int i = 0; i < n; i++)
     wp__slab_free(blocks[i]);
   free(blocks);
+}
+
+Test(slab, a_burst_goes_back_to_the_system) {
+  enum { N = 100000, SIZE = 240 };
+  long before = wp__slab_mapped(), cap, during, kept;
+  void **blocks;
+  if (before < 0) return; /* malloc underneath */
+  cap = wp__slab_set_retain_max(8L << 20);
+  blocks = burst(N, SIZE);
+  during = wp__slab_mapped();
+  cr_assert_geq(during - before, (long)N * SIZE, "%ld mapped", during);
+  unburst(blocks, N);
+  /* 8 MiB of empty chunks stay, and the class keeps one chunk with
+   * room: the rest went back. */
+  kept = wp__slab_mapped();
+  cr_assert_leq(kept - before, (8L << 20) + (2L << 20), "%ld left",
+                kept - before);
+  wp__slab_set_retain_max(cap);
+}
+
+Test(slab, empty_chunks_serve_any_class) {
+  enum { N = 60000 };
+  long kept;
+  void **blocks;
+  if (wp__slab_mapped() < 0) return; /* malloc underneath */
+  unburst(burst(N, 240), N);         /* 15 MB of 256-byte slots */
+  kept = wp__slab_mapped();
+  /* Bursts of other classes, no larger, map nothing new. */
+  blocks = burst(N, 180);
+  cr_assert_eq(wp__slab_mapped(), kept);
+  unburst(blocks, N);
+  blocks = burst(N / 2, 400);
+  cr_assert_eq(wp__slab_mapped(), kept);
+  unburst(blocks, N / 2);
 }
 
 static void churn(void *arg) {
