@@ -10,8 +10,12 @@
 #include <criterion/criterion.h>
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <uv.h>
 
@@ -101,6 +105,56 @@ Test(slab, empty_chunks_serve_any_class) {
   blocks = burst(N / 2, 400);
   cr_assert_eq(wp__slab_mapped(), kept);
   unburst(blocks, N / 2);
+}
+
+/* In a child whose address space is capped, allocation fails cleanly
+ * (NULL, no crash) once the system refuses a chunk, and works again after
+ * frees.  Not under TSan, whose shadow memory needs the address space. */
+static long vm_size(void) {
+  long pages = 0;
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (f) {
+    if (fscanf(f, "%ld", &pages) != 1) pages = 0;
+    fclose(f);
+  }
+  return pages * sysconf(_SC_PAGESIZE);
+}
+
+static int refused_then_recovers(void) {
+  enum { MAX = 1 << 20 };
+  static void *blocks[MAX];
+  struct rlimit rl;
+  long n = 0;
+  long vm = vm_size();
+  if (vm <= 0) return 10;
+  rl.rlim_cur = rl.rlim_max = (rlim_t)(vm + (16L << 20));
+  if (setrlimit(RLIMIT_AS, &rl) != 0) return 11;
+  while (n < MAX && (blocks[n] = wp__slab_alloc(240)) != NULL)
+    memset(blocks[n++], 7, 240);
+  if (n == MAX || n == 0) return 12; /* never refused, or nothing at all */
+  for (long i = 0; i < n; i++)
+    wp__slab_free(blocks[i]);
+  for (long i = 0; i < n / 2; i++)
+    if ((blocks[i] = wp__slab_alloc(240)) == NULL) return 13;
+  for (long i = 0; i < n / 2; i++)
+    wp__slab_free(blocks[i]);
+  return 0;
+}
+
+Test(slab, refused_memory_is_null_not_a_crash) {
+  pid_t pid;
+  int status;
+#if defined(__SANITIZE_THREAD__)
+  return;
+#endif
+  if (wp__slab_mapped() < 0) return; /* malloc underneath */
+  fflush(NULL);
+  pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) _exit(refused_then_recovers());
+  cr_assert_eq(waitpid(pid, &status, 0), pid);
+  cr_assert(WIFEXITED(status), "child died: status %d", status);
+  cr_assert_eq(WEXITSTATUS(status), 0, "child exit %d", WEXITSTATUS(status));
 }
 
 static void churn(void *arg) {
