@@ -11,14 +11,9 @@ local rserver = require "rserver"
 local redis = require "workerpool.redis"
 local WPOOL, N, REPS = arg[1], tonumber(arg[2] or "200000"), tonumber(arg[3] or "3")
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
+local write = rserver.write
 
-local srv = rserver.start()
-local ok, err = pcall(function()
+rserver.run(function(srv)
   local c = redis.client(srv.url)
   local dir = srv.dir
   write(dir .. "/stages.lua", [[
@@ -86,8 +81,3 @@ return M
                       (results[1] - bestf) / N * 1e6))
   c:close()
 end)
-srv:stop()
-if not ok then
-  io.stderr:write("redis.lua: ", tostring(err), "\n")
-  os.exit(1)
-end

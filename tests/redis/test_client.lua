@@ -19,8 +19,7 @@ for _, bad in ipairs{ "http://x", "redis://", "redis://h:0", "redis://h:70000", 
 end
 assert(not pcall(redis.client, "nope"))
 
-local srv = rserver.start()
-local ok, err = pcall(function()
+rserver.run(function(srv)
   -- On the host loop.
   local c = redis.client(srv.url)
   assert(c.async)
@@ -78,9 +77,4 @@ local ok, err = pcall(function()
   rd:close()
   c:close()
 end)
-srv:stop()
-if not ok then
-  io.stderr:write("FAIL ", tostring(err), "\n")
-  os.exit(1)
-end
 print("ok")

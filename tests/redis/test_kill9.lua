@@ -12,8 +12,7 @@ local WPOOL = assert(arg[1], "usage: test_kill9.lua path/to/wpool")
 local SCALE = tonumber(os.getenv("WPOOL_TEST_TIME_SCALE") or "1")
 local N = 100000
 
-local srv = rserver.start()
-local ok, err = pcall(function()
+rserver.run(function(srv)
   local c = redis.client(srv.url)
   assert(c:call("EVAL", "for i = 1, tonumber(ARGV[1]) do redis.call('XADD', 'jobs', '*', " ..
                 "'n', i) end return 1", 0, N))
@@ -114,9 +113,4 @@ return M
                                                pending_victim))
   c:close()
 end)
-srv:stop()
-if not ok then
-  io.stderr:write("FAIL ", tostring(err), "\n")
-  os.exit(1)
-end
 print("ok")
