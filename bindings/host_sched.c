@@ -595,6 +595,37 @@ int wpl_host_on_done(lua_State *L, wp_future *f) {
   return 0;
 }
 
+static int call_ended_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)L;
+  (void)status;
+  (void)ctx;
+  return 0;
+}
+
+/* The body of an on_done coroutine for a detached future: calls upvalue 2
+ * with upvalues 3 .. 2 + upvalue 1.   [-0, +0, e] */
+static int call_ended(lua_State *L) {
+  int i, n = (int)lua_tointeger(L, lua_upvalueindex(1));
+  luaL_checkstack(L, n + 1, NULL);
+  for (i = 2; i <= n + 2; i++)
+    lua_pushvalue(L, lua_upvalueindex(i));
+  lua_callk(L, n, 0, 0, call_ended_k);
+  return 0;
+}
+
+int wpl_host_on_done_ended(lua_State *L, int n) {
+  wpool_host *h = wpl_host_check(L, "on_done");
+  wpl_co *c;
+  lua_pushinteger(L, n);
+  lua_insert(L, -(n + 2)); /* n, cb, values... */
+  lua_pushcclosure(L, call_ended, n + 2);
+  c = wpl_co_new(h, L, 0);
+  lua_pop(L, 1); /* the handle: the ready list keeps it */
+  c->parked = PARK_READY;
+  ready_push(h, c);
+  return 0;
+}
+
 static void push_co_name(lua_State *L, wpl_co *c) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
   luaL_tolstring(L, -1, NULL);

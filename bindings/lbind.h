@@ -17,13 +17,14 @@
 /* Metatable names (also the __name shown in error messages). */
 #define WPL_POOL_MT "workerpool.pool"
 #define WPL_FUTURE_MT "workerpool.future"
+/* The metatable of a detached future (wpl_future_detach). */
+#define WPL_ENDED_MT "workerpool.future (ended)"
 #define WPL_SHARED_MT "workerpool.shared"
 
 /* ---- pool and future handles (lworkerpool.c) ------------------------- */
 
-/* The last field of each userdata names its class: checking an argument
- * compares its size and that pointer, with no metatable lookup.  (policy.c
- * reads a future userdata as the wp_future pointer it starts with.) */
+/* A field of each userdata names its class: checking an argument compares
+ * its size and that pointer, with no metatable lookup. */
 extern WPL_HIDDEN const char wpl_pool_class[];
 extern WPL_HIDDEN const char wpl_future_class[];
 
@@ -33,14 +34,46 @@ typedef struct wpl_pool {
   const char *cls; /* wpl_pool_class */
 } wpl_pool;
 
+/* What a future userdata holds once it was detached from its core future
+ * (see wpl_future_detach): the task ended ok with these results. */
+enum {
+  WPL_LIVE = 0,    /* f: a reference to the core future, or NULL before
+                      submit succeeded */
+  WPL_ENDED_NONE,  /* no result */
+  WPL_ENDED_NIL,   /* one nil */
+  WPL_ENDED_FALSE, /* one boolean */
+  WPL_ENDED_TRUE,
+  WPL_ENDED_INT,  /* one integer, in i */
+  WPL_ENDED_FLOAT /* one float, in n */
+};
+
 typedef struct wpl_future {
-  wp_future *f;    /* a reference, or NULL before submit succeeded */
-  const char *cls; /* wpl_future_class */
+  union {
+    wp_future *f; /* while WPL_LIVE */
+    lua_Integer i;
+    lua_Number n;
+  };
+  const char *cls;       /* wpl_future_class */
+  unsigned char kind;    /* WPL_LIVE or WPL_ENDED_* */
+  unsigned char tracked; /* policies' done hooks watch f: never detached */
 } wpl_future;
 
-/* Methods of pools and futures carry both metatables as upvalues: making
- * a future sets its metatable without a lookup by name. */
+/* Methods of pools and futures carry the metatables as upvalues: making a
+ * future sets its metatable without a lookup by name.  The third is the
+ * metatable of a detached future: the same methods, no __gc. */
 #define WPL_FUTURE_MT_UPVALUE lua_upvalueindex(2)
+#define WPL_ENDED_MT_UPVALUE lua_upvalueindex(3)
+
+/* [-0, +0, -] When the live future userdata at idx, not tracked by
+ * policies, ended ok with no result or one nil, boolean or number: keeps
+ * that result in the userdata, releases the core future and gives the
+ * userdata the metatable at WPL_ENDED_MT_UPVALUE, which has no __gc (the
+ * collector then frees it, and lua_close passes it, without calling a
+ * finalizer).  Returns 1 when it did, else 0.  Called from a function with
+ * the metatables as upvalues. */
+WPL_HIDDEN int wpl_future_detach(lua_State *L, int idx);
+/* [-0, +n, -] Pushes the results of the detached future u; returns n. */
+WPL_HIDDEN int wpl_future_results(lua_State *L, const wpl_future *u);
 
 /* [-0, +0, v] The pool userdata at idx, or raises. */
 static inline wpl_pool *wpl_topool(lua_State *L, int idx) {
@@ -250,6 +283,10 @@ WPL_HIDDEN void wpl_push_borrowed(lua_State *L, wp_pool *p);
 
 /* f:on_done(cb) for the future userdata at 1 holding f.  [-0, +0, e] */
 WPL_HIDDEN int wpl_host_on_done(lua_State *L, wp_future *f);
+/* [-(n+1), +0, e] f:on_done(cb) for a future that ended without a core
+ * future: runs cb (below the n values at the top) with those values in a
+ * new host coroutine on the loop's next pass. */
+WPL_HIDDEN int wpl_host_on_done_ended(lua_State *L, int n);
 /* [-0, +0, m] Registers the metatables the host files use. */
 WPL_HIDDEN void wpl_host_init(lua_State *L);
 /* The loop of L's host, or NULL when L's state has none (a worker state,

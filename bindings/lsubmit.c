@@ -111,7 +111,7 @@ typedef struct fncache {
   char rec[256];
 } fncache;
 
-#define FNCACHE_UPVALUE lua_upvalueindex(3)
+#define FNCACHE_UPVALUE lua_upvalueindex(4)
 
 int wpl_push_fncache(lua_State *L) {
   fncache *c = lua_newuserdatauv(L, sizeof *c, 1);
@@ -249,6 +249,8 @@ static int submit(lua_State *L, const char *what, int ret) {
   fu = lua_newuserdatauv(L, sizeof *fu, 0);
   fu->cls = wpl_future_class;
   fu->f = NULL;
+  fu->kind = WPL_LIVE;
+  fu->tracked = 0;
   lua_pushvalue(L, WPL_FUTURE_MT_UPVALUE);
   lua_setmetatable(L, -2);
   if (degraded) {
@@ -323,13 +325,16 @@ int wpl_pool_post(lua_State *L) {
   return submit(L, "post", RET_TRUE);
 }
 
-/* [-0, +n, e] Pushes the results of an ended future; raises its error,
- * or for a task that did not run the outcome of wpl_push_outcome with its
- * context: "task discarded: pool 'x' was stopped", "task cancelled",
- * "timeout". */
+/* [-0, +n, e] Pushes the results of the ended future f of the userdata at
+ * 1; raises its error, or for a task that did not run the outcome of
+ * wpl_push_outcome with its context: "task discarded: pool 'x' was
+ * stopped", "task cancelled", "timeout". */
 static int finish_wait(lua_State *L, wp_future *f, const char *pool) {
-  int n = wpl_push_outcome(L, f);
+  int n;
   wp_status st;
+  if (wpl_future_detach(L, 1))
+    return wpl_future_results(L, lua_touserdata(L, 1));
+  n = wpl_push_outcome(L, f);
   if (lua_toboolean(L, -n)) return n - 1; /* true, results... */
   switch ((st = wp_future_status(f))) {
   case WP_DISCARDED:

@@ -8,6 +8,10 @@
  * stops the pool.  Handles from workerpool.get borrow it: collecting one
  * changes nothing.  Closing any handle (a <close> variable) is an explicit
  * stop_wait.
+ * A future userdata holds a reference to its core future until a wait saw
+ * the task end ok with at most one small result: it then keeps that result
+ * itself and drops the core future (wpl_future_detach), so that collecting
+ * it, or closing the state, calls no finalizer.
  * Misuse raises; runtime failures return nil, message, NAME (lbind.h).
  */
 #include <dlfcn.h>
@@ -64,7 +68,8 @@ static wpl_future *tofuture(lua_State *L, int idx) {
 
 static wpl_future *checkfuture(lua_State *L) {
   wpl_future *u = tofuture(L, 1);
-  if (u->f == NULL) luaL_error(L, "attempt to use an empty future");
+  if (u->kind == WPL_LIVE && u->f == NULL)
+    luaL_error(L, "attempt to use an empty future");
   return u;
 }
 
@@ -541,6 +546,76 @@ static int pool_tostring(lua_State *L) {
 
 /* ---- futures --------------------------------------------------------- */
 
+int wpl_future_results(lua_State *L, const wpl_future *u) {
+  switch (u->kind) {
+  case WPL_ENDED_NONE:
+    return 0;
+  case WPL_ENDED_NIL:
+    lua_pushnil(L);
+    break;
+  case WPL_ENDED_FALSE:
+  case WPL_ENDED_TRUE:
+    lua_pushboolean(L, u->kind == WPL_ENDED_TRUE);
+    break;
+  case WPL_ENDED_INT:
+    lua_pushinteger(L, u->i);
+    break;
+  default:
+    lua_pushnumber(L, u->n);
+    break;
+  }
+  return 1;
+}
+
+/* [-0, +n, -] What waiting for the detached future u gives: true and its
+ * result, if any.  Returns n. */
+static int push_ended(lua_State *L, const wpl_future *u) {
+  lua_pushboolean(L, 1);
+  return 1 + wpl_future_results(L, u);
+}
+
+int wpl_future_detach(lua_State *L, int idx) {
+  wpl_future *u = lua_touserdata(L, idx);
+  wp_value v;
+  int n, kind;
+  if (u->kind != WPL_LIVE || u->tracked || wp_future_status(u->f) != WP_OK)
+    return 0;
+  n = wp_future_values(u->f, &v, 1);
+  if (n == 0) {
+    kind = WPL_ENDED_NONE;
+  } else if (n != 1) {
+    return 0;
+  } else {
+    switch (v.type) {
+    case WP_TNIL:
+      kind = WPL_ENDED_NIL;
+      break;
+    case WP_TBOOLEAN:
+      kind = v.u.b ? WPL_ENDED_TRUE : WPL_ENDED_FALSE;
+      break;
+    case WP_TINTEGER:
+      kind = WPL_ENDED_INT;
+      break;
+    case WP_TNUMBER:
+      kind = WPL_ENDED_FLOAT;
+      break;
+    default:
+      return 0;
+    }
+  }
+  wp_future_release(u->f);
+  if (kind == WPL_ENDED_INT)
+    u->i = (lua_Integer)v.u.i;
+  else if (kind == WPL_ENDED_FLOAT)
+    u->n = (lua_Number)v.u.n;
+  else
+    u->f = NULL;
+  u->kind = (unsigned char)kind;
+  lua_pushvalue(L, WPL_ENDED_MT_UPVALUE);
+  lua_setmetatable(L, idx < 0 ? idx - 1 : idx);
+  return 1;
+}
+
 /* [-0, +3, m] f:wait's own wait ran out: nil, "timeout", "ETIMEDOUT". */
 static int push_timeout(lua_State *L) {
   return wpl_pusherr(L, WP_ETIMEDOUT);
@@ -549,11 +624,13 @@ static int push_timeout(lua_State *L) {
 /* Continues f:wait in a host coroutine: resumed with true when the task
  * ended, false on timeout. */
 static int future_wait_k(lua_State *L, int status, lua_KContext ctx) {
+  wpl_future *u = lua_touserdata(L, 1);
   (void)status;
   (void)ctx;
   if (!lua_toboolean(L, -1)) return push_timeout(L);
   lua_settop(L, 1);
-  return wpl_push_outcome(L, ((wpl_future *)lua_touserdata(L, 1))->f);
+  if (u->kind != WPL_LIVE || wpl_future_detach(L, 1)) return push_ended(L, u);
+  return wpl_push_outcome(L, u->f);
 }
 
 /* f:wait([timeout]) -> true, results... | false, err |
@@ -566,11 +643,13 @@ static int future_wait(lua_State *L) {
     luaL_argcheck(L, t >= 0, 2, "timeout must be a non-negative number");
   }
   lua_settop(L, 1);
+  if (u->kind != WPL_LIVE) return push_ended(L, u);
   if (wp_future_status(u->f) == WP_PENDING && wpl_host_park_future(L, u->f, t))
     return lua_yieldk(L, 0, 0, future_wait_k);
   if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) return push_timeout(L);
   wpl_policy_finish(L, u->f);
   wpl_policy_poll(L);
+  if (wpl_future_detach(L, 1)) return push_ended(L, u);
   return wpl_push_outcome(L, u->f);
 }
 
@@ -592,26 +671,37 @@ int wpl_push_outcome(lua_State *L, wp_future *f) {
 
 /* f:done() -> boolean   [-0, +1, e] */
 static int future_done(lua_State *L) {
-  lua_pushboolean(L, wp_future_status(checkfuture(L)->f) != WP_PENDING);
+  wpl_future *u = checkfuture(L);
+  lua_pushboolean(L,
+                  u->kind != WPL_LIVE || wp_future_status(u->f) != WP_PENDING);
   return 1;
 }
 
 /* f:cancel() -> boolean   [-0, +1, e] */
 static int future_cancel(lua_State *L) {
-  lua_pushboolean(L, wp_future_cancel(checkfuture(L)->f));
+  wpl_future *u = checkfuture(L);
+  lua_pushboolean(L, u->kind == WPL_LIVE && wp_future_cancel(u->f));
   return 1;
 }
 
 /* f:on_done(cb): cb(ok, ...) runs in a new host coroutine once the task
  * ended.   [-0, +0, e] Needs a host loop. */
 static int future_on_done(lua_State *L) {
-  return wpl_host_on_done(L, checkfuture(L)->f);
+  wpl_future *u = checkfuture(L);
+  int n;
+  if (u->kind == WPL_LIVE) return wpl_host_on_done(L, u->f);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  n = push_ended(L, u);
+  return wpl_host_on_done_ended(L, n);
 }
 
 /* f:status() -> "pending" | "ok" | "error" | "discarded" | "cancelled" |
  * "timeout"   [-0, +1, e] */
 static int future_status(lua_State *L) {
-  lua_pushstring(L, wp_status_name(wp_future_status(checkfuture(L)->f)));
+  wpl_future *u = checkfuture(L);
+  lua_pushstring(
+      L, wp_status_name(u->kind == WPL_LIVE ? wp_future_status(u->f) : WP_OK));
   return 1;
 }
 
@@ -625,6 +715,7 @@ static int future_degraded(lua_State *L) {
 /* [-0, +0, -] */
 static int future_gc(lua_State *L) {
   wpl_future *u = tofuture(L, 1);
+  if (u->kind != WPL_LIVE) return 0;
   wp_future_release(u->f);
   u->f = NULL;
   return 0;
@@ -730,22 +821,27 @@ static const luaL_Reg future_methods[] = {{"wait", future_wait},
                                           {"degraded", future_degraded},
                                           {NULL, NULL}};
 
+/* [-0, +3, m] The upvalues of every method: the three metatables. */
+static void push_metatables(lua_State *L) {
+  luaL_getmetatable(L, WPL_POOL_MT);
+  luaL_getmetatable(L, WPL_FUTURE_MT);
+  luaL_getmetatable(L, WPL_ENDED_MT);
+}
+
 /* [-0, +0, m] Fills the metatable at mt: `methods` in __index, then the
- * metamethods; each function gets both metatables as upvalues, and the
+ * metamethods; each function gets the metatables as upvalues, and the
  * methods of a pool (fncache) the state's function cache (lsubmit.c) as
- * a third. */
+ * a fourth. */
 static void fill_class(lua_State *L, int mt, const luaL_Reg *methods,
                        const luaL_Reg *meta, int fncache) {
   lua_newtable(L);
-  luaL_getmetatable(L, WPL_POOL_MT);
-  luaL_getmetatable(L, WPL_FUTURE_MT);
+  push_metatables(L);
   if (fncache) wpl_push_fncache(L);
-  luaL_setfuncs(L, methods, fncache ? 3 : 2);
+  luaL_setfuncs(L, methods, fncache ? 4 : 3);
   lua_setfield(L, mt, "__index");
   lua_pushvalue(L, mt);
-  luaL_getmetatable(L, WPL_POOL_MT);
-  luaL_getmetatable(L, WPL_FUTURE_MT);
-  luaL_setfuncs(L, meta, 2);
+  push_metatables(L);
+  luaL_setfuncs(L, meta, 3);
   lua_pop(L, 1);
 }
 
@@ -828,9 +924,15 @@ WP_API int luaopen_workerpool(lua_State *L) {
   }
   luaL_newmetatable(L, WPL_POOL_MT);
   luaL_newmetatable(L, WPL_FUTURE_MT);
-  fill_class(L, lua_absindex(L, -2), pool_methods, pool_meta, 1);
-  fill_class(L, lua_absindex(L, -1), future_methods, future_meta, 0);
-  lua_pop(L, 2);
+  if (luaL_newmetatable(L, WPL_ENDED_MT)) {
+    lua_pushliteral(L, WPL_FUTURE_MT); /* what error messages show */
+    lua_setfield(L, -2, "__name");
+  }
+  fill_class(L, lua_absindex(L, -3), pool_methods, pool_meta, 1);
+  fill_class(L, lua_absindex(L, -2), future_methods, future_meta, 0);
+  lua_getfield(L, -2, "__index"); /* a detached future: the same methods */
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 3);
   wpl_shared_init(L);
   wpl_host_init(L);
   wpl_metrics_init(L);

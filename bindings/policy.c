@@ -518,9 +518,9 @@ int wpl_policy_degraded(lua_State *L, int fut) {
  * runs, in order; one that raises is logged and does not stop the others.
  * [-0, +0, m] */
 static int run_done(lua_State *L) {
-  wp_future **fu = lua_touserdata(L, lua_upvalueindex(3));
-  wp_status st = wp_future_status(*fu);
-  double duration = wp_future_run_time(*fu);
+  wpl_future *fu = lua_touserdata(L, lua_upvalueindex(3));
+  wp_status st = wp_future_status(fu->f); /* tracked: never detached */
+  double duration = wp_future_run_time(fu->f);
   lua_Integer i, n = (lua_Integer)lua_rawlen(L, lua_upvalueindex(1));
   for (i = 1; i <= n; i++) {
     lua_rawgeti(L, lua_upvalueindex(1), i);
@@ -544,15 +544,16 @@ static int run_done(lua_State *L) {
 /* Host delivery: runs the tracked hooks of the future in upvalue 1 unless
  * a wait already did.   [-0, +0, m] */
 static int finish_cb(lua_State *L) {
-  wp_future **fu = lua_touserdata(L, lua_upvalueindex(1));
-  wpl_policy_finish(L, *fu);
+  wpl_future *fu = lua_touserdata(L, lua_upvalueindex(1));
+  wpl_policy_finish(L, fu->f);
   return 0;
 }
 
 void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut) {
-  wp_future **fu = lua_touserdata(L, fut);
+  wpl_future *fu = lua_touserdata(L, fut);
   wpl_mailbox *mb;
   (void)p;
+  fu->tracked = 1; /* its hooks may run after a wait: keep fu->f */
   task = lua_absindex(L, task);
   fut = lua_absindex(L, fut);
   lua_rawgetp(L, task, &list_key);
@@ -569,14 +570,14 @@ void wpl_policy_track(lua_State *L, wp_pool *p, int task, int fut) {
     lua_rawsetp(L, LUA_REGISTRYINDEX, &pending_key);
   }
   lua_insert(L, -2);
-  lua_rawsetp(L, -2, *fu);
+  lua_rawsetp(L, -2, fu->f);
   lua_pop(L, 1);
   lua_pushvalue(L, fut);
   lua_pushcclosure(L, finish_cb, 1);
-  if (wpl_host_watch(L, *fu)) return; /* the host loop runs finish_cb */
+  if (wpl_host_watch(L, fu->f)) return; /* the host loop runs finish_cb */
   lua_pop(L, 1);
   if ((mb = state_mailbox(L)) == NULL) luaL_error(L, "not enough memory");
-  if (wpl_mailbox_watch(mb, *fu) != 0) luaL_error(L, "not enough memory");
+  if (wpl_mailbox_watch(mb, fu->f) != 0) luaL_error(L, "not enough memory");
 }
 
 void wpl_policy_undo(lua_State *L, wp_pool *p, int task) {

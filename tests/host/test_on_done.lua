@@ -75,6 +75,48 @@ T.test("a future that already ended: cb is queued, not called inside on_done",
     T.eq(pool:stop_wait(), 0)
   end)
 
+T.test("a future a wait detached: cb(true, result) is queued the same way",
+  function()
+    local pool = wp.new { max_workers = 1 }
+    local got, order = {}, {}
+    for i, task in ipairs {
+      function() return 42 end, function() return 0.5 end,
+      function() return false end, function() return nil end,
+      function() end,
+    } do
+      local f = pool:submit(task)
+      local res = pack(f:wait())
+      T.eq(res[1], true)
+      T.eq(getmetatable(f).__gc, nil, "detached: no finalizer")
+      f:on_done(function(...)
+        got[i] = pack(...)
+        order[#order + 1] = i
+      end)
+      T.eq(got[i], nil, "not called inside on_done")
+      -- Twice: each call runs its callback once.
+      f:on_done(function() order[#order + 1] = -i end)
+    end
+    T.eventually(function() return #order == 10 end, 10, "the callbacks ran")
+    T.eq(table.concat(order, " "), "1 -1 2 -2 3 -3 4 -4 5 -5")
+    T.eq(got[1].n, 2); T.eq(math.type(got[1][2]), "integer"); T.eq(got[1][2], 42)
+    T.eq(got[2].n, 2); T.eq(math.type(got[2][2]), "float"); T.eq(got[2][2], 0.5)
+    T.eq(got[3].n, 2); T.eq(got[3][2], false)
+    T.eq(got[4].n, 2); T.eq(got[4][2], nil)
+    T.eq(got[5].n, 1, "no result: ok alone")
+    T.eq(got[5][1], true)
+    -- A parked wait and a detaching wait on the same future.
+    local d, dn = newdict()
+    local f = pool:submit(gate, dn, "open2", 7)
+    local parked
+    wp.spawn(function() parked = pack(f:wait()) end)
+    d:set("open2", true)
+    poll_done(f)
+    T.eq(pack(f:wait())[2], 7)
+    T.eventually(function() return parked end, 10, "the parked wait returned")
+    T.eq(parked.n, 2); T.eq(parked[1], true); T.eq(parked[2], 7)
+    T.eq(pool:stop_wait(), 0)
+  end)
+
 T.test("cancelled futures: cb(false, 'cancelled'), also after the fact",
   function()
     local d, dn = newdict()

@@ -1174,8 +1174,8 @@ case("methods check the class of self: other userdata and tables raise", functio
   local p = newpool { max_workers = 1 }
   local f = p:submit(function() return 1 end)
   T.eq(f:wait(10), true)
-  -- io.stdout is a full userdata of a future's size; a future is smaller
-  -- than a pool.
+  -- A pool and a future are full userdata of the same size; io.stdout is
+  -- smaller.
   for _, bad in ipairs { io.stdout, f, {}, 1, "x" } do
     T.raises(function() p.submit(bad, "x") end, "workerpool.pool expected")
     T.raises(function() p.stats(bad) end, "workerpool.pool expected")
@@ -1184,10 +1184,76 @@ case("methods check the class of self: other userdata and tables raise", functio
     T.raises(function() f.wait(bad) end, "workerpool.future expected")
     T.raises(function() f.status(bad) end, "workerpool.future expected")
   end
-  T.raises(function() getmetatable(f).__gc(io.stdout) end, "workerpool.future expected")
+  local live = p:submit(function() return {} end) -- a table: never detached
+  T.eq(live:wait(10), true)
+  T.raises(function() getmetatable(live).__gc(io.stdout) end, "workerpool.future expected")
   T.raises(function() getmetatable(p).__gc(io.stdout) end, "workerpool.pool expected")
   T.eq(f:status(), "ok", "f unharmed")
   T.eq(p:submit_wait(function() return 2 end), 2, "p unharmed")
+end)
+
+case("a waited future keeps a small result itself; every method still works", function()
+  local p = newpool { max_workers = 1 }
+  local kinds = {
+    { function() return 7 end, 7 }, { function() return 2.5 end, 2.5 },
+    { function() return true end, true }, { function() return false end, false },
+    { function() return nil end, nil }, { function() end },
+  }
+  for i, k in ipairs(kinds) do
+    local f = p:submit(k[1])
+    local r = table.pack(f:wait(10))
+    local n = k[1] == kinds[6][1] and 1 or 2
+    T.eq(r.n, n, "case " .. i)
+    T.eq(r[1], true)
+    T.eq(r[2], k[2])
+    T.eq(getmetatable(f).__gc, nil, "detached: no finalizer")
+    T.eq(getmetatable(f).__name, "workerpool.future")
+    T.ok(tostring(f):find("^workerpool.future: "), tostring(f))
+    -- Again, and with a timeout: the same values, the same types.
+    for _, again in ipairs { table.pack(f:wait()), table.pack(f:wait(0)) } do
+      T.eq(again.n, n)
+      T.eq(again[1], true)
+      T.eq(again[2], k[2])
+      T.eq(math.type(again[2]), math.type(k[2]))
+    end
+    T.eq(f:status(), "ok")
+    T.eq(f:done(), true)
+    T.eq(f:cancel(), false)
+    T.eq(f:degraded(), false)
+    T.raises(function() f:on_done(function() end) end, "on_done")
+    T.raises(function() f:wait(-1) end, "non-negative")
+  end
+  -- What does not fit stays with the core future, finalizer and all.
+  for _, task in ipairs {
+    function() return 1, 2 end, function() return "s" end,
+    function() return {} end, function() error("boom") end,
+  } do
+    local f = p:submit(task)
+    f:wait(10)
+    T.ok(getmetatable(f).__gc, "kept live")
+    local a = table.pack(f:wait())
+    local b = table.pack(f:wait())
+    T.eq(a.n, b.n)
+    T.eq(a[1], b[1])
+  end
+  -- submit_wait detaches its own future; its values are the task's.
+  local a, b = p:submit_wait(function() return 9 end)
+  T.eq(a, 9)
+  T.eq(b, nil)
+  T.eq(select("#", p:submit_wait(function() end)), 0)
+  T.eq(select("#", p:submit_wait(function() return nil end)), 1)
+  -- Many detached futures, kept and then dropped: all of them collected.
+  local futs = {}
+  for i = 1, 2000 do futs[i] = p:submit(function(x) return x end, i) end
+  local sum = 0
+  for i = 1, 2000 do sum = sum + select(2, futs[i]:wait()) end
+  T.eq(sum, 2000 * 2001 // 2)
+  local weak = setmetatable({ futs[1] }, { __mode = "v" })
+  futs = nil -- luacheck: ignore
+  collectgarbage()
+  collectgarbage()
+  T.eq(weak[1], nil, "a detached future is collected")
+  T.eq(p:stop_wait(), 0)
 end)
 
 case("own worker: submit_wait, stop, stop_wait, pause and map raise", function()
