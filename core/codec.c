@@ -24,22 +24,10 @@
 
 /* ---- writing --------------------------------------------------------- */
 
-/* The one varint writer: v, 7 bits a byte, low first, at p (which has room
- * for WP__VARINT_MAX bytes); returns the end. */
-#define WP__VARINT_MAX 10
-static inline char *varint_at(char *p, uint64_t v) {
-  while (v >= 0x80) {
-    *p++ = (char)(v | 0x80);
-    v >>= 7;
-  }
-  *p++ = (char)v;
-  return p;
-}
-
 int wp__put_varint(wp__buf *b, uint64_t v) {
   int r = wp__buf_reserve(b, WP__VARINT_MAX);
   if (r) return r;
-  b->len = (size_t)(varint_at(b->data + b->len, v) - b->data);
+  b->len = (size_t)(wp__varint_at(b->data + b->len, v) - b->data);
   return 0;
 }
 
@@ -65,7 +53,7 @@ static int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
   if (r) return r;
   p = b->data + b->len;
   *p++ = (char)tag;
-  p = varint_at(p, len);
+  p = wp__varint_at(p, len);
   memcpy(p, s, len);
   b->len = (size_t)(p - b->data) + len;
   return 0;
@@ -129,7 +117,7 @@ static int put_function(wp__buf *b, const char *rec, size_t len, int nups,
   memcpy(p, rec, 8); /* the id */
   memcpy(p + 8, &len32, 4);
   memcpy(p + 12, rec + 8, len - 8);
-  p = varint_at(p + 4 + len, (uint64_t)nups);
+  p = wp__varint_at(p + 4 + len, (uint64_t)nups);
   *p++ = (char)pure;
   b->len = (size_t)(p - b->data);
   return 0;
@@ -552,15 +540,11 @@ static int get_lstring(wp__reader *r, const char **s, size_t *len) {
 
 static int skip_value(wp__reader *r, int depth);
 
+/* Skips a function whose header (id, length, bytecode; or the store
+ * index) was read. */
 static int skip_function(wp__reader *r, int depth) {
-  uint32_t len;
   uint64_t nups, i;
   char pure;
-  uint64_t id;
-  if (get_bytes(r, &id, 8) || get_bytes(r, &len, 4) ||
-      len > (size_t)(r->end - r->p))
-    return WP_EINVAL;
-  r->p += len;
   if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1)) return WP_EINVAL;
   for (i = 0; i < nups; i++)
     if (skip_value(r, depth + 1)) return WP_EINVAL;
@@ -590,7 +574,16 @@ static int skip_value(wp__reader *r, int depth) {
     return get_lstring(r, &s, &len);
   case WP__T_REF:
     return wp__get_varint(r, &id);
-  case WP__T_FUNC:
+  case WP__T_FUNC: {
+    uint32_t blen; /* the id, the bytecode's length, the bytecode */
+    if (r->end - r->p < 12) return WP_EINVAL;
+    memcpy(&blen, r->p + 8, 4);
+    if (blen > (size_t)(r->end - r->p) - 12) return WP_EINVAL;
+    r->p += 12 + (size_t)blen;
+    return skip_function(r, depth);
+  }
+  case WP__T_FUNCID:
+    if (wp__get_varint(r, &id)) return WP_EINVAL;
     return skip_function(r, depth);
   case WP__T_TABLE:
     if ((size_t)(r->end - r->p) < 2 * sizeof(uint32_t)) return WP_EINVAL;
@@ -708,7 +701,10 @@ static void cache_store(dec *d, uint64_t id) {
   lua_rawseti(L, d->cache, (lua_Integer)id);
 }
 
-static void dec_function(dec *d, int depth) {
+/* [-0, +1, e] Pushes a function: its id, length and bytecode read from
+ * hdr (the message itself, or a record of the function store), the rest
+ * from the message. */
+static void dec_function(dec *d, wp__reader *hdr, int depth) {
   lua_State *L = d->L;
   wp__reader *r = d->r;
   uint32_t len;
@@ -717,11 +713,11 @@ static void dec_function(dec *d, int depth) {
   char pure;
   int f, cached = 0;
   uint64_t id;
-  if (get_bytes(r, &id, 8) || get_bytes(r, &len, 4) ||
-      len > (size_t)(r->end - r->p))
+  if (get_bytes(hdr, &id, 8) || get_bytes(hdr, &len, 4) ||
+      len > (size_t)(hdr->end - hdr->p))
     dec_bad(d);
-  bc = r->p;
-  r->p += len;
+  bc = hdr->p;
+  hdr->p += len;
   if (wp__get_varint(r, &nups) || get_bytes(r, &pure, 1) || nups > 255)
     dec_bad(d);
   luaL_checkstack(L, 4, "functions nested too deeply");
@@ -855,8 +851,16 @@ static void dec_value(dec *d, int depth) {
     dec_module(d, s, len);
     break;
   case WP__T_FUNC:
-    dec_function(d, depth);
+    dec_function(d, r, depth);
     break;
+  case WP__T_FUNCID: {
+    wp__reader rec;
+    if (wp__get_varint(r, &id) || (rec.p = wp__fnstore_get(id, &len)) == NULL)
+      dec_bad(d);
+    rec.end = rec.p + len;
+    dec_function(d, &rec, depth);
+    break;
+  }
   case WP__T_TABLE: {
     uint32_t hints[2];
     size_t left;

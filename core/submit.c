@@ -141,13 +141,32 @@ int wp__fn_record(lua_State *L, int idx, char *out, size_t cap, size_t *len,
     n++;
   }
   if (!wp__fn_env_only(L, idx, n)) return 0;
-  /* One value: its count is the one byte 1, then the function. */
-  if (wp__encode_fast(L, &b, idx, 1) && b.len > 1 && b.data[0] == 1 &&
-      b.len - 1 <= cap) {
-    memcpy(out, b.data + 1, b.len - 1);
-    *len = b.len - 1;
+  /* One value: its count is the one byte 1, then WP__T_FUNC, the id, the
+   * length, the bytecode, and the rest (the upvalue count, the pure byte,
+   * WP__T_ENV for each upvalue).  Interned in the function store, the id,
+   * length and bytecode become WP__T_FUNCID and an index. */
+  if (wp__encode_fast(L, &b, idx, 1) && b.len > 14 && b.data[0] == 1 &&
+      (unsigned char)b.data[1] == WP__T_FUNC) {
+    const char *hdr = b.data + 2, *rest;
+    uint32_t blen, index;
+    memcpy(&blen, hdr + 8, 4);
+    rest = hdr + 12 + blen;
+    if (wp__fnstore_intern(hdr, (size_t)(rest - hdr), &index) == 0) {
+      char *p = out;
+      size_t tail = (size_t)(b.data + b.len - rest);
+      if (1 + WP__VARINT_MAX + tail <= cap) {
+        *p++ = (char)WP__T_FUNCID;
+        p = wp__varint_at(p, index);
+        memcpy(p, rest, tail);
+        *len = (size_t)(p - out) + tail;
+        ok = 1;
+      }
+    } else if (b.len - 1 <= cap) {
+      memcpy(out, b.data + 1, b.len - 1);
+      *len = b.len - 1;
+      ok = 1;
+    }
     *nenv = n;
-    ok = 1;
   }
   wp__buf_free(&b);
   return ok;

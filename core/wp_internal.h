@@ -3,8 +3,9 @@
  *
  * Lock order: the pool registry lock, then a pool's mu; a pool's done_mu
  * is a leaf and is never held with any other lock; a slab class lock
- * (slab.c) is a leaf that may be taken under a pool's mu.  No lock is held
- * across a Lua API call that can raise.
+ * (slab.c) is a leaf that may be taken under a pool's mu; the function
+ * store's lock (fnstore.c) is a leaf taken while submitting, outside any
+ * pool's mu.  No lock is held across a Lua API call that can raise.
  */
 #ifndef WPOOL_INTERNAL_H
 #define WPOOL_INTERNAL_H
@@ -102,12 +103,15 @@ enum {
   WP__T_STR,   /* varint length, bytes */
   WP__T_TABLE, /* key/value pairs, then WP__T_END */
   WP__T_END,
-  WP__T_REF,   /* varint index of an earlier table or function */
-  WP__T_FUNC,  /* u64 id, u32 length, bytecode, varint nups, pure byte,
-                  upvalues */
-  WP__T_CFUNC, /* varint length, "lib.name" */
-  WP__T_ENV,   /* the receiving state's global table */
-  WP__T_MODULE /* varint length, name in package.loaded */
+  WP__T_REF,    /* varint index of an earlier table or function */
+  WP__T_FUNC,   /* u64 id, u32 length, bytecode, varint nups, pure byte,
+                   upvalues */
+  WP__T_CFUNC,  /* varint length, "lib.name" */
+  WP__T_ENV,    /* the receiving state's global table */
+  WP__T_MODULE, /* varint length, name in package.loaded */
+  WP__T_FUNCID  /* varint index of a record in the function store (its id,
+                   length and bytecode, as after WP__T_FUNC), then as
+                   WP__T_FUNC: varint nups, pure byte, upvalues */
 };
 
 /* A result message of one short string (a literal of less than 128
@@ -161,6 +165,18 @@ WP_HIDDEN int wp__submit_lua_rec(wp_pool *p, lua_State *L, int task, int nargs,
                                  const char *what, const wp_task_opts *opts,
                                  wp_future **out, const char *rec, size_t rlen);
 
+/* The one varint writer: v, 7 bits a byte, low first, at p (which has room
+ * for WP__VARINT_MAX bytes); returns the end. */
+#define WP__VARINT_MAX 10
+static inline char *wp__varint_at(char *p, uint64_t v) {
+  while (v >= 0x80) {
+    *p++ = (char)(v | 0x80);
+    v >>= 7;
+  }
+  *p++ = (char)v;
+  return p;
+}
+
 /* Appends a varint / a whole C value.  0 or WP_ENOMEM / WP_ETOOBIG. */
 WP_HIDDEN int wp__put_varint(wp__buf *b, uint64_t v);
 WP_HIDDEN int wp__put_cvalue(wp__buf *b, const wp_value *v);
@@ -183,6 +199,24 @@ WP_HIDDEN int wp__get_cvalue(wp__reader *r, wp_value *out);
 
 /* Name of a registered C function, or NULL.  Never fails. */
 WP_HIDDEN const char *wp__cfunction_name(lua_CFunction fn);
+
+/* ---- the function store (fnstore.c) ---------------------------------- */
+
+/* Interns a function record (len bytes: the 8-byte id, the 4-byte length
+ * and the bytecode, as a message holds them after WP__T_FUNC) and writes
+ * its index, the same for the same bytes.  The store copies rec and keeps
+ * it until the process exits.  0, WP_EINVAL (not a record), or WP_ENOMEM
+ * (no memory, or the store is full: 4096 records or 16 MiB).  Any thread;
+ * takes the store's lock. */
+WP_HIDDEN int wp__fnstore_intern(const char *rec, size_t len, uint32_t *index);
+
+/* The record at index, with its length in *len; NULL when there is none.
+ * Any thread, no lock: a record never changes or goes away. */
+WP_HIDDEN const char *wp__fnstore_get(uint64_t index, size_t *len);
+
+/* Tests: sets how many bytes of records the store may hold (records kept
+ * stay); returns the previous limit. */
+WP_HIDDEN size_t wp__fnstore_set_max_bytes(size_t n);
 
 typedef struct wp__worker wp__worker;
 

@@ -13,6 +13,7 @@
 #include <criterion/criterion.h>
 
 #include <limits.h>
+#include <pthread.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1153,4 +1154,145 @@ Test(codec, plain_states_are_not_workers) {
   cr_assert_null(wp_state_pool(A));
   cr_assert_eq(wp_state_worker_id(A), 0);
   cr_assert_eq(lua_gettop(A), 0, "stack balanced");
+}
+
+/* ------------------------------------------------------------------ */
+/* The function store (fnstore.c)                                      */
+/* ------------------------------------------------------------------ */
+
+/* wp__fn_record of the global function `name` in A, with the count 1 in
+ * front: a message of that one value, in b. */
+static void record_of(const char *name, wp__buf *b, int *ok) {
+  char rec[256];
+  size_t len = 0;
+  int nenv = -1;
+  lua_getglobal(A, name);
+  *ok = wp__fn_record(A, -1, rec, sizeof rec, &len, &nenv);
+  lua_pop(A, 1);
+  b->len = 0;
+  cr_assert_eq(wp__put_varint(b, 1), 0);
+  cr_assert_eq(wp__buf_reserve(b, len), 0);
+  memcpy(b->data + b->len, rec, len);
+  b->len += len;
+}
+
+Test(codec, function_records_name_the_store) {
+  STATES;
+  wp__buf m1 = {0}, m2 = {0};
+  int ok, cache;
+  char err[256];
+  cr_assert_eq(luaL_dostring(A, "F = function(x) return x * 3 end\n"
+                                "G = function(x) return x .. '!' end"),
+               LUA_OK);
+  /* Sent once before, as the function cache of lsubmit.c does. */
+  encode_src("return F, G", &m1);
+  record_of("F", &m1, &ok);
+  cr_assert_eq(ok, 1);
+  cr_assert_eq((unsigned char)m1.data[1], WP__T_FUNCID);
+  cr_assert_lt(m1.len, 16, "an index, not the bytecode: %zu bytes", m1.len);
+  record_of("F", &m2, &ok);
+  cr_assert(m1.len == m2.len && memcmp(m1.data, m2.data, m1.len) == 0,
+            "the same function interns to the same index");
+  decode(&m1);
+  check("assert(R.n == 1 and R[1](5) == 15)");
+  lua_newtable(B);
+  cache = lua_gettop(B);
+  for (int i = 0; i < 3; i++) {
+    cr_assert_eq(decode_ex(m1.data, m1.len, cache, err, sizeof err), 0, "%s",
+                 err);
+    check(i == 0 ? "F1 = R[1] assert(F1(2) == 6)"
+                 : "assert(rawequal(R[1], F1), 'compiled once')");
+  }
+  lua_settop(B, 0);
+  record_of("G", &m2, &ok);
+  cr_assert(ok && m1.len == m2.len && memcmp(m1.data, m2.data, m1.len) != 0,
+            "another function, another index");
+  decode(&m2);
+  check("assert(R[1]('x') == 'x!')");
+  /* Skipped as a C value, with what follows it still readable. */
+  m2.data[0] = 2; /* the count */
+  cr_assert_eq(wp__buf_reserve(&m2, 9), 0);
+  m2.data[m2.len++] = (char)WP__T_INT;
+  memcpy(m2.data + m2.len, &(int64_t){7}, 8);
+  m2.len += 8;
+  {
+    wp__reader r = {m2.data, m2.data + m2.len};
+    wp_value v;
+    uint64_t n;
+    cr_assert_eq(wp__get_varint(&r, &n), 0);
+    cr_assert_eq(wp__get_cvalue(&r, &v), 0);
+    cr_assert_eq(v.type, WP_TOTHER);
+    cr_assert_eq(wp__get_cvalue(&r, &v), 0);
+    cr_assert(v.type == WP_TINTEGER && v.u.i == 7);
+    cr_assert_eq(r.p, r.end);
+  }
+  every_prefix_is_malformed(&m1);
+  wp__buf_free(&m1);
+  wp__buf_free(&m2);
+}
+
+Test(codec, function_store_indexes_are_checked) {
+  STATES;
+  /* An index past the store, one never given out, and one too large for
+   * any store: malformed, never a read of something else. */
+  static const char beyond[] = {1, WP__T_FUNCID, (char)0x80, 0x20, 0, 1};
+  static const char unused[] = {1, WP__T_FUNCID, (char)0xff, 0x1f, 0, 1};
+  static const char huge[] = {1,          WP__T_FUNCID, (char)0xff, (char)0xff,
+                              (char)0xff, (char)0xff,   0x0f,       0,
+                              1};
+  decode_fails(beyond, sizeof beyond, "malformed");
+  decode_fails(unused, sizeof unused, "malformed");
+  decode_fails(huge, sizeof huge, "malformed");
+}
+
+Test(codec, full_store_sends_the_bytecode) {
+  STATES;
+  wp__buf m = {0};
+  int ok;
+  size_t old;
+  cr_assert_eq(luaL_dostring(A, "H = function(x) return x - 1, 'full' end"),
+               LUA_OK);
+  encode_src("return H", &m);
+  old = wp__fnstore_set_max_bytes(0);
+  record_of("H", &m, &ok);
+  wp__fnstore_set_max_bytes(old);
+  cr_assert_eq(ok, 1);
+  cr_assert_eq((unsigned char)m.data[1], WP__T_FUNC, "the bytecode itself");
+  decode(&m);
+  check("local a, b = R[1](10) assert(a == 9 and b == 'full')");
+  wp__buf_free(&m);
+}
+
+/* Interns n distinct made-up records and reads each back. */
+static void *intern_many(void *arg) {
+  int base = *(int *)arg;
+  for (int i = 0; i < 200; i++) {
+    char rec[12 + 32];
+    uint32_t index, blen = 32;
+    uint64_t id = (uint64_t)(base * 1000 + i);
+    size_t len;
+    const char *got;
+    memcpy(rec, &id, 8);
+    memcpy(rec + 8, &blen, 4);
+    memset(rec + 12, 'a' + base, 32);
+    if (wp__fnstore_intern(rec, sizeof rec, &index) != 0) return "intern";
+    got = wp__fnstore_get(index, &len);
+    if (got == NULL || len != sizeof rec || memcmp(got, rec, len) != 0)
+      return "read back";
+  }
+  return NULL;
+}
+
+Test(codec, function_store_from_several_threads) {
+  pthread_t t[4];
+  int base[4] = {1, 2, 3, 4};
+  void *r;
+  for (int i = 0; i < 4; i++)
+    cr_assert_eq(pthread_create(&t[i], NULL, intern_many, &base[i]), 0);
+  for (int i = 0; i < 4; i++) {
+    cr_assert_eq(pthread_join(t[i], &r), 0);
+    cr_assert_null(r, "thread %d: %s", i, (char *)r);
+  }
+  /* Not a record: refused. */
+  cr_assert_eq(wp__fnstore_intern("short", 5, &(uint32_t){0}), WP_EINVAL);
 }
