@@ -453,14 +453,11 @@ enum { WP__RUNNING, WP__DRAINING, WP__STOPPING, WP__STOPPED };
 #define WP__CACHE_LINE 64
 
 struct wp_pool {
-  atomic_int refs;    /* handles; the last one stops the pool */
-  atomic_int mrefs;   /* memory: all handles count one, futures and
-                         detached stuck workers one each */
-  atomic_int stopped; /* 1 once stopping began; readable without mu */
-  char *name;         /* owned, unique while registered */
-  wp_pool *reg_next;  /* registry list, under the registry lock */
-  int registered;     /* under the registry lock */
-  wp__pool_init in;   /* what new worker states are made from */
+  atomic_int refs;   /* handles; the last one stops the pool */
+  char *name;        /* owned, unique while registered */
+  wp_pool *reg_next; /* registry list, under the registry lock */
+  int registered;    /* under the registry lock */
+  wp__pool_init in;  /* what new worker states are made from */
   /* Set at creation, then read-only (resize changes max_workers under
    * mu). */
   size_t queue_cap; /* 0: unbounded */
@@ -470,6 +467,10 @@ struct wp_pool {
   int64_t stuck_grace_ns;
   int64_t slow_ns; /* 0: no slow-task events */
   int64_t idle_ns; /* reaping period; < 0: never reap */
+  /* Memory: all handles count one, futures and detached stuck workers one
+   * each.  On a line of its own: every future made and freed bumps it,
+   * and workers read the read-only fields above for every task. */
+  _Alignas(WP__CACHE_LINE) atomic_int mrefs;
   /* The queue lock and the state it guards that every task touches. */
   _Alignas(WP__CACHE_LINE) uv_mutex_t mu;
   wp_future *qhead, *qtail; /* FIFO of queued futures */
@@ -507,8 +508,10 @@ struct wp_pool {
   uv_cond_t work_cv;   /* idle workers wait for tasks here */
   uv_cond_t state_cv;  /* pause, stop and join waiters */
   uv_cond_t space_cv;  /* submitters waiting for room in the queue */
-  /* nqueued, for spinning workers: written by the thread queueing. */
+  /* nqueued, for spinning workers: written by the thread queueing; and
+   * what else a spinning worker reads, so that it watches one line. */
   _Alignas(WP__CACHE_LINE) atomic_size_t nqueued_hint;
+  atomic_int stopped; /* 1 once stopping began; readable without mu */
   uv_mutex_t done_mu; /* threads waiting for a future of this pool */
   uv_cond_t done_cv;  /* sleep here; see future.c */
   /* The watchdog (watchdog.c). */
