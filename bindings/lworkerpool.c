@@ -644,8 +644,11 @@ static int future_wait(lua_State *L) {
   }
   lua_settop(L, 1);
   if (u->kind != WPL_LIVE) return push_ended(L, u);
-  if (wp_future_status(u->f) == WP_PENDING && wpl_host_park_future(L, u->f, t))
-    return lua_yieldk(L, 0, 0, future_wait_k);
+  if (wp_future_status(u->f) == WP_PENDING) {
+    if (t == 0) return push_timeout(L); /* a poll: never parks or watches */
+    if (wpl_host_park_future(L, u->f, t))
+      return lua_yieldk(L, 0, 0, future_wait_k);
+  }
   if (wp_future_wait(u->f, t) == WP_ETIMEDOUT) return push_timeout(L);
   wpl_policy_finish(L, u->f);
   wpl_policy_poll(L);

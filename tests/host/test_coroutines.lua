@@ -254,10 +254,22 @@ T.test("f:wait(timeout) gives nil, 'timeout' and blocks nobody else", function()
     "another coroutine ran during the wait (%d beats)", beats - beats0))
   T.eq(f:done(), false)
   T.eq(patient:status(), "running", "the patient waiter still waits")
-  -- wait(0) on a pending future times out at once.
+  -- wait(0) on a pending future times out at once, without suspending:
+  -- a coroutine that runs at every pass of the loop does not run meanwhile.
+  local spins, spinning = 0, true
+  local spinner = wp.spawn(function()
+    while spinning do
+      spins = spins + 1
+      wp.sleep(0)
+    end
+  end)
+  local spins1 = spins
   local zr, zerr = f:wait(0)
   T.eq(zr, nil)
   T.eq(zerr, "timeout")
+  T.eq(spins, spins1, "wait(0) did not yield")
+  spinning = false
+  spinner:join()
   d:set("open", true)
   local pok, fok, v = patient:join()
   T.eq(pok, true)
