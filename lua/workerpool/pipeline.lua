@@ -1772,12 +1772,15 @@ function M.run(config, opts)
       source.tick()
     end
     if not progressed then
-      -- Wait for the most downstream batch still running.
+      -- Wait for the most downstream stage with batches running: for the
+      -- middle one of them, so that one wake-up collects half of them and
+      -- refills as many (units end in about the order they were queued).
       local waited = false
       for k = nst, 1, -1 do
         local st = stages[k]
         if st.t >= st.h then
-          local u = st.units[st.h]
+          local u = st.units[st.h + (st.t - st.h) // 2]
+          if not u.parts[1] then u = st.units[st.h] end
           if u.parts[1] and room(st.out_k) then
             u.parts[1].fut:wait(0.001)
             waited = true
