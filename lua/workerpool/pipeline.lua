@@ -486,141 +486,179 @@ function __wp_add(items, key, raw)
 end
 -- A fused group (docs/pipelines.md, Fusion): every item goes through the
 -- stages __wp_chain_def[1..n] (modules __wp_mods[j]) in this task, with
--- the retries of each stage; a reduce at the end adds into acc.  Returns
--- the outputs of the last map stage (packed when packout), the input index
--- each came from, the failures {j, i, attempts, error, item} and counts
--- per stage {in, out, ok, dropped, retried}.
+-- the retries of each stage; a reduce at the end adds into the chain's
+-- accumulator.  Returns the outputs of the last map stage (packed when
+-- packout), the input index each came from, the failures {j, i, attempts,
+-- error, item} and counts per stage {in, out, ok, dropped, retried}.
 --
--- An item first runs the whole chain under one xpcall (run below: an
--- xpcall and a vararg call per stage cost as much as this job's work).
--- When a stage raises there, cur_j and cur_v say which stage and input,
--- and feed takes over from that failed first attempt with the stage's
--- retries; a fan-out (more than one result) goes on through feed too.
+-- The runner is Lua code generated for the group's stages when the first
+-- batch comes (CHAIN below, with `fast` written out stage by stage): a
+-- batch runs under one xpcall, not one per item, with the counts of the
+-- common path in a flat array.  When a stage raises, cur_i, cur_j and
+-- cur_v say which item, stage and input, and feed takes over from that
+-- failed first attempt with the stage's retries, then fast goes on with
+-- the next item; a fan-out (more than one result) goes on through feed.
 local results = wp["pipeline.results"]
-function __wp_chain(items, packout, raw)
-  if type(items) == "string" then items = (raw and split or unpack)(items) end
-  local def, mods = __wp_chain_def, __wp_mods
-  local last = #def
-  local counts, fn = {}, {}
-  for j = 1, last do
-    counts[j] = { 0, 0, 0, 0, 0 }
-    fn[j] = mods[j][def[j].reduce and def[j].add or def[j].handler]
-  end
-  local o, f, no, recs = {}, {}, 0, nil
-  local feed
-  -- spread(j, i, n, x): stage j's n results for item i (x: the one, or
-  -- a list of n) go on to stage j + 1 or out; nils are dropped.
-  local function spread(j, i, n, x)
-    local c, made = counts[j], 0
-    for k = 1, n do
-      local y = x
-      if n > 1 then y = x[k] end
-      if y ~= nil then
-        made = made + 1
-        if j == last then
-          no = no + 1
-          o[no], f[no] = y, i
-        else
-          feed(j + 1, i, y)
-        end
-      end
-    end
-    c[2] = c[2] + made
-    if made == 0 then c[4] = c[4] + 1 end
-  end
-  local function finished(j, i, ok, ...)
-    if not ok then return false, (...) end
-    counts[j][3] = counts[j][3] + 1
-    spread(j, i, results(...))
-    return true
-  end
-  -- feed(j, i, v [, e1]): item i's value v into stage j, with its retries;
-  -- e1: stage j already counted v in and its first attempt raised e1.
-  feed = function(j, i, v, e1)
-    local d, c = def[j], counts[j]
-    local attempts, e, ok = 0, nil, nil
-    if e1 ~= nil then
-      attempts, e = 1, e1
-    else
-      c[1] = c[1] + 1
-    end
-    while attempts == 0 or attempts <= d.retries do
-      if attempts > 0 then c[5] = c[5] + 1 end
-      attempts = attempts + 1
-      if d.reduce then
-        if acc == nil then acc = mods[j][d.init]() end
-        local r
-        ok, r = xpcall(fn[j], tb, acc, v)
-        if ok and r == nil then
-          ok, r = false, "add returned nil (it must return the accumulator)"
-        end
-        if ok then
-          acc = r
-          c[3] = c[3] + 1
-          return
-        end
-        e = r
+local CHAIN = [=[
+local def, mods, results, tb, xpcall, tostring, error = ...
+local last = #def
+local fn = {}
+for j = 1, last do fn[j] = mods[j][def[j].reduce and def[j].add or def[j].handler] end
+local acc, o, f, no, recs, counts
+local cur_i, cur_j, cur_v, pend
+local K = {}
+local feed
+-- spread(j, i, n, x): stage j's n results for item i (x: the one, or a
+-- list of n) go on to stage j + 1 or out; nils are dropped.
+local function spread(j, i, n, x)
+  local c, made = counts[j], 0
+  for k = 1, n do
+    local y = x
+    if n > 1 then y = x[k] end
+    if y ~= nil then
+      made = made + 1
+      if j == last then
+        no = no + 1
+        o[no], f[no] = y, i
       else
-        ok, e = finished(j, i, xpcall(fn[j], tb, v))
-        if ok then return end
+        feed(j + 1, i, y)
       end
     end
-    recs = recs or {}
-    recs[#recs + 1] = { j, i, attempts, tostring(e), v }
   end
-  local cur_j, cur_v, pend
-  local function run(i, v)
-    local j = 1
-    while true do
-      local c = counts[j]
-      c[1] = c[1] + 1
-      cur_j, cur_v = j, v
-      if def[j].reduce then
-        if acc == nil then -- init runs unprotected, in feed
-          c[1] = c[1] - 1
-          pend = "init"
-          return
-        end
-        local r = fn[j](acc, v)
-        if r == nil then
-          pend = "add returned nil (it must return the accumulator)"
-          return
-        end
+  c[2] = c[2] + made
+  if made == 0 then c[4] = c[4] + 1 end
+end
+local function finished(j, i, ok, ...)
+  if not ok then return false, (...) end
+  counts[j][3] = counts[j][3] + 1
+  spread(j, i, results(...))
+  return true
+end
+-- feed(j, i, v [, e1]): item i's value v into stage j, with its retries;
+-- e1: stage j already counted v in and its first attempt raised e1.
+feed = function(j, i, v, e1)
+  local d, c = def[j], counts[j]
+  local attempts, e, ok = 0, nil, nil
+  if e1 ~= nil then
+    attempts, e = 1, e1
+  else
+    c[1] = c[1] + 1
+  end
+  while attempts == 0 or attempts <= d.retries do
+    if attempts > 0 then c[5] = c[5] + 1 end
+    attempts = attempts + 1
+    if d.reduce then
+      if acc == nil then acc = mods[j][d.init]() end -- unprotected
+      local r
+      ok, r = xpcall(fn[j], tb, acc, v)
+      if ok and r == nil then
+        ok, r = false, "add returned nil (it must return the accumulator)"
+      end
+      if ok then
         acc = r
         c[3] = c[3] + 1
         return
       end
-      local n, x = results(fn[j](v))
-      c[3] = c[3] + 1
-      if n > 1 then
-        cur_j = nil -- what raises below is not this stage's error
-        spread(j, i, n, x)
-        return
-      end
-      if x == nil then
-        c[4] = c[4] + 1
-        return
-      end
-      c[2] = c[2] + 1
-      if j == last then
-        no = no + 1
-        o[no], f[no] = x, i
-        return
-      end
-      j, v = j + 1, x
+      e = r
+    else
+      ok, e = finished(j, i, xpcall(fn[j], tb, v))
+      if ok then return end
     end
   end
-  for i = 1, #items do
-    local ok, e = xpcall(run, tb, i, items[i])
+  recs = recs or {}
+  recs[#recs + 1] = { j, i, attempts, tostring(e), v }
+end
+local fast
+@FAST@
+local function batch(items)
+  local n = #items
+  counts = {}
+  for j = 1, last do counts[j] = { 0, 0, 0, 0, 0 } end
+  for q = 1, 4 * last do K[q] = 0 end
+  o, f, no, recs = {}, {}, 0, nil
+  local i = 1
+  while i <= n do
+    cur_j, pend = nil, nil
+    local ok, r = xpcall(fast, tb, items, i, n)
     if not ok then
-      if cur_j == nil then error(e, 0) end
-      feed(cur_j, i, cur_v, e)
-    elseif pend then
+      if cur_j == nil then error(r, 0) end -- not a stage's error
+      feed(cur_j, cur_i, cur_v, r)
+      i = cur_i + 1
+    elseif r then -- item r needs feed: the reduce's init, or add gave nil
       local p = pend
       pend = nil
-      if p == "init" then feed(cur_j, i, cur_v) else feed(cur_j, i, cur_v, p) end
+      if p == "init" then feed(cur_j, r, cur_v) else feed(cur_j, r, cur_v, p) end
+      i = r + 1
+    else
+      break
     end
   end
+  for j = 1, last do
+    local c, b = counts[j], 4 * (j - 1)
+    c[1], c[2] = c[1] + K[b + 1], c[2] + K[b + 2]
+    c[3], c[4] = c[3] + K[b + 3], c[4] + K[b + 4]
+  end
+  local oo, ff, rr, nn = o, f, recs, no
+  o, f, recs = nil, nil, nil
+  return oo, ff, rr, counts, nn
+end
+local function take_acc()
+  local a = acc
+  acc = nil
+  return a
+end
+return batch, take_acc
+]=]
+-- The source of fast(items, i, n): items i..n through the chain, the
+-- counts of stage j in K[4j-3 .. 4j] (in, out, ok, dropped).  Returns
+-- nothing at the end, or the index of an item the reduce could not take
+-- here (pend says why); raises a stage's error with cur_* set.
+local function chain_fast(def)
+  local b = { "fast = function(items, i, n)", "local F = fn", "local v, x, k",
+              "while i <= n do", "v = items[i]", "cur_i = i" }
+  local function add(fmt, ...) b[#b + 1] = string.format(fmt, ...) end
+  for j = 1, #def do
+    local q = 4 * (j - 1)
+    add("K[%d] = K[%d] + 1", q + 1, q + 1)
+    add("cur_j, cur_v = %d, v", j)
+    if def[j].reduce then
+      add("if acc == nil then K[%d] = K[%d] - 1 pend = 'init' return i end", q + 1, q + 1)
+      add("x = F[%d](acc, v)", j)
+      add("if x == nil then pend = %q return i end",
+          "add returned nil (it must return the accumulator)")
+      add("acc = x")
+      add("K[%d] = K[%d] + 1", q + 3, q + 3)
+      add("goto next")
+    else
+      add("k, x = results(F[%d](v))", j)
+      add("K[%d] = K[%d] + 1", q + 3, q + 3)
+      add("if k > 1 then cur_j = nil spread(%d, i, k, x) goto next end", j)
+      add("if x == nil then K[%d] = K[%d] + 1 goto next end", q + 4, q + 4)
+      add("K[%d] = K[%d] + 1", q + 2, q + 2)
+      if j == #def then
+        add("no = no + 1")
+        add("o[no], f[no] = x, i")
+      else
+        add("v = x")
+      end
+    end
+  end
+  b[#b + 1] = "::next::"
+  b[#b + 1] = "i = i + 1"
+  b[#b + 1] = "end"
+  b[#b + 1] = "end"
+  return table.concat(b, "\n")
+end
+local chain_batch, chain_acc
+function __wp_chain(items, packout, raw)
+  if type(items) == "string" then items = (raw and split or unpack)(items) end
+  if not chain_batch then
+    local src = CHAIN:gsub("@FAST@", function() return chain_fast(__wp_chain_def) end)
+    -- (the group's init has its own local `load`)
+    chain_batch, chain_acc = assert(_ENV.load(src, "=(pipeline chain)"))(
+      __wp_chain_def, __wp_mods, results, tb, xpcall, tostring, error)
+  end
+  local o, f, recs, counts, no = chain_batch(items)
   if packout then o = pack(o, no) or o end
   return o, f, recs, counts
 end
@@ -632,6 +670,7 @@ function __wp_collect(key, n)
     if wp.now() - t0 > 60 then error("reduce: not every worker reported its accumulator", 0) end
     wp.sleep(0.0005)
   end
+  if chain_acc then return chain_acc() end
   local a = acc
   acc = nil
   return a
