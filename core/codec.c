@@ -406,9 +406,13 @@ static int fast_function(lua_State *L, wp__buf *b, int idx) {
 }
 
 int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n) {
+  return wp__put_varint(b, (uint64_t)n) == 0 &&
+         wp__encode_fast_values(L, b, first, n);
+}
+
+int wp__encode_fast_values(lua_State *L, wp__buf *b, int first, int n) {
   int i, t, r;
   first = lua_absindex(L, first);
-  if (wp__put_varint(b, (uint64_t)n)) return 0;
   for (i = 0; i < n; i++) {
     int idx = first + i;
     t = lua_type(L, idx);

@@ -186,27 +186,14 @@ static void encode_task(lua_State *L, wp__buf *b, int task, int t, int nargs,
     if (put_name(b, name, len) == 0 && wp__encode_fast(L, b, task + 1, nargs))
       return;
   } else if (rec) {
-    /* The tag, the count, the record, then the arguments as
-     * wp__encode_fast writes them, less their own count. */
-    size_t at;
-    if (wp__buf_reserve(b, 1) == 0) {
-      b->data[b->len++] = WP__TASK_FUNC;
-      if (wp__put_varint(b, (uint64_t)nargs + 1) == 0 &&
-          wp__buf_reserve(b, rlen) == 0) {
-        memcpy(b->data + b->len, rec, rlen);
-        b->len += rlen;
-        at = b->len;
-        if (wp__encode_fast(L, b, task + 1, nargs)) {
-          size_t k = b->len - at; /* count and arguments */
-          char tmp[16];           /* a varint takes at most 10: no allocation */
-          wp__buf cb = WP__BUF_ON(tmp);
-          if (wp__put_varint(&cb, (uint64_t)nargs) == 0 && cb.len <= k) {
-            memmove(b->data + at, b->data + at + cb.len, k - cb.len);
-            b->len -= cb.len;
-            return;
-          }
-        }
-      }
+    /* The tag, the count, the record, then the arguments. */
+    if (wp__buf_reserve(b, 1 + WP__VARINT_MAX + rlen) == 0) {
+      char *p = b->data + b->len;
+      *p++ = (char)WP__TASK_FUNC;
+      p = wp__varint_at(p, (uint64_t)nargs + 1);
+      memcpy(p, rec, rlen);
+      b->len = (size_t)(p + rlen - b->data);
+      if (wp__encode_fast_values(L, b, task + 1, nargs)) return;
     }
   } else if (wp__buf_reserve(b, 1) == 0) {
     b->data[b->len++] = WP__TASK_FUNC;

@@ -141,6 +141,9 @@ WP_HIDDEN void wp__encode(lua_State *L, wp__buf *b, int first, int n,
  * has sent before; never raises.  Returns 0 (the caller then resets the
  * buffer and uses wp__encode) or 1. */
 WP_HIDDEN int wp__encode_fast(lua_State *L, wp__buf *b, int first, int n);
+/* The same without the count in front. */
+WP_HIDDEN int wp__encode_fast_values(lua_State *L, wp__buf *b, int first,
+                                     int n);
 
 /* ---- submitting with a cached function (submit.c) -------------------- */
 
