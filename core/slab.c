@@ -337,6 +337,7 @@ static int cache_ready(void) {
 
 void *wp__slab_alloc(size_t n) {
   sclass *c;
+  tcache *t;
   slot *s;
   int i;
   if (n > WP__SLAB_MAX - HDR) {
@@ -344,27 +345,30 @@ void *wp__slab_alloc(size_t n) {
     s->owner = NULL;
     return (char *)s + HDR;
   }
-  uv_once(&classes_once, classes_init);
   i = (int)((n + HDR - 1) / SLOT_UNIT);
-  c = &classes[i];
-  if (tc.head[i] == NULL) {
-    int want = cache_ready() ? CACHE_MOVE : 1;
+  t = &tc; /* one TLS lookup: in a shared library each costs a call */
+  if (t->head[i] == NULL) {
+    int want;
+    uv_once(&classes_once, classes_init);
+    c = &classes[i];
+    want = cache_ready() ? CACHE_MOVE : 1;
     uv_mutex_lock(&c->mu);
-    while (tc.n[i] < want && (s = take_locked(c)) != NULL) {
-      s->next = tc.head[i];
-      tc.head[i] = s;
-      tc.n[i]++;
+    while (t->n[i] < want && (s = take_locked(c)) != NULL) {
+      s->next = t->head[i];
+      t->head[i] = s;
+      t->n[i]++;
     }
     uv_mutex_unlock(&c->mu);
-    if (tc.head[i] == NULL) return NULL;
+    if (t->head[i] == NULL) return NULL;
   }
-  s = tc.head[i];
-  tc.head[i] = s->next;
-  tc.n[i]--;
+  s = t->head[i];
+  t->head[i] = s->next;
+  t->n[i]--;
   return (char *)s + HDR;
 }
 
 void wp__slab_free(void *ptr) {
+  tcache *t;
   slot *s;
   int i;
   if (ptr == NULL) return;
@@ -374,13 +378,15 @@ void wp__slab_free(void *ptr) {
     return;
   }
   i = (int)(s->owner->cls - classes);
-  s->next = tc.head[i];
-  tc.head[i] = s;
-  tc.n[i]++;
-  if (!cache_ready())
-    cache_flush(i, 0);
-  else if (tc.n[i] > CACHE_MAX)
-    cache_flush(i, CACHE_MAX - CACHE_MOVE);
+  t = &tc;
+  s->next = t->head[i];
+  t->head[i] = s;
+  if (++t->n[i] > CACHE_MAX || !t->registered) {
+    if (!cache_ready())
+      cache_flush(i, 0);
+    else if (t->n[i] > CACHE_MAX)
+      cache_flush(i, CACHE_MAX - CACHE_MOVE);
+  }
 }
 
 long wp__slab_mapped(void) {
