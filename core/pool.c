@@ -279,14 +279,12 @@ void wp__pool_check_locked(const wp_pool *p) {
 /* ---- workers --------------------------------------------------------- */
 
 /* Takes the next runnable task for w and marks it running.  Needs mu. */
-static wp_future *take_locked(wp_pool *p, wp__worker *w) {
+static wp_future *take_locked(wp_pool *p, wp__worker *w, uint64_t now) {
   wp_future *f = p->qhead;
-  uint64_t now;
   if (f == NULL || (p->paused && f->seq > p->pause_seq)) return NULL;
   assert(w->cur == NULL && f->worker == NULL);
   q_remove_locked(p, f);
   if (p->nspace_waiters) uv_cond_signal(&p->space_cv);
-  now = uv_hrtime();
   f->t_start = now; /* run_locked records the dwell, outside the lock */
   f->worker = w;
   w->cur = f;
@@ -336,7 +334,7 @@ static int spawn_locked(wp_pool *p);
 /* Runs f in w (lock released), then records how it ended.  Returns 1 when
  * the worker must exit afterwards. */
 static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
-                      size_t errlen) {
+                      size_t errlen, uint64_t *now) {
   int stuck;
   wp_status st;
   uint64_t started = w->started, end;
@@ -363,6 +361,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
     f->msg_len = 0;
     f->msg_owned = 0;
   }
+  *now = end; /* the start of the next task taken at once */
   uv_mutex_lock(&p->mu);
   stuck = w->stuck;
   w->cur = NULL;
@@ -395,14 +394,18 @@ static void worker_main(void *arg) {
   wp_pool *p = w->pool;
   char err[2048];
   wp_future *f;
+  uint64_t now;
   int leave = 0, detached, spun = 0, was_stuck;
   wp__worker_bind(w);
   /* A worker is warm from its start (min_workers rely on it).  Should
    * that fail, its first task tries again (run_locked). */
   if (w->L == NULL) wp__worker_open(w, err, sizeof err);
+  /* The clock is read before the lock is taken, to hold it less: a task
+   * taken right after another starts when that one ended. */
+  now = uv_hrtime();
   uv_mutex_lock(&p->mu);
   while (!leave) {
-    if ((f = take_locked(p, w)) == NULL) {
+    if ((f = take_locked(p, w, now)) == NULL) {
       if (p->state >= WP__STOPPING || (p->state == WP__DRAINING && !p->qhead) ||
           p->nworkers > p->max_workers)
         break;
@@ -420,15 +423,17 @@ static void worker_main(void *arg) {
           wp__spin(work_queued, p);
         else
           sched_yield();
+        now = uv_hrtime();
         uv_mutex_lock(&p->mu);
         p->nspinning--;
         continue;
       }
       if (wait_locked(p)) break;
+      now = uv_hrtime(); /* woken: rare enough to read it here */
       continue;
     }
     spun = 0;
-    leave = run_locked(p, w, f, err, sizeof err);
+    leave = run_locked(p, w, f, err, sizeof err, &now);
   }
   wp__worker_uncount_locked(p, w);
   was_stuck = w->stuck;
