@@ -27,6 +27,7 @@
 #include "lpipeline.h"
 #include "options.h"
 #include "wpool_host.h"
+#include "wp_internal.h" /* wp__future_scalar */
 
 const char wpl_pool_class[] = WPL_POOL_MT;
 const char wpl_future_class[] = WPL_FUTURE_MT;
@@ -578,9 +579,8 @@ int wpl_future_detach(lua_State *L, int idx) {
   wpl_future *u = lua_touserdata(L, idx);
   wp_value v;
   int n, kind;
-  if (u->kind != WPL_LIVE || u->tracked || wp_future_status(u->f) != WP_OK)
-    return 0;
-  n = wp_future_values(u->f, &v, 1);
+  if (u->kind != WPL_LIVE || u->tracked) return 0;
+  n = wp__future_scalar(u->f, &v);
   if (n == 0) {
     kind = WPL_ENDED_NONE;
   } else if (n != 1) {

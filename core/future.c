@@ -256,6 +256,35 @@ int wp_future_values(wp_future *f, wp_value *out, int max) {
   return (int)n;
 }
 
+int wp__future_scalar(wp_future *f, wp_value *v) {
+  const unsigned char *p = (const unsigned char *)f->result;
+  uint32_t len = f->result_len;
+  if (wp_future_status(f) != WP_OK) return -1;
+  if (p == NULL || (len == 1 && p[0] == 0)) return 0;
+  if (len < 2 || p[0] != 1) return -1;
+  switch (p[1]) {
+  case WP__T_NIL:
+  case WP__T_FALSE:
+  case WP__T_TRUE:
+    v->type = p[1] == WP__T_NIL ? WP_TNIL : WP_TBOOLEAN;
+    v->u.b = p[1] == WP__T_TRUE;
+    return len == 2 ? 1 : -1;
+  case WP__T_INT:
+  case WP__T_FLT:
+    if (len != 10) return -1;
+    if (p[1] == WP__T_INT) {
+      v->type = WP_TINTEGER;
+      memcpy(&v->u.i, p + 2, 8);
+    } else {
+      v->type = WP_TNUMBER;
+      memcpy(&v->u.n, p + 2, 8);
+    }
+    return 1;
+  default:
+    return -1;
+  }
+}
+
 int wp_future_push(wp_future *f, lua_State *L) {
   wp__reader r;
   uint64_t n;

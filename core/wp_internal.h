@@ -289,6 +289,12 @@ WP_HIDDEN wp_future *wp__future_new(wp_pool *p, wp__buf *b);
 WP_HIDDEN int wp__future_complete(wp_future *f, wp_status status,
                                   const char *result, size_t len);
 
+/* When f ended ok with no results, returns 0; with exactly one nil,
+ * boolean or number, writes it to v and returns 1; otherwise (pending,
+ * not ok, more results, another type) returns -1.  Reads the result bytes
+ * directly: the fast path of a wait that keeps a small result. */
+WP_HIDDEN int wp__future_scalar(wp_future *f, wp_value *v);
+
 /* Ends f with one string as its error value.  Never fails (falls back to a
  * result-less error when out of memory). */
 WP_HIDDEN int wp__future_fail(wp_future *f, wp_status status, const char *msg);
