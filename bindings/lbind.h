@@ -77,8 +77,9 @@ WPL_HIDDEN int wpl_future_results(lua_State *L, const wpl_future *u);
 
 /* [-0, +0, v] The pool userdata at idx, or raises. */
 static inline wpl_pool *wpl_topool(lua_State *L, int idx) {
-  wpl_pool *u =
-      lua_type(L, idx) == LUA_TUSERDATA ? lua_touserdata(L, idx) : NULL;
+  /* A light userdata has a pointer but a raw length of 0: it fails the
+   * size check before its pointer is read. */
+  wpl_pool *u = lua_touserdata(L, idx);
   if (u == NULL || lua_rawlen(L, idx) != sizeof *u || u->cls != wpl_pool_class)
     luaL_typeerror(L, idx, WPL_POOL_MT);
   return u;

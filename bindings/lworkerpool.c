@@ -59,8 +59,9 @@ const char *wpl_refusal_name(wp_drop_reason why) {
 
 /* [-0, +0, v] The future userdata at idx, or raises. */
 static wpl_future *tofuture(lua_State *L, int idx) {
-  wpl_future *u =
-      lua_type(L, idx) == LUA_TUSERDATA ? lua_touserdata(L, idx) : NULL;
+  /* A light userdata has a pointer but a raw length of 0: it fails the
+   * size check before its pointer is read. */
+  wpl_future *u = lua_touserdata(L, idx);
   if (u == NULL || lua_rawlen(L, idx) != sizeof *u ||
       u->cls != wpl_future_class)
     luaL_typeerror(L, idx, WPL_FUTURE_MT);
