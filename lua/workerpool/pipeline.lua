@@ -1813,13 +1813,15 @@ function M.run(config, opts)
     if not progressed then
       -- Wait for the most downstream stage with batches running: for the
       -- middle one of them, so that one wake-up collects half of them and
-      -- refills as many (units end in about the order they were queued).
+      -- refills as many (units end in about the order they were queued);
+      -- for the oldest when the middle one is done already (waiting for
+      -- it would return at once, and the loop would spin).
       local waited = false
       for k = nst, 1, -1 do
         local st = stages[k]
         if st.t >= st.h then
           local u = st.units[st.h + (st.t - st.h) // 2]
-          if not u.parts[1] then u = st.units[st.h] end
+          if not u.parts[1] or u.parts[1].fut:done() then u = st.units[st.h] end
           if u.parts[1] and room(st.out_k) then
             u.parts[1].fut:wait(0.001)
             waited = true

@@ -71,6 +71,10 @@ function M.add_count(a, x)
   return a + 1
 end
 function M.degraded(x) return "degraded " .. x.id end
+function M.first_slow(x)
+  if x == "1" then require("workerpool").sleep(0.4) end
+  return x
+end
 return M
 ]])
 
@@ -490,6 +494,21 @@ T.test("a fused chain: add returning nil or raising, retries counted per item", 
   T.eq(b.seq, 9); T.eq(b.attempts, 3)
   T.ok(b.error:find("nine", 1, true), b.error)
   check_counts(rep)
+end)
+
+T.test("a slow oldest batch: the host sleeps while later ones are done", function()
+  -- Batches after the first end first; the host waits for the oldest
+  -- instead of spinning on a later one that is done already.  Process CPU
+  -- time (the workers sleep or are done) stays far under the 0.4 s wait.
+  numbers(40)
+  local c0 = os.clock()
+  local rep = assert(pipeline.run(cfg{
+    stages = { stage{ name = "s", handler = "first_slow", workers = 2, batch = 1, queue = 16 } },
+    ordered = true }))
+  local cpu = os.clock() - c0
+  T.eq(rep.status, "done")
+  T.eq(#lines_of("out.txt"), 40)
+  T.ok(cpu < 0.2, string.format("the host spun: %.3f s of CPU", cpu))
 end)
 
 T.test("policies: refused items wait and are retried; breaker fallback", function()
