@@ -17,7 +17,7 @@ int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max, size_t *queued,
   wp__worker *w;
   uint64_t now = uv_hrtime();
   int n = 0;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   *queued = p->nqueued;
   *oldest_s = p->qhead && now > p->qhead->t_submit
                   ? (double)(now - p->qhead->t_submit) / 1e9
@@ -39,6 +39,6 @@ int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max, size_t *queued,
       copy_text(i->tenant, w->cur->tenant, &i->has_tenant);
     }
   }
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   return n;
 }

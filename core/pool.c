@@ -7,6 +7,9 @@
  * One mutex (pool->mu) guards the queue and every counter.  Workers wait on
  * work_cv for tasks; threads in pause, stop and join wait on state_cv.  A
  * worker takes a task under the lock and runs it with the lock released.
+ * A submit skips the lock while every worker is busy or already woken: its
+ * future goes onto the inbox, which the next holder of the lock moves into
+ * the queue (see "the inbox" below).
  * A pool moves RUNNING -> DRAINING (stop_wait) -> STOPPING (stop) ->
  * STOPPED and never back; exactly one stopping thread (the joiner) joins
  * the worker threads while any other waits for STOPPED.  Submission
@@ -178,17 +181,13 @@ const char *wp_pool_name(const wp_pool *p) {
 /* ---- the queue ------------------------------------------------------- */
 
 /* The FIFO of queued futures (qhead, qtail, linked by prev/next) and the
- * four things that follow its links: nqueued, its copy nqueued_hint for
- * spinning workers, queued_bytes, and each future's queued flag.  Only
- * these helpers link or unlink a future, so the counters move with the
- * links.  All need mu. */
+ * four things that follow its links: nqueued, nqueued_hint for spinning
+ * workers (which also counts the inbox), queued_bytes, and each future's
+ * queued flag.  Only these helpers link or unlink a future, so the
+ * counters move with the links.  All need mu. */
 
-static inline void q_publish(wp_pool *p) {
-  atomic_store_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
-}
-
-/* Appends f at the tail. */
-static inline void q_push_locked(wp_pool *p, wp_future *f) {
+/* Appends f at the tail; nqueued_hint counted it already (the inbox). */
+static inline void q_link_locked(wp_pool *p, wp_future *f) {
   assert(!f->queued && f->next == NULL && f->prev == NULL);
   f->prev = p->qtail;
   if (p->qtail)
@@ -200,7 +199,12 @@ static inline void q_push_locked(wp_pool *p, wp_future *f) {
   p->nqueued++;
   if (p->nqueued > p->nqueued_peak) p->nqueued_peak = p->nqueued;
   p->queued_bytes += f->msg_len;
-  q_publish(p);
+}
+
+/* Appends f at the tail. */
+static inline void q_push_locked(wp_pool *p, wp_future *f) {
+  q_link_locked(p, f);
+  atomic_fetch_add_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
 }
 
 /* Unlinks the queued future f, wherever it is. */
@@ -218,7 +222,7 @@ static inline void q_remove_locked(wp_pool *p, wp_future *f) {
   f->queued = 0;
   p->nqueued--;
   p->queued_bytes -= f->msg_len;
-  q_publish(p);
+  atomic_fetch_sub_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
 }
 
 /* Empties the queue; returns its futures in order, still linked by next
@@ -227,11 +231,127 @@ static inline wp_future *q_take_all_locked(wp_pool *p) {
   wp_future *head = p->qhead, *f;
   for (f = head; f; f = f->next)
     f->queued = 0;
+  atomic_fetch_sub_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
   p->qhead = p->qtail = NULL;
   p->nqueued = 0;
   p->queued_bytes = 0;
-  q_publish(p);
   return head;
+}
+
+/* ---- the inbox ------------------------------------------------------- */
+
+/* A submit skips mu while takers_ready says that every task queued now
+ * would be taken without a wake-up or a new worker: it pushes its future
+ * onto the inbox (a lock-free stack), and whoever takes mu next moves the
+ * inbox into the queue in submission order, numbering the futures then
+ * (so pause's "tasks after this one" is decided where it always was,
+ * under mu).  A worker about to sleep publishes that it does (takers_ready
+ * 0) before it looks at the inbox again, and a submitter reads
+ * takers_ready after its push: one of them sees the other, so no future
+ * is left in the inbox while every worker sleeps. */
+
+/* Moves the inbox into the queue, oldest first.  Needs mu. */
+static void inbox_move_locked(wp_pool *p) {
+  wp_future *list, *rev = NULL, *next;
+  if (atomic_load_explicit(&p->inbox, memory_order_relaxed) == NULL) return;
+  list = atomic_exchange_explicit(&p->inbox, NULL, memory_order_acq_rel);
+  for (; list; list = next) {
+    next = list->next;
+    list->next = rev;
+    rev = list;
+  }
+  for (; rev; rev = next) {
+    next = rev->next;
+    rev->next = NULL;
+    rev->seq = ++p->next_seq;
+    if (rev->t_submit > p->last_active) p->last_active = rev->t_submit;
+    q_link_locked(p, rev);
+  }
+}
+
+/* The inbox into the queue, unless the pool is stopping: what was pushed
+ * once begin_stop had moved the inbox belongs to submitters that saw
+ * `stopped` after their push, and each takes its own back
+ * (inbox_remove_locked).  Needs mu. */
+static void inbox_drain_locked(wp_pool *p) {
+  if (p->state < WP__STOPPING) inbox_move_locked(p);
+}
+
+/* Takes f out of the inbox; 1 when it was there.  The others stay.
+ * Needs mu. */
+static int inbox_remove_locked(wp_pool *p, wp_future *f) {
+  wp_future *list, *rest = NULL, *tail = NULL, *next, *head;
+  int found = 0;
+  list = atomic_exchange_explicit(&p->inbox, NULL, memory_order_acq_rel);
+  for (; list; list = next) {
+    next = list->next;
+    list->next = NULL;
+    if (list == f) {
+      found = 1;
+    } else {
+      if (tail)
+        tail->next = list;
+      else
+        rest = list;
+      tail = list;
+    }
+  }
+  if (rest) {
+    head = atomic_load_explicit(&p->inbox, memory_order_relaxed);
+    do {
+      tail->next = head;
+    } while (!atomic_compare_exchange_weak_explicit(
+        &p->inbox, &head, rest, memory_order_seq_cst, memory_order_relaxed));
+  }
+  if (found)
+    atomic_fetch_sub_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
+  return found;
+}
+
+/* Publishes whether a submit may skip mu: the pool runs, is not paused,
+ * has an unbounded queue and all its workers, and each of them is running
+ * a task, spinning, or already woken, so that however many tasks come
+ * there is nobody to wake or start (a spinning worker alone would not
+ * do: it takes one task).  Needs mu. */
+static void publish_locked(wp_pool *p) {
+  int ready = p->state == WP__RUNNING && !p->paused && p->queue_cap == 0 &&
+              p->nworkers >= p->max_workers && p->nworkers > 0 &&
+              p->nidle == p->nwaking &&
+              p->nrunning + p->nspinning + p->nidle >= p->nworkers;
+  if (atomic_load_explicit(&p->takers_ready, memory_order_relaxed) != ready)
+    atomic_store_explicit(&p->takers_ready, ready, memory_order_seq_cst);
+}
+
+/* [Needs mu] Publishes that this worker no longer takes tasks unasked
+ * (it is about to sleep, or it leaves), then looks at the inbox once
+ * more: 1 when something waits there. */
+static int inbox_recheck_locked(wp_pool *p) {
+  publish_locked(p);
+  return atomic_load_explicit(&p->inbox, memory_order_seq_cst) != NULL;
+}
+
+void wp__pool_lock(wp_pool *p) {
+  uv_mutex_lock(&p->mu);
+  inbox_drain_locked(p);
+}
+
+void wp__pool_unlock(wp_pool *p) {
+  publish_locked(p);
+  uv_mutex_unlock(&p->mu);
+}
+
+void wp__pool_wait(wp_pool *p, uv_cond_t *cv) {
+  publish_locked(p);
+  uv_cond_wait(cv, &p->mu);
+  inbox_drain_locked(p);
+}
+
+int wp__pool_timedwait(wp_pool *p, uv_cond_t *cv, uint64_t ns) {
+  int r;
+  publish_locked(p);
+  r = uv_cond_timedwait(cv, &p->mu, ns);
+  inbox_drain_locked(p);
+  return r;
 }
 
 #ifndef NDEBUG
@@ -247,7 +367,7 @@ void wp__pool_check_locked(const wp_pool *p) {
   assert((p->qhead == NULL) == (p->qtail == NULL));
   assert((p->qhead == NULL) == (p->nqueued == 0));
   assert(p->nqueued > 0 || p->queued_bytes == 0);
-  assert(atomic_load_explicit(&p->nqueued_hint, memory_order_relaxed) ==
+  assert(atomic_load_explicit(&p->nqueued_hint, memory_order_relaxed) >=
          p->nqueued);
   assert(p->nqueued <= p->nqueued_peak);
   assert(p->queue_cap == 0 || p->nqueued <= p->queue_cap);
@@ -280,7 +400,9 @@ void wp__pool_check_locked(const wp_pool *p) {
 
 /* Takes the next runnable task for w and marks it running.  Needs mu. */
 static wp_future *take_locked(wp_pool *p, wp__worker *w, uint64_t now) {
-  wp_future *f = p->qhead;
+  wp_future *f;
+  inbox_drain_locked(p);
+  f = p->qhead;
   if (f == NULL || (p->paused && f->seq > p->pause_seq)) return NULL;
   assert(w->cur == NULL && f->worker == NULL);
   q_remove_locked(p, f);
@@ -310,9 +432,11 @@ static int wait_locked(wp_pool *p) {
   if (p->idle_ns < 0 || p->state != WP__RUNNING ||
       p->nworkers <= p->min_workers) {
     p->nidle++;
-    uv_cond_wait(&p->work_cv, &p->mu);
+    if (!inbox_recheck_locked(p)) {
+      wp__pool_wait(p, &p->work_cv);
+      if (p->nwaking) p->nwaking--;
+    }
     p->nidle--;
-    if (p->nwaking) p->nwaking--;
     return 0;
   }
   now = uv_hrtime();
@@ -323,9 +447,11 @@ static int wait_locked(wp_pool *p) {
     return 1;
   }
   p->nidle++;
-  uv_cond_timedwait(&p->work_cv, &p->mu, deadline - now);
+  if (!inbox_recheck_locked(p)) {
+    wp__pool_timedwait(p, &p->work_cv, deadline - now);
+    if (p->nwaking) p->nwaking--;
+  }
   p->nidle--;
-  if (p->nwaking) p->nwaking--;
   return 0;
 }
 
@@ -340,7 +466,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
   uint64_t started = w->started, end;
   p->nrunning++;
   p->last_active = started;
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   wp__hist_add(&WP__STRIPE(p, w->id)->dwell, started - f->t_submit);
   /* A state that could not be made (or was closed) is made now: a
    * failure ends only this task, and the next one tries again. */
@@ -362,7 +488,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
     f->msg_owned = 0;
   }
   *now = end; /* the start of the next task taken at once */
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   stuck = w->stuck;
   w->cur = NULL;
   w->tasks_done++;
@@ -403,7 +529,7 @@ static void worker_main(void *arg) {
   /* The clock is read before the lock is taken, to hold it less: a task
    * taken right after another starts when that one ended. */
   now = uv_hrtime();
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   while (!leave) {
     if ((f = take_locked(p, w, now)) == NULL) {
       if (p->state >= WP__STOPPING || (p->state == WP__DRAINING && !p->qhead) ||
@@ -418,13 +544,13 @@ static void worker_main(void *arg) {
         int spare_cpu = p->nrunning + 2 <= wp__ncpus();
         spun = 1;
         p->nspinning++;
-        uv_mutex_unlock(&p->mu);
+        wp__pool_unlock(p);
         if (spare_cpu)
           wp__spin(work_queued, p);
         else
           sched_yield();
         now = uv_hrtime();
-        uv_mutex_lock(&p->mu);
+        wp__pool_lock(p);
         p->nspinning--;
         continue;
       }
@@ -445,17 +571,17 @@ static void worker_main(void *arg) {
     wp__watchdog_poke(p);
   }
   wp__pool_check_locked(p);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   wp__worker_close(w);
   wp__buf_free(&w->out);
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (w->stuck && !was_stuck) p->nstuck--; /* abandoned while closing */
   w->closed = 1;
   detached = w->detached;
   if (!detached) p->nclosed++;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   wp__pool_check_locked(p);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   if (detached) { /* nobody joins a stuck worker left behind by stop */
     free(w);
     wp__pool_mrelease(p);
@@ -493,6 +619,9 @@ void wp__worker_uncount_locked(wp_pool *p, wp__worker *w) {
   w->counted = 0;
   assert(p->nworkers > 0);
   p->nworkers--;
+  /* One taker fewer: say so, then take in what was pushed meanwhile, so
+   * that whoever grows the pool next sees it. */
+  if (inbox_recheck_locked(p)) inbox_drain_locked(p);
 }
 
 /* Takes the queued tasks that could run now out of the queue, for the
@@ -622,6 +751,7 @@ static void free_fields(wp_pool *p) {
 static void pool_free(wp_pool *p) {
   /* Every worker joined or detached, every future released. */
   assert(p->workers == NULL && p->qhead == NULL && p->stranded == NULL);
+  assert(atomic_load(&p->inbox) == NULL);
   uv_cond_destroy(&p->done_cv);
   uv_mutex_destroy(&p->done_mu);
   uv_cond_destroy(&p->dog_cv);
@@ -692,10 +822,10 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
     wp__worker_close(p->spare);
     goto err;
   }
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   while (p->nworkers < p->min_workers && spawn_locked(p) == 0)
     ;
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   memset(&ev, 0, sizeof ev);
   ev.type = WP_EV_POOL_CREATED;
   ev.pool = p->name;
@@ -723,37 +853,77 @@ static int wait_room_locked(wp_pool *p) {
   p->nspace_waiters++;
   while (p->state == WP__RUNNING && p->nqueued >= p->queue_cap) {
     if (p->submit_timeout_ns < 0) {
-      uv_cond_wait(&p->space_cv, &p->mu);
+      wp__pool_wait(p, &p->space_cv);
       continue;
     }
     now = uv_hrtime();
     if (now >= deadline) break;
-    uv_cond_timedwait(&p->space_cv, &p->mu, deadline - now);
+    wp__pool_timedwait(p, &p->space_cv, deadline - now);
   }
   p->nspace_waiters--;
   return p->nqueued >= p->queue_cap && p->state == WP__RUNNING ? WP_EFULL : 0;
 }
 
+/* Pushes f onto the inbox while takers_ready says a worker will take it
+ * unasked.  1: pushed, and still so after the push; 0: not pushed; -1:
+ * pushed, but takers_ready or stopped changed meanwhile, so the caller
+ * settles f under mu.  (The seq_cst push, then the seq_cst read of
+ * takers_ready: see the inbox above.) */
+static int inbox_push(wp_pool *p, wp_future *f) {
+  wp_future *head;
+  if (!atomic_load_explicit(&p->takers_ready, memory_order_relaxed) ||
+      atomic_load_explicit(&p->stopped, memory_order_relaxed))
+    return 0;
+  head = atomic_load_explicit(&p->inbox, memory_order_relaxed);
+  do {
+    f->next = head;
+  } while (!atomic_compare_exchange_weak_explicit(
+      &p->inbox, &head, f, memory_order_seq_cst, memory_order_relaxed));
+  atomic_fetch_add_explicit(&p->nqueued_hint, 1, memory_order_seq_cst);
+  if (atomic_load_explicit(&p->takers_ready, memory_order_seq_cst) &&
+      !atomic_load_explicit(&p->stopped, memory_order_seq_cst))
+    return 1;
+  return -1;
+}
+
 int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   wp__worker *closed = NULL;
-  int r = 0, wake = 0;
+  int r = 0, wake = 0, pushed;
   f->t_submit = uv_hrtime(); /* read before the lock, to hold it less */
-  uv_mutex_lock(&p->mu);
-  if (p->state == WP__RUNNING && p->queue_cap && p->nqueued >= p->queue_cap)
+  if ((pushed = inbox_push(p, f)) == 1) {
+    atomic_fetch_add_explicit(&p->c.submitted, 1, memory_order_relaxed);
+    return 0;
+  }
+  wp__pool_lock(p); /* moves the inbox, f too when pushed, into the queue */
+  if (pushed) {
+    /* Refused when it is still ours to take back; else a worker took it
+     * or a stop discarded it: the submit went through. */
+    if (p->state >= WP__STOPPING) {
+      if (inbox_remove_locked(p, f)) r = WP_ESTOPPED;
+    } else if (f->queued && p->state != WP__RUNNING) {
+      q_remove_locked(p, f);
+      r = WP_ESTOPPED;
+    }
+  } else if (p->state == WP__RUNNING && p->queue_cap &&
+             p->nqueued >= p->queue_cap) {
     r = nowait ? WP_EFULL : wait_room_locked(p);
-  if (!r && p->state != WP__RUNNING) r = WP_ESTOPPED;
+  }
+  if (!r && !pushed && p->state != WP__RUNNING) r = WP_ESTOPPED;
   if (r) {
-    uv_mutex_unlock(&p->mu);
+    wp__pool_check_locked(p);
+    wp__pool_unlock(p);
     if (r == WP_EFULL && !nowait && f->tenant)
       wp_pool_count_drop_tenant(p, WP_DROP_FULL, f->tenant);
     else if (r != WP_EFULL || !nowait)
       wp__count_drop(p, r == WP_EFULL ? WP__DROP_FULL : WP__DROP_STOPPED, 1);
     return r;
   }
-  f->seq = ++p->next_seq;
-  q_push_locked(p, f);
-  p->last_active = f->t_submit;
-  if (!p->paused) {
+  if (!pushed) {
+    f->seq = ++p->next_seq;
+    q_push_locked(p, f);
+    p->last_active = f->t_submit;
+  }
+  if (!p->paused && f->queued) {
     if (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
         p->nworkers < p->max_workers)
       r = spawn_locked(p);
@@ -765,7 +935,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
   }
   if (p->nclosed) closed = take_closed_locked(p);
   wp__pool_check_locked(p);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   if (wake) uv_cond_signal(&p->work_cv); /* it will not wait for our lock */
   join_all(closed);
   if (!r) atomic_fetch_add_explicit(&p->c.submitted, 1, memory_order_relaxed);
@@ -774,7 +944,7 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
 
 int wp__pool_cancel(wp_pool *p, wp_future *f) {
   int r = 0;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (f->queued) {
     q_remove_locked(p, f);
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
@@ -793,7 +963,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
     }
   }
   wp__pool_check_locked(p);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   return r;
 }
 
@@ -801,7 +971,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
 
 int wp_pool_pause(wp_pool *p) {
   if (from_own_worker(p)) return WP_EDEADLOCK;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (p->state == WP__RUNNING && !p->paused) {
     p->paused = 1;
     p->pause_seq = p->next_seq;
@@ -809,21 +979,21 @@ int wp_pool_pause(wp_pool *p) {
   p->nwaiters++;
   while (p->state == WP__RUNNING && p->paused &&
          ((p->qhead && p->qhead->seq <= p->pause_seq) || p->nrunning > 0))
-    uv_cond_wait(&p->state_cv, &p->mu);
+    wp__pool_wait(p, &p->state_cv);
   p->nwaiters--;
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   return 0;
 }
 
 void wp_pool_resume(wp_pool *p) {
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (p->paused) {
     p->paused = 0;
     if (p->state == WP__RUNNING) wp__grow_locked(p);
     uv_cond_broadcast(&p->work_cv);
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   }
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
 }
 
 int wp_pool_blocks_when_full(const wp_pool *p, double *timeout) {
@@ -836,13 +1006,13 @@ int wp_pool_blocks_when_full(const wp_pool *p, double *timeout) {
 int wp_pool_resize(wp_pool *p, int n) {
   wp_event ev;
   int old;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (p->state != WP__RUNNING) {
-    uv_mutex_unlock(&p->mu);
+    wp__pool_unlock(p);
     return WP_ESTOPPED;
   }
   if (n < 1 || n < p->min_workers) {
-    uv_mutex_unlock(&p->mu);
+    wp__pool_unlock(p);
     return WP_EINVAL;
   }
   old = p->max_workers;
@@ -850,7 +1020,7 @@ int wp_pool_resize(wp_pool *p, int n) {
   if (!p->paused) wp__grow_locked(p);
   uv_cond_broadcast(&p->work_cv); /* idle extras notice and leave */
   wp__pool_check_locked(p);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   memset(&ev, 0, sizeof ev);
   ev.type = WP_EV_POOL_RESIZED;
   ev.pool = p->name;
@@ -867,10 +1037,13 @@ static int begin_stop(wp_pool *p, int drain) {
   wp_event ev;
   int ndiscarded = 0, unregister = 0, draining = 0;
   memset(&ev, 0, sizeof ev);
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (p->state == WP__RUNNING) {
     p->state = drain ? WP__DRAINING : WP__STOPPING;
     atomic_store(&p->stopped, 1);
+    /* What was pushed before stopped was set is the queue's: run when
+     * draining, discarded below otherwise. */
+    inbox_move_locked(p);
     atomic_fetch_add(&nstopped, 1);
     unregister = 1;
     draining = drain;
@@ -889,7 +1062,7 @@ static int begin_stop(wp_pool *p, int drain) {
   uv_cond_broadcast(&p->space_cv);
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   wp__pool_check_locked(p);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
 
   if (unregister) reg_remove(p);
   if (draining) {
@@ -938,13 +1111,13 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
   wp__worker *join, *spare = NULL;
   wp_event ev;
   int drained;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (p->joiner) {
     p->nwaiters++;
     while (p->state != WP__STOPPED)
-      uv_cond_wait(&p->state_cv, &p->mu);
+      wp__pool_wait(p, &p->state_cv);
     p->nwaiters--;
-    uv_mutex_unlock(&p->mu);
+    wp__pool_unlock(p);
     return;
   }
   p->joiner = 1;
@@ -959,19 +1132,19 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
     join = NULL;
     unlink_done_locked(p, &join);
     if (join) {
-      uv_mutex_unlock(&p->mu);
+      wp__pool_unlock(p);
       join_all(join);
-      uv_mutex_lock(&p->mu);
+      wp__pool_lock(p);
     } else if (p->workers) {
       p->nwaiters++;
-      uv_cond_wait(&p->state_cv, &p->mu);
+      wp__pool_wait(p, &p->state_cv);
       p->nwaiters--;
     } else {
       break;
     }
   }
   drained = drained && p->state == WP__DRAINING;
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   wp__watchdog_stop(p);
   if (spare) {
     wp__worker_close(spare);
@@ -986,10 +1159,10 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
   ev.type = WP_EV_POOL_STOPPED;
   ev.n = ndiscarded;
   wp__emit(&ev);
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   p->state = WP__STOPPED;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
 }
 
 int wp_pool_stop(wp_pool *p) {
@@ -1009,7 +1182,7 @@ int wp_pool_abort(wp_pool *p, int *interrupted) {
   uint64_t seq;
   int n, k = 0;
   n = begin_stop(p, 0);
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   if (p->state != WP__STOPPED) {
     if (p->hard_at == 0) p->hard_at = uv_hrtime();
     for (w = p->workers; w; w = w->next) {
@@ -1021,7 +1194,7 @@ int wp_pool_abort(wp_pool *p, int *interrupted) {
     }
     wp__watchdog_poke(p); /* it abandons them after stuck_grace */
   }
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   if (interrupted) *interrupted = k;
   return n;
 }
@@ -1039,7 +1212,7 @@ int wp_pool_stop_deadline(wp_pool *p, double timeout, int *interrupted) {
   if (timeout >= 0) {
     if (timeout > 1e9) timeout = 1e9;
     deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
-    uv_mutex_lock(&p->mu);
+    wp__pool_lock(p);
     p->nwaiters++;
     while (p->state != WP__STOPPED && (p->nqueued > 0 || p->nrunning > 0)) {
       now = uv_hrtime();
@@ -1047,10 +1220,10 @@ int wp_pool_stop_deadline(wp_pool *p, double timeout, int *interrupted) {
         late = 1;
         break;
       }
-      uv_cond_timedwait(&p->state_cv, &p->mu, deadline - now);
+      wp__pool_timedwait(p, &p->state_cv, deadline - now);
     }
     p->nwaiters--;
-    uv_mutex_unlock(&p->mu);
+    wp__pool_unlock(p);
     if (late) n = wp_pool_abort(p, interrupted);
   }
   finish_stop(p, n);
@@ -1081,7 +1254,7 @@ int wp_pool_list(wp_pool **out, int max) {
 }
 
 void wp_pool_get_counts(wp_pool *p, wp_pool_counts *c) {
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   c->stopped = p->state != WP__RUNNING;
   c->paused = p->paused;
   c->waiting = p->nqueued;
@@ -1092,5 +1265,5 @@ void wp_pool_get_counts(wp_pool *p, wp_pool_counts *c) {
   c->block_when_full = p->block_when_full;
   c->submit_timeout =
       p->submit_timeout_ns < 0 ? -1 : (double)p->submit_timeout_ns / 1e9;
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
 }

@@ -99,7 +99,7 @@ void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
     strncpy(t, tenant, sizeof t - 1);
     t[sizeof t - 1] = '\0';
   }
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   row = find_row(p, reason, tenant ? t : NULL);
   if (row == NULL) row = find_row(p, reason, "other");
   if (row) { /* always, given the reserved rows */
@@ -107,7 +107,7 @@ void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
     p->drops_tabled[core]++;
   }
   wp__count_drop(p, core, 1);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
 }
 
 void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
@@ -137,7 +137,7 @@ void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
   uint64_t duration_ns = 0, dwell_ns = 0;
   int i;
   memset(s, 0, sizeof *s);
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   s->queued = p->nqueued;
   s->queued_peak = p->nqueued_peak;
   s->queued_bytes = p->queued_bytes;
@@ -152,7 +152,7 @@ void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
       if (m > s->memory_max) s->memory_max = m;
     }
   if (p->spare) mem += atomic_load(&p->spare->mem_pub);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   s->memory = mem;
   s->submitted = get(&p->c.submitted);
   s->ok = ended(p, WP_OK);

@@ -213,7 +213,7 @@ static void dog_main(void *arg) {
   uint64_t now, next;
   wp_future *stranded;
   int i, err;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   while (!p->dog_exit) {
     ps.n = ps.nstuck = 0;
     now = uv_hrtime();
@@ -223,7 +223,7 @@ static void dog_main(void *arg) {
     p->stranded = NULL;
     err = p->strand_err;
     if (ps.n || stranded) {
-      uv_mutex_unlock(&p->mu);
+      wp__pool_unlock(p);
       fail_stranded(p, stranded, err);
       for (i = 0; i < ps.nstuck; i++) {
         wp_status st = ps.stuck_status[i];
@@ -233,26 +233,26 @@ static void dog_main(void *arg) {
       }
       for (i = 0; i < ps.n; i++)
         wp__emit(&ps.ev[i]);
-      uv_mutex_lock(&p->mu);
+      wp__pool_lock(p);
       continue; /* look again: time passed */
     }
     now = uv_hrtime();
-    if (next > now) uv_cond_timedwait(&p->dog_cv, &p->mu, next - now);
+    if (next > now) wp__pool_timedwait(p, &p->dog_cv, next - now);
   }
   /* Last words: the drops since the last summary. */
   do {
     ps.n = ps.nstuck = 0;
     p->next_drop_log = 0;
     drops_locked(p, &ps, uv_hrtime());
-    uv_mutex_unlock(&p->mu);
+    wp__pool_unlock(p);
     for (i = 0; i < ps.n; i++)
       wp__emit(&ps.ev[i]);
-    uv_mutex_lock(&p->mu);
+    wp__pool_lock(p);
   } while (ps.n == MAX_EVENTS);
   stranded = p->stranded;
   p->stranded = NULL;
   err = p->strand_err;
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   fail_stranded(p, stranded, err);
 }
 
@@ -264,10 +264,10 @@ int wp__watchdog_start(wp_pool *p) {
 
 void wp__watchdog_stop(wp_pool *p) {
   if (!p->dog_started) return;
-  uv_mutex_lock(&p->mu);
+  wp__pool_lock(p);
   p->dog_exit = 1;
   uv_cond_signal(&p->dog_cv);
-  uv_mutex_unlock(&p->mu);
+  wp__pool_unlock(p);
   uv_thread_join(&p->dog);
   p->dog_started = 0;
 }

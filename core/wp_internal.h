@@ -517,10 +517,16 @@ struct wp_pool {
   uv_cond_t work_cv;   /* idle workers wait for tasks here */
   uv_cond_t state_cv;  /* pause, stop and join waiters */
   uv_cond_t space_cv;  /* submitters waiting for room in the queue */
-  /* nqueued, for spinning workers: written by the thread queueing; and
-   * what else a spinning worker reads, so that it watches one line. */
+  /* What threads read without mu: nqueued plus the futures in the inbox,
+   * for spinning workers; the inbox itself, futures submitted without mu
+   * (newest first, linked by next) that the next holder of mu moves into
+   * the queue (wp__pool_lock); takers_ready, 1 while every task queued
+   * now would be taken without a wake-up or a new worker (see
+   * publish_locked in pool.c), so a submit may skip mu. */
   _Alignas(WP__CACHE_LINE) atomic_size_t nqueued_hint;
   atomic_int stopped; /* 1 once stopping began; readable without mu */
+  _Atomic(wp_future *) inbox;
+  atomic_int takers_ready;
   uv_mutex_t done_mu; /* threads waiting for a future of this pool */
   uv_cond_t done_cv;  /* sleep here; see future.c */
   /* The watchdog (watchdog.c). */
@@ -549,6 +555,15 @@ struct wp_pool {
 #else
 WP_HIDDEN void wp__pool_check_locked(const wp_pool *p);
 #endif
+
+/* Takes a pool's mu and moves the futures of its inbox into the queue;
+ * every holder of mu takes it this way.  Releases it after publishing
+ * what submitters read without it.  Waits on cv, giving mu up meanwhile,
+ * the same way. */
+WP_HIDDEN void wp__pool_lock(wp_pool *p);
+WP_HIDDEN void wp__pool_unlock(wp_pool *p);
+WP_HIDDEN void wp__pool_wait(wp_pool *p, uv_cond_t *cv);
+WP_HIDDEN int wp__pool_timedwait(wp_pool *p, uv_cond_t *cv, uint64_t ns);
 
 /* Starts the watchdog thread.  Needs nothing locked.  WP_ESYS. */
 WP_HIDDEN int wp__watchdog_start(wp_pool *p);

@@ -376,6 +376,24 @@ case("Overflow: tasks beyond max_workers wait; stop discards them", function()
   T.eq(discarded_n, 62)
 end)
 
+case("bursts of long tasks start every idle worker, round after round", function()
+  -- A submit may skip the pool lock while no worker needs waking (see
+  -- docs/architecture.md, "The inbox"); one spinning worker takes one
+  -- task, so a burst must still wake the sleeping ones.
+  local pool = newpool { max_workers = 4, min_workers = 4, idle_timeout = -1 }
+  for round = 1, 150 do
+    local d, dn = newdict("burst" .. round)
+    -- Mostly at once, while a worker that just finished still spins.
+    if round % 10 == 0 then workerpool.sleep(0.002) end
+    local futs = {}
+    for i = 1, 4 do futs[i] = pool:submit(blocker, dn) end
+    wait_count(d, "started", 4, "round " .. round .. ": 4 tasks started at once")
+    d:set("release", true)
+    for i = 1, 4 do T.eq(futs[i]:wait(10), true) end
+  end
+  T.eq(pool:stop_wait(), 0)
+end)
+
 case("StopRace: concurrent stops from several threads all return", function()
   local d, dn = newdict("stoprace")
   local target = newpool { max_workers = 20 }
