@@ -508,7 +508,12 @@ T.test("a slow oldest batch: the host sleeps while later ones are done", functio
   local cpu = os.clock() - c0
   T.eq(rep.status, "done")
   T.eq(#lines_of("out.txt"), 40)
-  T.ok(cpu < 0.2, string.format("the host spun: %.3f s of CPU", cpu))
+  -- Under a sanitizer (its runtime preloaded) each of the host's 1 ms
+  -- timed waits costs as much CPU as the spin did: the bound means
+  -- nothing there.
+  if not os.getenv("LD_PRELOAD") then
+    T.ok(cpu < 0.2, string.format("the host spun: %.3f s of CPU", cpu))
+  end
 end)
 
 T.test("policies: refused items wait and are retried; breaker fallback", function()
