@@ -595,13 +595,6 @@ int wpl_host_on_done(lua_State *L, wp_future *f) {
   return 0;
 }
 
-static int call_ended_k(lua_State *L, int status, lua_KContext ctx) {
-  (void)L;
-  (void)status;
-  (void)ctx;
-  return 0;
-}
-
 /* The body of an on_done coroutine for a detached future: calls upvalue 2
  * with upvalues 3 .. 2 + upvalue 1.   [-0, +0, e] */
 static int call_ended(lua_State *L) {
@@ -609,7 +602,7 @@ static int call_ended(lua_State *L) {
   luaL_checkstack(L, n + 1, NULL);
   for (i = 2; i <= n + 2; i++)
     lua_pushvalue(L, lua_upvalueindex(i));
-  lua_callk(L, n, 0, 0, call_ended_k);
+  lua_callk(L, n, 0, 0, wpl_k_none);
   return 0;
 }
 

@@ -92,6 +92,10 @@ static inline wpl_pool *wpl_checkpool(lua_State *L) {
   return u;
 }
 
+/* A continuation that returns no results: for calls and yields whose
+ * caller returns nothing once they end. */
+WPL_HIDDEN int wpl_k_none(lua_State *L, int status, lua_KContext ctx);
+
 /* [-0, +n, e] Pushes what waiting for the ended future f gives Lua: true
  * and its results, or false and the reason (the task's error value, or
  * the status name: "discarded", "cancelled", "timeout").  Returns n.

@@ -747,7 +747,7 @@ static int wpl_pool_name(lua_State *L) {
   return 1;
 }
 
-static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
+int wpl_k_none(lua_State *L, int status, lua_KContext ctx) {
   (void)L;
   (void)status;
   (void)ctx;
@@ -760,7 +760,7 @@ static int wpl_sleep(lua_State *L) {
   double s = (double)luaL_checknumber(L, 1);
   struct timespec ts;
   luaL_argcheck(L, s >= 0, 1, "seconds must be a non-negative number");
-  if (wpl_host_park_sleep(L, s)) return lua_yieldk(L, 0, 0, sleep_k);
+  if (wpl_host_park_sleep(L, s)) return lua_yieldk(L, 0, 0, wpl_k_none);
   if (wp_interrupted()) return 0; /* the task is being stopped */
   if (s > 1e9) s = 1e9;
   ts.tv_sec = (time_t)s;
