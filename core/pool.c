@@ -874,12 +874,15 @@ static int inbox_push(wp_pool *p, wp_future *f) {
   if (!atomic_load_explicit(&p->takers_ready, memory_order_relaxed) ||
       atomic_load_explicit(&p->stopped, memory_order_relaxed))
     return 0;
+  /* Counted before it is pushed: a taker that moves the inbox must find
+   * nqueued_hint >= nqueued.  A spinner that sees the count a moment
+   * early finds nothing and sleeps; the read below then sees that. */
+  atomic_fetch_add_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
   head = atomic_load_explicit(&p->inbox, memory_order_relaxed);
   do {
     f->next = head;
   } while (!atomic_compare_exchange_weak_explicit(
       &p->inbox, &head, f, memory_order_seq_cst, memory_order_relaxed));
-  atomic_fetch_add_explicit(&p->nqueued_hint, 1, memory_order_seq_cst);
   if (atomic_load_explicit(&p->takers_ready, memory_order_seq_cst) &&
       !atomic_load_explicit(&p->stopped, memory_order_seq_cst))
     return 1;
