@@ -310,14 +310,14 @@ static int inbox_remove_locked(wp_pool *p, wp_future *f) {
 
 /* Publishes whether a submit may skip mu: the pool runs, is not paused,
  * has an unbounded queue and all its workers, and each of them is running
- * a task, spinning, or already woken, so that however many tasks come
- * there is nobody to wake or start (a spinning worker alone would not
- * do: it takes one task).  Needs mu. */
+ * a task, spinning, sleeping light, or already woken, so that however many
+ * tasks come there is nobody to wake or start (a spinning worker alone would
+ * not do: it takes one task).  Needs mu. */
 static void publish_locked(wp_pool *p) {
   int ready = p->state == WP__RUNNING && !p->paused && p->queue_cap == 0 &&
               p->nworkers >= p->max_workers && p->nworkers > 0 &&
               p->nidle == p->nwaking &&
-              p->nrunning + p->nspinning + p->nidle >= p->nworkers;
+              p->nrunning + p->nspinning + p->nidle + p->nlight >= p->nworkers;
   if (atomic_load_explicit(&p->takers_ready, memory_order_relaxed) != ready)
     atomic_store_explicit(&p->takers_ready, ready, memory_order_seq_cst);
 }
@@ -389,8 +389,10 @@ void wp__pool_check_locked(const wp_pool *p) {
   assert(p->nworkers >= 0 && p->nrunning >= 0 && p->nstuck >= 0);
   assert(p->nidle >= 0 && p->nwaking >= 0 && p->nwaking <= p->nidle);
   assert(p->nspinning == 0 || p->nspinning == 1);
+  assert(p->nlight == 0 || p->nlight == 1);
   assert(p->nclosed >= 0 && p->nwaiters >= 0 && p->nspace_waiters >= 0);
-  assert(p->nidle + p->nspinning + p->nrunning <= p->nworkers + p->nstuck);
+  assert(p->nidle + p->nspinning + p->nlight + p->nrunning <=
+         p->nworkers + p->nstuck);
   assert(p->state >= WP__RUNNING && p->state <= WP__STOPPED);
   assert(p->min_workers <= p->max_workers);
 }
@@ -424,10 +426,40 @@ static wp_future *take_locked(wp_pool *p, wp__worker *w, uint64_t now) {
   return f;
 }
 
+/* The light sleep.  While tasks are short (their average run under
+ * LIGHT_TASK_NS), a worker that goes idle while another runs or spins one
+ * would, asleep, be woken by nearly every submit of a busy submitter: a
+ * futex call and two context switches for each task it takes, paid by
+ * the thread that is the bottleneck, and worth more than the task.  So
+ * one such worker at a time sleeps on light_cv, which submits never
+ * signal, for LIGHT_MIN_NS, then twice as long each time it finds
+ * nothing, and looks at the queue each time it wakes; past LIGHT_MAX_NS
+ * it sleeps for real (work_cv).  Submits count it as a taker: a task
+ * queued meanwhile starts when a running worker is done or this one
+ * wakes, at most LIGHT_MAX_NS later, even behind a task that hangs.
+ * *light_ns is this worker's next light sleep, reset when it takes a
+ * task. */
+#define LIGHT_TASK_NS 50000ull
+#define LIGHT_MIN_NS 100000ull
+#define LIGHT_MAX_NS 1600000ull
+
+static int light_sleep_locked(wp_pool *p, uint64_t *light_ns) {
+  if (*light_ns > LIGHT_MAX_NS || p->nlight || p->state != WP__RUNNING ||
+      p->paused || p->nrunning + p->nspinning == 0 ||
+      p->task_ns_avg >= LIGHT_TASK_NS)
+    return 0;
+  p->nlight = 1;
+  wp__pool_timedwait(p, &p->light_cv, *light_ns);
+  p->nlight = 0;
+  *light_ns *= 2;
+  return 1;
+}
+
 /* Waits for work.  Returns 1 when this worker is the one to reap now.
  * Needs mu. */
-static int wait_locked(wp_pool *p) {
+static int wait_locked(wp_pool *p, uint64_t *light_ns) {
   uint64_t now, base, deadline;
+  if (light_sleep_locked(p, light_ns)) return 0;
   /* A worker that cannot be reaped sleeps until it is woken. */
   if (p->idle_ns < 0 || p->state != WP__RUNNING ||
       p->nworkers <= p->min_workers) {
@@ -502,6 +534,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
     p->nstuck--;
   } else {
     p->nrunning--;
+    p->task_ns_avg = p->task_ns_avg - p->task_ns_avg / 8 + (end - started) / 8;
   }
   p->last_active = end;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
@@ -521,6 +554,7 @@ static void worker_main(void *arg) {
   char err[2048];
   wp_future *f;
   uint64_t now;
+  uint64_t light_ns = LIGHT_MIN_NS;
   int leave = 0, detached, spun = 0, was_stuck;
   wp__worker_bind(w);
   /* A worker is warm from its start (min_workers rely on it).  Should
@@ -554,11 +588,12 @@ static void worker_main(void *arg) {
         p->nspinning--;
         continue;
       }
-      if (wait_locked(p)) break;
+      if (wait_locked(p, &light_ns)) break;
       now = uv_hrtime(); /* woken: rare enough to read it here */
       continue;
     }
     spun = 0;
+    light_ns = LIGHT_MIN_NS;
     leave = run_locked(p, w, f, err, sizeof err, &now);
   }
   wp__worker_uncount_locked(p, w);
@@ -645,7 +680,7 @@ static void strand_locked(wp_pool *p, int err) {
 
 void wp__grow_locked(wp_pool *p) {
   int r = 0;
-  while (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
+  while (p->nqueued > (size_t)(p->nidle + p->nspinning + p->nlight) &&
          p->nworkers < p->max_workers && (r = spawn_locked(p)) == 0)
     ;
   if (r && p->nworkers == 0) strand_locked(p, r);
@@ -718,6 +753,7 @@ static int mutex_init_adaptive(uv_mutex_t *mu) {
 static int init_sync(wp_pool *p) {
   if (mutex_init_adaptive(&p->mu)) return WP_ENOMEM;
   if (uv_cond_init(&p->work_cv)) goto e1;
+  if (uv_cond_init(&p->light_cv)) goto e7;
   if (uv_cond_init(&p->state_cv)) goto e2;
   if (uv_cond_init(&p->space_cv)) goto e3;
   if (uv_cond_init(&p->dog_cv)) goto e4;
@@ -733,6 +769,8 @@ e4:
 e3:
   uv_cond_destroy(&p->state_cv);
 e2:
+  uv_cond_destroy(&p->light_cv);
+e7:
   uv_cond_destroy(&p->work_cv);
 e1:
   uv_mutex_destroy(&p->mu);
@@ -757,6 +795,7 @@ static void pool_free(wp_pool *p) {
   uv_cond_destroy(&p->dog_cv);
   uv_cond_destroy(&p->space_cv);
   uv_cond_destroy(&p->state_cv);
+  uv_cond_destroy(&p->light_cv);
   uv_cond_destroy(&p->work_cv);
   uv_mutex_destroy(&p->mu);
   free_fields(p);
@@ -927,11 +966,11 @@ int wp__pool_enqueue(wp_pool *p, wp_future *f, int nowait) {
     p->last_active = f->t_submit;
   }
   if (!p->paused && f->queued) {
-    if (p->nqueued > (size_t)(p->nidle + p->nspinning) &&
+    if (p->nqueued > (size_t)(p->nidle + p->nspinning + p->nlight) &&
         p->nworkers < p->max_workers)
       r = spawn_locked(p);
     else if (p->nidle > p->nwaking &&
-             p->nqueued > (size_t)(p->nspinning + p->nwaking))
+             p->nqueued > (size_t)(p->nspinning + p->nlight + p->nwaking))
       wake = ++p->nwaking; /* one wake-up per task no one is coming for */
     if (r && p->nworkers > 0) r = 0; /* a running worker will take it */
     if (r) q_remove_locked(p, f);    /* nobody could ever run it */
@@ -994,6 +1033,7 @@ void wp_pool_resume(wp_pool *p) {
     p->paused = 0;
     if (p->state == WP__RUNNING) wp__grow_locked(p);
     uv_cond_broadcast(&p->work_cv);
+    uv_cond_broadcast(&p->light_cv);
     if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   }
   wp__pool_unlock(p);
@@ -1022,6 +1062,7 @@ int wp_pool_resize(wp_pool *p, int n) {
   p->max_workers = n;
   if (!p->paused) wp__grow_locked(p);
   uv_cond_broadcast(&p->work_cv); /* idle extras notice and leave */
+  uv_cond_broadcast(&p->light_cv);
   wp__pool_check_locked(p);
   wp__pool_unlock(p);
   memset(&ev, 0, sizeof ev);
@@ -1062,6 +1103,7 @@ static int begin_stop(wp_pool *p, int drain) {
   }
   if (p->state == WP__DRAINING) wp__grow_locked(p);
   uv_cond_broadcast(&p->work_cv);
+  uv_cond_broadcast(&p->light_cv);
   uv_cond_broadcast(&p->space_cv);
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
   wp__pool_check_locked(p);

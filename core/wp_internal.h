@@ -489,12 +489,15 @@ struct wp_pool {
   uint64_t last_active;  /* when a task was last submitted, taken or done */
   uint64_t next_seq;     /* sequence number of the last submission */
   uint64_t task_counter; /* numbers running tasks for interrupts */
+  uint64_t task_ns_avg;  /* moving average of how long tasks run */
   int max_workers, min_workers;
   int nworkers;       /* worker threads that count toward max_workers */
   int nidle;          /* workers waiting on work_cv */
   int nwaking;        /* of those, signalled and not yet awake */
   int nspinning;      /* workers spinning before they wait (at most 1):
                          they take new work without a signal */
+  int nlight;         /* an idle worker in a light sleep (at most 1): it
+                         looks at the queue again unasked (wait_locked) */
   int nrunning;       /* tasks executing (stuck ones excluded) */
   int nspace_waiters; /* submitters waiting on space_cv */
   int nwaiters;       /* threads waiting on state_cv */
@@ -515,6 +518,7 @@ struct wp_pool {
   int strand_err;      /* why: WP_ENOMEM or WP_ESYS */
   wp__worker *spare;   /* the state wp_pool_new made, not yet started */
   uv_cond_t work_cv;   /* idle workers wait for tasks here */
+  uv_cond_t light_cv;  /* the light sleeper, which submits never signal */
   uv_cond_t state_cv;  /* pause, stop and join waiters */
   uv_cond_t space_cv;  /* submitters waiting for room in the queue */
   /* What threads read without mu: nqueued plus the futures in the inbox,

@@ -394,6 +394,32 @@ case("bursts of long tasks start every idle worker, round after round", function
   T.eq(pool:stop_wait(), 0)
 end)
 
+case("a task queued behind a hung one starts on the other worker", function()
+  -- While tasks are short, a worker that goes idle beside a running one
+  -- sleeps light and submits do not wake it (docs/architecture.md, "The
+  -- light sleep"): it must still come for a task within its bound, at
+  -- every point of its backoff and after it, even if the running task
+  -- never ends.
+  local pool = newpool { max_workers = 2, min_workers = 2, idle_timeout = -1 }
+  local inc = function(x) return x + 1 end
+  for i = 1, 200 do T.eq(pool:submit_wait(inc, i), i + 1) end
+  local d, dn = newdict("behind")
+  local hung = pool:submit(blocker, dn)
+  wait_count(d, "started", 1, "the hung task runs")
+  for round, pause in ipairs { 0, 0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.02 } do
+    -- The other worker runs this one, then goes idle beside the hung task.
+    T.eq(pool:submit(inc, round):wait(10), true, "round " .. round)
+    if pause > 0 then workerpool.sleep(pause) end
+    local ok, r = pool:submit(inc, round):wait(10)
+    T.eq(ok, true, "round " .. round .. ": started beside the hung task")
+    T.eq(r, round + 1)
+  end
+  T.eq(hung:done(), false)
+  d:set("release", true)
+  T.eq(hung:wait(10), true)
+  T.eq(pool:stop_wait(), 0)
+end)
+
 case("StopRace: concurrent stops from several threads all return", function()
   local d, dn = newdict("stoprace")
   local target = newpool { max_workers = 20 }
