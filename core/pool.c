@@ -181,30 +181,26 @@ const char *wp_pool_name(const wp_pool *p) {
 /* ---- the queue ------------------------------------------------------- */
 
 /* The FIFO of queued futures (qhead, qtail, linked by prev/next) and the
- * four things that follow its links: nqueued, nqueued_hint for spinning
- * workers (which also counts the inbox), queued_bytes, and each future's
- * queued flag.  Only these helpers link or unlink a future, so the
- * counters move with the links.  All need mu. */
+ * four things that follow its links: nqueued, queued_any for spinning
+ * workers, queued_bytes, and each future's queued flag.  Only these helpers
+ * link or unlink a future, so the counters move with the links.  All need mu.
+ */
 
-/* Appends f at the tail; nqueued_hint counted it already (the inbox). */
-static inline void q_link_locked(wp_pool *p, wp_future *f) {
+/* Appends f at the tail. */
+static inline void q_push_locked(wp_pool *p, wp_future *f) {
   assert(!f->queued && f->next == NULL && f->prev == NULL);
   f->prev = p->qtail;
-  if (p->qtail)
+  if (p->qtail) {
     p->qtail->next = f;
-  else
+  } else {
     p->qhead = f;
+    atomic_store_explicit(&p->queued_any, 1, memory_order_relaxed);
+  }
   p->qtail = f;
   f->queued = 1;
   p->nqueued++;
   if (p->nqueued > p->nqueued_peak) p->nqueued_peak = p->nqueued;
   p->queued_bytes += f->msg_len;
-}
-
-/* Appends f at the tail. */
-static inline void q_push_locked(wp_pool *p, wp_future *f) {
-  q_link_locked(p, f);
-  atomic_fetch_add_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
 }
 
 /* Unlinks the queued future f, wherever it is. */
@@ -222,7 +218,8 @@ static inline void q_remove_locked(wp_pool *p, wp_future *f) {
   f->queued = 0;
   p->nqueued--;
   p->queued_bytes -= f->msg_len;
-  atomic_fetch_sub_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
+  if (p->qhead == NULL)
+    atomic_store_explicit(&p->queued_any, 0, memory_order_relaxed);
 }
 
 /* Empties the queue; returns its futures in order, still linked by next
@@ -231,7 +228,7 @@ static inline wp_future *q_take_all_locked(wp_pool *p) {
   wp_future *head = p->qhead, *f;
   for (f = head; f; f = f->next)
     f->queued = 0;
-  atomic_fetch_sub_explicit(&p->nqueued_hint, p->nqueued, memory_order_relaxed);
+  atomic_store_explicit(&p->queued_any, 0, memory_order_relaxed);
   p->qhead = p->qtail = NULL;
   p->nqueued = 0;
   p->queued_bytes = 0;
@@ -265,7 +262,7 @@ static void inbox_move_locked(wp_pool *p) {
     rev->next = NULL;
     rev->seq = ++p->next_seq;
     if (rev->t_submit > p->last_active) p->last_active = rev->t_submit;
-    q_link_locked(p, rev);
+    q_push_locked(p, rev);
   }
 }
 
@@ -303,8 +300,6 @@ static int inbox_remove_locked(wp_pool *p, wp_future *f) {
     } while (!atomic_compare_exchange_weak_explicit(
         &p->inbox, &head, rest, memory_order_seq_cst, memory_order_relaxed));
   }
-  if (found)
-    atomic_fetch_sub_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
   return found;
 }
 
@@ -367,8 +362,8 @@ void wp__pool_check_locked(const wp_pool *p) {
   assert((p->qhead == NULL) == (p->qtail == NULL));
   assert((p->qhead == NULL) == (p->nqueued == 0));
   assert(p->nqueued > 0 || p->queued_bytes == 0);
-  assert(atomic_load_explicit(&p->nqueued_hint, memory_order_relaxed) >=
-         p->nqueued);
+  assert(atomic_load_explicit(&p->queued_any, memory_order_relaxed) ==
+         (p->qhead != NULL));
   assert(p->nqueued <= p->nqueued_peak);
   assert(p->queue_cap == 0 || p->nqueued <= p->queue_cap);
   assert(p->state < WP__STOPPING || p->nqueued == 0);
@@ -544,7 +539,8 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
 
 static int work_queued(void *arg) {
   wp_pool *p = arg;
-  return atomic_load_explicit(&p->nqueued_hint, memory_order_relaxed) > 0 ||
+  return atomic_load_explicit(&p->queued_any, memory_order_relaxed) ||
+         atomic_load_explicit(&p->inbox, memory_order_relaxed) != NULL ||
          atomic_load_explicit(&p->stopped, memory_order_relaxed);
 }
 
@@ -913,10 +909,6 @@ static int inbox_push(wp_pool *p, wp_future *f) {
   if (!atomic_load_explicit(&p->takers_ready, memory_order_relaxed) ||
       atomic_load_explicit(&p->stopped, memory_order_relaxed))
     return 0;
-  /* Counted before it is pushed: a taker that moves the inbox must find
-   * nqueued_hint >= nqueued.  A spinner that sees the count a moment
-   * early finds nothing and sleeps; the read below then sees that. */
-  atomic_fetch_add_explicit(&p->nqueued_hint, 1, memory_order_relaxed);
   head = atomic_load_explicit(&p->inbox, memory_order_relaxed);
   do {
     f->next = head;

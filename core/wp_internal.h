@@ -521,13 +521,14 @@ struct wp_pool {
   uv_cond_t light_cv;  /* the light sleeper, which submits never signal */
   uv_cond_t state_cv;  /* pause, stop and join waiters */
   uv_cond_t space_cv;  /* submitters waiting for room in the queue */
-  /* What threads read without mu: nqueued plus the futures in the inbox,
-   * for spinning workers; the inbox itself, futures submitted without mu
+  /* What threads read without mu: queued_any, 1 while the queue holds a
+   * future (written under mu when that changes), and the inbox, which
+   * spinning workers watch for work; the inbox, futures submitted without mu
    * (newest first, linked by next) that the next holder of mu moves into
    * the queue (wp__pool_lock); takers_ready, 1 while every task queued
    * now would be taken without a wake-up or a new worker (see
    * publish_locked in pool.c), so a submit may skip mu. */
-  _Alignas(WP__CACHE_LINE) atomic_size_t nqueued_hint;
+  _Alignas(WP__CACHE_LINE) atomic_int queued_any;
   atomic_int stopped; /* 1 once stopping began; readable without mu */
   _Atomic(wp_future *) inbox;
   atomic_int takers_ready;
@@ -550,7 +551,7 @@ struct wp_pool {
 };
 
 /* Asserts the pool's invariants: the queue's links against its counters
- * (nqueued, nqueued_hint, queued_bytes, each future's queued flag), the
+ * (nqueued, queued_any, queued_bytes, each future's queued flag), the
  * worker gauges against each other and the state.  Called under mu at the
  * end of each mutation.  Only in builds without NDEBUG (the assertion
  * build, docs/testing.md); free elsewhere. */
