@@ -205,7 +205,7 @@ int wp_future_cancel(wp_future *f) {
   switch (wp__pool_cancel(f->pool, f)) {
   case 1: /* it never started */
     if (wp__future_fail(f, WP_CANCELLED, "cancelled"))
-      wp__pool_count_end(f->pool, 0, WP_CANCELLED, -1);
+      wp__pool_count_end(f->pool, NULL, WP_CANCELLED, -1);
     wp_future_release(f); /* the queue's reference */
     return 1;
   case 2: /* marked: whoever ends it ends it as cancelled */

@@ -494,7 +494,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
   p->nrunning++;
   p->last_active = started;
   wp__pool_unlock(p);
-  wp__hist_add(&WP__STRIPE(p, w->id)->dwell, started - f->t_submit);
+  wp__pool_count_dwell(p, w, started - f->t_submit);
   /* A state that could not be made (or was closed) is made now: a
    * failure ends only this task, and the next one tries again. */
   if (w->L == NULL && wp__worker_open(w, err, errlen)) {
@@ -507,7 +507,7 @@ static int run_locked(wp_pool *p, wp__worker *w, wp_future *f, char *err,
   /* f->t_end is this worker's to read when it ended the task itself. */
   end = st != WP_PENDING ? f->t_end : uv_hrtime();
   if (st != WP_PENDING)
-    wp__pool_count_end(p, w->id, st, (double)(end - started) / 1e9);
+    wp__pool_count_end(p, w, st, (double)(end - started) / 1e9);
   if (f->msg_owned) { /* only this worker ever reads it */
     free(f->msg);
     f->msg = NULL;
@@ -608,6 +608,7 @@ static void worker_main(void *arg) {
   wp__pool_lock(p);
   if (w->stuck && !was_stuck) p->nstuck--; /* abandoned while closing */
   w->closed = 1;
+  wp__stripe_give_locked(p, w); /* it counts no more */
   detached = w->detached;
   if (!detached) p->nclosed++;
   if (p->nwaiters) uv_cond_broadcast(&p->state_cv);
@@ -630,7 +631,9 @@ static int spawn_locked(wp_pool *p) {
     w->id = ++p->next_id;
     w->mem_limit = p->in.memory_limit;
   }
+  wp__stripe_take_locked(p, w); /* before its thread can count */
   if (uv_thread_create(&w->tid, worker_main, w) != 0) {
+    wp__stripe_give_locked(p, w);
     if (w->L)
       p->spare = w;
     else

@@ -31,22 +31,51 @@ static uint64_t get(atomic_uint_fast64_t *a) {
   return atomic_load_explicit(a, memory_order_relaxed);
 }
 
-void wp__hist_add(wp__hist *h, uint64_t ns) {
+/* Adds n to a counter that only the calling thread writes. */
+static void add_own(atomic_uint_fast64_t *a, uint64_t n) {
+  atomic_store_explicit(a, atomic_load_explicit(a, memory_order_relaxed) + n,
+                        memory_order_relaxed);
+}
+
+/* Counts ns in h; own: the caller is the stripe's one writer. */
+static void hist_add(wp__hist *h, uint64_t ns, int own) {
   uint64_t ms = (ns + 999999) / 1000000; /* rounded up */
   int k = 0;
   while (k < WP_HIST_BUCKETS - 1 && ms > ((uint64_t)1 << k))
     k++;
-  add(&h->buckets[k], 1);
-  add(&h->count, 1);
-  add(&h->sum_ns, ns);
+  if (own) {
+    add_own(&h->buckets[k], 1);
+    add_own(&h->sum_ns, ns);
+  } else {
+    add(&h->buckets[k], 1);
+    add(&h->sum_ns, ns);
+  }
+}
+
+void wp__stripe_take_locked(wp_pool *p, wp__worker *w) {
+  int i;
+  w->stripe = 0;
+  for (i = 1; i < WP__NSTRIPES; i++)
+    if (!(p->stripes_used & 1u << i)) {
+      p->stripes_used |= 1u << i;
+      w->stripe = i;
+      return;
+    }
+}
+
+void wp__stripe_give_locked(wp_pool *p, wp__worker *w) {
+  p->stripes_used &= ~(1u << w->stripe);
+  w->stripe = 0;
 }
 
 /* Adds histogram h to out; sum_ns sums the nanoseconds. */
 static void hist_add_to(wp__hist *h, wp_hist *out, uint64_t *sum_ns) {
   int k;
-  for (k = 0; k < WP_HIST_BUCKETS; k++)
-    out->buckets[k] += get(&h->buckets[k]);
-  out->count += get(&h->count);
+  for (k = 0; k < WP_HIST_BUCKETS; k++) {
+    uint64_t n = get(&h->buckets[k]);
+    out->buckets[k] += n;
+    out->count += n;
+  }
   *sum_ns += get(&h->sum_ns);
 }
 
@@ -110,16 +139,25 @@ void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
   wp__pool_unlock(p);
 }
 
-void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
+void wp__pool_count_end(wp_pool *p, const wp__worker *w, wp_status status,
                         double seconds) {
-  wp__stripe *s = WP__STRIPE(p, stripe);
+  int own = w != NULL && w->stripe != 0;
+  wp__stripe *s = &p->c.stripes[own ? w->stripe : 0];
   if (status == WP_DISCARDED) {
     wp__count_drop(p, WP__DROP_DISCARDED, 1);
     return;
   }
   if (status < WP_OK || status > WP_TIMEOUT) return;
-  add(&s->ended[status], 1);
-  if (seconds >= 0) wp__hist_add(&s->duration, (uint64_t)(seconds * 1e9));
+  if (own)
+    add_own(&s->ended[status], 1);
+  else
+    add(&s->ended[status], 1);
+  if (seconds >= 0) hist_add(&s->duration, (uint64_t)(seconds * 1e9), own);
+}
+
+void wp__pool_count_dwell(wp_pool *p, const wp__worker *w, uint64_t ns) {
+  int own = w->stripe != 0;
+  hist_add(&p->c.stripes[w->stripe].dwell, ns, own);
 }
 
 /* Adds up a counter over the stripes. */

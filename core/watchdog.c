@@ -201,7 +201,7 @@ static void fail_stranded(wp_pool *p, wp_future *f, int err) {
     wp_future *next = f->next;
     f->next = NULL;
     if (wp__future_fail(f, WP_ERROR, msg))
-      wp__pool_count_end(p, 0, wp_future_status(f), -1);
+      wp__pool_count_end(p, NULL, wp_future_status(f), -1);
     wp_future_release(f);
     f = next;
   }
@@ -228,7 +228,7 @@ static void dog_main(void *arg) {
       for (i = 0; i < ps.nstuck; i++) {
         wp_status st = ps.stuck_status[i];
         if (wp__future_fail(ps.stuck[i], st, wp_status_name(st)))
-          wp__pool_count_end(p, 0, wp_future_status(ps.stuck[i]), -1);
+          wp__pool_count_end(p, NULL, wp_future_status(ps.stuck[i]), -1);
         wp_future_release(ps.stuck[i]);
       }
       for (i = 0; i < ps.n; i++)

@@ -308,6 +308,7 @@ struct wp__worker {
   lua_State *L;          /* owned; NULL until created */
   void *heap;            /* L's free lists (worker.c), with L */
   int id;                /* 1, 2, ... per pool */
+  int stripe;            /* its counters' stripe, under pool->mu */
   int started_thread;    /* the thread was created */
   int detached;          /* stuck and left behind by stop: frees itself */
   int closed;            /* the thread is about to return, under pool->mu */
@@ -365,13 +366,19 @@ WP_HIDDEN void wp__worker_bind(wp__worker *w);
 WP_HIDDEN void wp__emit(const wp_event *ev);
 
 /* Records that f ended with status after running `seconds` (or was
- * dropped unstarted when seconds < 0), in stripe `stripe` (any int: a
- * worker's id, or 0). */
-WP_HIDDEN void wp__pool_count_end(wp_pool *p, int stripe, wp_status status,
-                                  double seconds);
+ * dropped unstarted when seconds < 0).  w: the worker counting, in its
+ * stripe; NULL: any other thread, in the shared stripe 0. */
+WP_HIDDEN void wp__pool_count_end(wp_pool *p, const wp__worker *w,
+                                  wp_status status, double seconds);
 
-/* The stripe of counters for stripe number n. */
-#define WP__STRIPE(p, n) (&(p)->c.stripes[(unsigned)(n) % WP__NSTRIPES])
+/* Records how long f waited in the queue, in w's stripe. */
+WP_HIDDEN void wp__pool_count_dwell(wp_pool *p, const wp__worker *w,
+                                    uint64_t ns);
+
+/* Gives w a stripe of its own when one is free (else the shared one), and
+ * takes it back once w's thread can count no more.  Need pool->mu. */
+WP_HIDDEN void wp__stripe_take_locked(wp_pool *p, wp__worker *w);
+WP_HIDDEN void wp__stripe_give_locked(wp_pool *p, wp__worker *w);
 
 /* Closes w->L (if any), publishing in w->closing how long it takes so that
  * the watchdog can abandon a state whose __gc never returns. */
@@ -399,8 +406,7 @@ WP_HIDDEN void wp__worker_uncount_locked(wp_pool *p, wp__worker *w);
 /* ---- metrics (stats.c) ----------------------------------------------- */
 
 typedef struct wp__hist {
-  atomic_uint_fast64_t buckets[WP_HIST_BUCKETS];
-  atomic_uint_fast64_t count;
+  atomic_uint_fast64_t buckets[WP_HIST_BUCKETS]; /* they sum to the count */
   atomic_uint_fast64_t sum_ns;
 } wp__hist;
 
@@ -412,9 +418,12 @@ enum {
   WP__NDROPS
 };
 
-/* What a task's end is counted in.  Workers count in the stripe of their
- * id, so two workers never bump the same cache line; readers add the
- * stripes up. */
+/* What a task's end is counted in.  Stripe 0 is shared: other threads,
+ * and workers past the first WP__NSTRIPES - 1, count in it with atomic
+ * adds.  Each other stripe belongs to one worker thread at a time
+ * (stripes_used), the only writer of its counters, which it bumps with a
+ * plain load and store: no locked instruction per task, and no cache line
+ * shared with another worker.  Readers add the stripes up. */
 #define WP__NSTRIPES 8
 
 typedef struct wp__stripe {
@@ -431,7 +440,6 @@ typedef struct wp__counters {
   wp__stripe stripes[WP__NSTRIPES];
 } wp__counters;
 
-WP_HIDDEN void wp__hist_add(wp__hist *h, uint64_t ns);
 WP_HIDDEN void wp__count_drop(wp_pool *p, int reason, uint64_t n);
 
 /* The reasons a drop summary names: the core's WP__DROP_* and then the
@@ -506,21 +514,22 @@ struct wp_pool {
   int paused;
   uint64_t pause_seq; /* while paused, tasks after this wait */
   /* Under mu, off the hot path. */
-  uint64_t last_reap;  /* when a worker was last reaped */
-  int nstuck;          /* workers declared stuck, still running */
-  int next_id;         /* id of the next worker */
-  int joiner;          /* a stopping thread is joining the workers */
-  uint64_t hard_at;    /* when a hard stop interrupted the running tasks
-                          (wp_pool_abort), or 0 */
-  wp__worker *workers; /* every started, not yet joined worker */
-  wp_future *stranded; /* queued tasks no worker could be started for,
-                          for the watchdog to fail (linked by next) */
-  int strand_err;      /* why: WP_ENOMEM or WP_ESYS */
-  wp__worker *spare;   /* the state wp_pool_new made, not yet started */
-  uv_cond_t work_cv;   /* idle workers wait for tasks here */
-  uv_cond_t light_cv;  /* the light sleeper, which submits never signal */
-  uv_cond_t state_cv;  /* pause, stop and join waiters */
-  uv_cond_t space_cv;  /* submitters waiting for room in the queue */
+  uint64_t last_reap;    /* when a worker was last reaped */
+  int nstuck;            /* workers declared stuck, still running */
+  int next_id;           /* id of the next worker */
+  unsigned stripes_used; /* bit i: stripe i is a worker's own */
+  int joiner;            /* a stopping thread is joining the workers */
+  uint64_t hard_at;      /* when a hard stop interrupted the running tasks
+                            (wp_pool_abort), or 0 */
+  wp__worker *workers;   /* every started, not yet joined worker */
+  wp_future *stranded;   /* queued tasks no worker could be started for,
+                            for the watchdog to fail (linked by next) */
+  int strand_err;        /* why: WP_ENOMEM or WP_ESYS */
+  wp__worker *spare;     /* the state wp_pool_new made, not yet started */
+  uv_cond_t work_cv;     /* idle workers wait for tasks here */
+  uv_cond_t light_cv;    /* the light sleeper, which submits never signal */
+  uv_cond_t state_cv;    /* pause, stop and join waiters */
+  uv_cond_t space_cv;    /* submitters waiting for room in the queue */
   /* What threads read without mu: queued_any, 1 while the queue holds a
    * future (written under mu when that changes), and the inbox, which
    * spinning workers watch for work; the inbox, futures submitted without mu

@@ -844,6 +844,57 @@ Test(capi, many_threads_wait_for_different_futures) {
   wp_pool_release(p);
 }
 
+/* Runs n blockers at once, so that n workers run (and count), then the
+ * given number of quick tasks; returns them all as ended. */
+static void blockers_then_bumps(wp_pool *p, int n, int nbumps, int round) {
+  wp_future *fs[16], *b;
+  char keys[16][40];
+  int i;
+  cr_assert_leq(n, 16);
+  for (i = 0; i < n; i++) {
+    snprintf(keys[i], sizeof keys[i], "stripes.%d.%d", round, i);
+    fs[i] = submit_str(p, "block", keys[i]);
+  }
+  for (i = 0; i < n; i++)
+    wait_started(keys[i]);
+  for (i = 0; i < n; i++)
+    shset(keys[i]);
+  for (i = 0; i < n; i++) {
+    wait_ok(fs[i]);
+    wp_future_release(fs[i]);
+  }
+  for (i = 0; i < nbumps; i++) {
+    b = submit_str(p, "bump", "stripes.bumps");
+    wait_ok(b);
+    wp_future_release(b);
+  }
+}
+
+/* Workers count task ends in stripes of their own (7) and, past those, in
+ * a shared one; a worker that leaves gives its stripe to the next.  Every
+ * end is counted once, in the totals and in both histograms. */
+Test(capi, metrics_add_up_across_many_workers) {
+  wp_options o;
+  wp_pool *p;
+  wp_pool_stats st;
+  uint64_t total;
+  test_options(&o, "capi-stripes", 12, NULL);
+  p = make_pool_opts(&o);
+  blockers_then_bumps(p, 12, 50, 1); /* 12 workers: 7 own stripes */
+  cr_assert_eq(wp_pool_resize(p, 2), 0);
+  blockers_then_bumps(p, 2, 50, 2); /* the extras leave */
+  cr_assert_eq(wp_pool_resize(p, 12), 0);
+  blockers_then_bumps(p, 12, 50, 3); /* new ones take freed stripes */
+  cr_assert_eq(wp_pool_stop(p), 0);
+  total = 12 + 50 + 2 + 50 + 12 + 50;
+  wp_pool_get_stats(p, &st);
+  cr_assert_eq(st.ok, total, "ok %llu", (unsigned long long)st.ok);
+  cr_assert_eq(st.duration.count, total);
+  cr_assert_eq(st.dwell.count, total);
+  cr_assert_eq(shget("stripes.bumps"), 150);
+  wp_pool_release(p);
+}
+
 Test(capi, submit_values_bad_arguments) {
   wp_pool *p = make_pool("capi-badargs", 1);
   wp_future *f = (wp_future *)1;
