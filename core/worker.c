@@ -34,7 +34,6 @@
 
 /* Registry keys (their addresses). */
 static const char worker_key = 'w'; /* light userdata: the wp__worker */
-static const char cache_key = 'c';  /* table: bytecode -> function */
 
 /* The signal that asks a worker thread to interrupt its task: until the
  * first pool fixes it (wp__interrupt_signal_fix), what
@@ -270,6 +269,8 @@ static void copy_error(lua_State *L, char *errbuf, size_t errlen) {
   snprintf(errbuf, errlen, "%s", msg ? msg : "(error object is not a string)");
 }
 
+static int task_pmain(lua_State *L);
+
 /* [-2, +0, e] The protected part of wp__worker_open. */
 static int open_pmain(lua_State *L) {
   wp__worker *w = lua_touserdata(L, 1);
@@ -278,8 +279,12 @@ static int open_pmain(lua_State *L) {
   luaL_openlibs(L);
   lua_pushlightuserdata(L, w);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &worker_key);
+  /* task_pmain, with this state's cache of task functions (id ->
+   * function) as its upvalue, in the registry's array part: one cheap
+   * lookup per task. */
   lua_newtable(L);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &cache_key);
+  lua_pushcclosure(L, task_pmain, 1);
+  w->task_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getglobal(L, "package");
   if (in->path) {
     lua_pushstring(L, in->path);
@@ -363,7 +368,8 @@ static int scalars_only(lua_State *L, int first, int n) {
 }
 
 /* [-1, +0, e] Decodes and calls the task of run->f, then encodes its
- * results (or its error value) into run->w->out. */
+ * results (or its error value) into run->w->out.  Upvalue 1: the state's
+ * cache of task functions. */
 static int task_pmain(lua_State *L) {
   task_run *run = lua_touserdata(L, 1);
   wp_future *f = run->f;
@@ -372,8 +378,8 @@ static int task_pmain(lua_State *L) {
   uint64_t n;
   int base, st;
   lua_settop(L, 0);
-  lua_pushcfunction(L, msgh);                    /* 1 */
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &cache_key); /* 2 */
+  lua_pushcfunction(L, msgh);            /* 1 */
+  lua_pushvalue(L, lua_upvalueindex(1)); /* 2: the function cache */
   base = lua_gettop(L);
   r.p = f->msg;
   r.end = f->msg + f->msg_len;
@@ -478,7 +484,7 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
   else
     set_quiet_hook(L);
-  lua_pushcfunction(L, task_pmain);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->task_ref); /* task_pmain */
   lua_pushlightuserdata(L, &run);
   st = lua_pcall(L, 1, 0, 0);
   /* Balanced: nothing, or the error value. */

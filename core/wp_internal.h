@@ -307,6 +307,7 @@ struct wp__worker {
   uv_thread_t tid;
   lua_State *L;          /* owned; NULL until created */
   void *heap;            /* L's free lists (worker.c), with L */
+  int task_ref;          /* L's registry ref of its task_pmain closure */
   int id;                /* 1, 2, ... per pool */
   int stripe;            /* its counters' stripe, under pool->mu */
   int started_thread;    /* the thread was created */
