@@ -53,6 +53,9 @@ static struct {
 
 static _Thread_local wp__worker *current;
 
+/* Where the running task is (wp__worker.task_phase), for msgh. */
+enum { TASK_PREP, TASK_CALL, TASK_RESULTS };
+
 int wp_set_interrupt_signal(int sig) {
   int r = 0;
   if (sig < 0 || sig > SIGRTMAX || sig == SIGKILL || sig == SIGSTOP)
@@ -252,9 +255,12 @@ static void *worker_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 /* [-0, +1, m] Message handler: appends a traceback to string errors;
- * a number becomes a string first, as in lua.c. */
+ * a number becomes a string first, as in lua.c.  Around a task it only
+ * treats what the task itself raised (task_pmain's TASK_CALL): the errors
+ * of decoding and of encoding the results stay as they are. */
 static int msgh(lua_State *L) {
   const char *msg = "(error object is nil)";
+  if (current && current->in_task && current->task_phase != TASK_CALL) return 1;
   if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER)
     msg = lua_tostring(L, 1);
   else if (!lua_isnil(L, 1))
@@ -368,18 +374,20 @@ static int scalars_only(lua_State *L, int first, int n) {
 }
 
 /* [-1, +0, e] Decodes and calls the task of run->f, then encodes its
- * results (or its error value) into run->w->out.  Upvalue 1: the state's
- * cache of task functions. */
+ * results into run->w->out.  Upvalue 1: the state's cache of task
+ * functions.  It runs in wp__worker_run's one protected call, whose
+ * message handler adds a traceback to what the task raises; w->task_phase
+ * says where an error came from. */
 static int task_pmain(lua_State *L) {
   task_run *run = lua_touserdata(L, 1);
+  wp__worker *w = run->w;
   wp_future *f = run->f;
-  wp__buf *out = &run->w->out;
+  wp__buf *out = &w->out;
   wp__reader r;
   uint64_t n;
-  int base, st;
+  int base;
   lua_settop(L, 0);
-  lua_pushcfunction(L, msgh);            /* 1 */
-  lua_pushvalue(L, lua_upvalueindex(1)); /* 2: the function cache */
+  lua_pushvalue(L, lua_upvalueindex(1)); /* 1: the function cache */
   base = lua_gettop(L);
   r.p = f->msg;
   r.end = f->msg + f->msg_len;
@@ -403,25 +411,31 @@ static int task_pmain(lua_State *L) {
   }
   if (wp__get_varint(&r, &n) || n > INT32_MAX)
     return luaL_error(L, "malformed task message");
-  wp__decode(L, &r, (int)n, 2);
-  st = lua_pcall(L, lua_gettop(L) - base - 1, LUA_MULTRET, 1);
-  if (st == LUA_ERRMEM) return lua_error(L); /* replace the state */
+  wp__decode(L, &r, (int)n, 1);
+  w->task_phase = TASK_CALL;
+  lua_call(L, lua_gettop(L) - base - 1, LUA_MULTRET);
+  w->task_phase = TASK_RESULTS;
   out->len = 0;
-  if (st != LUA_OK) {
-    run->status = WP_ERROR;
-    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TTABLE &&
-        lua_type(L, -1) != LUA_TNUMBER && lua_type(L, -1) != LUA_TBOOLEAN &&
-        lua_type(L, -1) != LUA_TNIL)
-      luaL_tolstring(L, -1, NULL);
-    wp__encode(L, out, -1, 1, NULL, 0);
-  } else {
-    run->status = WP_OK;
-    if (!scalars_only(L, base + 1, lua_gettop(L) - base) ||
-        !wp__encode_fast(L, out, base + 1, lua_gettop(L) - base)) {
-      out->len = 0;
-      wp__encode(L, out, base + 1, lua_gettop(L) - base, NULL, 0);
-    }
+  run->status = WP_OK;
+  if (!scalars_only(L, base + 1, lua_gettop(L) - base) ||
+      !wp__encode_fast(L, out, base + 1, lua_gettop(L) - base)) {
+    out->len = 0;
+    wp__encode(L, out, base + 1, lua_gettop(L) - base, NULL, 0);
   }
+  return 0;
+}
+
+/* [-1, +0, e] Encodes the error value a task raised into w->out, as its
+ * one result (a value that cannot be sent becomes its tostring). */
+static int task_error_pmain(lua_State *L) {
+  wp__worker *w = lua_touserdata(L, 1);
+  lua_settop(L, 2);
+  w->out.len = 0;
+  if (lua_type(L, 2) != LUA_TSTRING && lua_type(L, 2) != LUA_TTABLE &&
+      lua_type(L, 2) != LUA_TNUMBER && lua_type(L, 2) != LUA_TBOOLEAN &&
+      lua_type(L, 2) != LUA_TNIL)
+    luaL_tolstring(L, 2, NULL);
+  wp__encode(L, &w->out, -1, 1, NULL, 0);
   return 0;
 }
 
@@ -484,11 +498,22 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
     lua_sethook(L, interrupt_hook, LUA_MASKCOUNT, 1);
   else
     set_quiet_hook(L);
+  lua_pushcfunction(L, msgh);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->task_ref); /* task_pmain */
   lua_pushlightuserdata(L, &run);
-  st = lua_pcall(L, 1, 0, 0);
-  /* Balanced: nothing, or the error value. */
-  assert(lua_gettop(L) == (st == LUA_OK ? 0 : 1));
+  w->task_phase = TASK_PREP;
+  st = lua_pcall(L, 1, 0, 1);
+  /* Balanced: the handler, then nothing or the error value. */
+  assert(lua_gettop(L) == (st == LUA_OK ? 1 : 2));
+  if (st != LUA_OK && st != LUA_ERRMEM && w->task_phase == TASK_CALL &&
+      !wp_interrupted()) { /* the task raised: that value is its result */
+    lua_pushcfunction(L, task_error_pmain);
+    lua_pushlightuserdata(L, w);
+    lua_pushvalue(L, -3);
+    st = lua_pcall(L, 2, 0, 0);
+    lua_remove(L, -2 + (st == LUA_OK)); /* the value, or keep the new error */
+    run.status = WP_ERROR;
+  }
   w->in_task = 0;
   lua_sethook(L, NULL, 0, 0);
   if (wp_interrupted()) { /* asked to stop: that is how it ended */

@@ -337,6 +337,7 @@ struct wp__worker {
   atomic_int kill_reason;        /* WP_TIMEOUT or WP_CANCELLED */
   atomic_uint_fast64_t closing;  /* uv_hrtime when L began to close, or 0 */
   volatile sig_atomic_t in_task; /* inside wp__worker_run (signals) */
+  int task_phase;                /* decoding, calling, encoding (worker.c) */
 };
 
 /* Creates w->L, runs the pool's open hook and init script.  On failure
