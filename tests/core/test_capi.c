@@ -976,6 +976,8 @@ Test(capi, unknown_handler) {
   cr_assert(has(msg, len, "no handler 'no_such_handler'"), "%.*s", (int)len,
             msg);
   cr_assert(has(msg, len, "capi-unknown"), "%.*s", (int)len, msg);
+  /* Only what a task itself raises gets a traceback. */
+  cr_assert(!has(msg, len, "stack traceback"), "%.*s", (int)len, msg);
   wp_future_release(f);
   /* A global that is not a function. */
   f = submit(p, "counter", NULL, 0);
