@@ -65,8 +65,8 @@ void wp_future_release(wp_future *f) {
   assert(!f->queued && f->worker == NULL);
   if (f->msg_owned) free(f->msg);
   if (f->result != f->result_buf) free(f->result);
-  if (f->name) free(f->name); /* most have neither: no call for them */
-  if (f->tenant) free(f->tenant);
+  free(f->name);
+  free(f->tenant);
   d = atomic_load_explicit(&f->done, memory_order_relaxed);
   while (d && d != DONE_CLOSED) { /* only if it never ended */
     wp__done *next = d->next;

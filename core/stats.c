@@ -31,25 +31,24 @@ static uint64_t get(atomic_uint_fast64_t *a) {
   return atomic_load_explicit(a, memory_order_relaxed);
 }
 
-/* Adds n to a counter that only the calling thread writes. */
-static void add_own(atomic_uint_fast64_t *a, uint64_t n) {
-  atomic_store_explicit(a, atomic_load_explicit(a, memory_order_relaxed) + n,
-                        memory_order_relaxed);
+/* Adds n to a stripe's counter; own: the caller is its one writer, and
+ * a plain load and store do. */
+static void bump(atomic_uint_fast64_t *a, uint64_t n, int own) {
+  if (own)
+    atomic_store_explicit(a, atomic_load_explicit(a, memory_order_relaxed) + n,
+                          memory_order_relaxed);
+  else
+    add(a, n);
 }
 
-/* Counts ns in h; own: the caller is the stripe's one writer. */
+/* Counts ns in h. */
 static void hist_add(wp__hist *h, uint64_t ns, int own) {
   uint64_t ms = (ns + 999999) / 1000000; /* rounded up */
   int k = 0;
   while (k < WP_HIST_BUCKETS - 1 && ms > ((uint64_t)1 << k))
     k++;
-  if (own) {
-    add_own(&h->buckets[k], 1);
-    add_own(&h->sum_ns, ns);
-  } else {
-    add(&h->buckets[k], 1);
-    add(&h->sum_ns, ns);
-  }
+  bump(&h->buckets[k], 1, own);
+  bump(&h->sum_ns, ns, own);
 }
 
 void wp__stripe_take_locked(wp_pool *p, wp__worker *w) {
@@ -148,16 +147,12 @@ void wp__pool_count_end(wp_pool *p, const wp__worker *w, wp_status status,
     return;
   }
   if (status < WP_OK || status > WP_TIMEOUT) return;
-  if (own)
-    add_own(&s->ended[status], 1);
-  else
-    add(&s->ended[status], 1);
+  bump(&s->ended[status], 1, own);
   if (seconds >= 0) hist_add(&s->duration, (uint64_t)(seconds * 1e9), own);
 }
 
 void wp__pool_count_dwell(wp_pool *p, const wp__worker *w, uint64_t ns) {
-  int own = w->stripe != 0;
-  hist_add(&p->c.stripes[w->stripe].dwell, ns, own);
+  hist_add(&p->c.stripes[w->stripe].dwell, ns, w->stripe != 0);
 }
 
 /* Adds up a counter over the stripes. */
