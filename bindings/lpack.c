@@ -3,7 +3,7 @@
  *
  *   workerpool["pipeline.pack"](list)   -> string | nil, reason
  *   workerpool["pipeline.unpack"](s)    -> list, n
- *   workerpool["pipeline.cut"](s, init, k)  -> last, count
+ *   workerpool["pipeline.lines"](fh)   -> reader; reader(k) -> block, n
  *   workerpool["pipeline.split"](s)     -> list, n
  *   workerpool["pipeline.results"](...) -> n, v | n, {v1, ..., vn}
  *
@@ -26,13 +26,17 @@
  * string.
  *
  * A `lines` source crosses to its first stage as raw blocks instead: the
- * host cuts the file's bytes after every k-th newline (cut) and the
- * stage's worker splits the block into its lines (split), so the host
- * makes no Lua value per line.  results lets a fused chain take the
+ * host reads the file in C and cuts its bytes after every k-th newline
+ * (lines), and the stage's worker splits the block into its lines
+ * (split), so the host makes no Lua value per line and copies each byte
+ * once.  results lets a fused chain take the
  * results of a handler call without a vararg Lua function.
  */
 #include <assert.h>
+#include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lpipeline.h"
@@ -279,29 +283,111 @@ static int unpack(lua_State *L) {
   return 2;
 }
 
-/* cut(s, init, k) -> last, count   [-0, +2, v]
- * Finds up to k newlines in s from byte init (1-based) on; last is the
- * position of the last one found (init - 1 when none), count how many. */
-static int cut(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  lua_Integer init = luaL_checkinteger(L, 2), k = luaL_checkinteger(L, 3);
-  lua_Integer count = 0;
-  size_t pos, last;
-  luaL_argcheck(L, init >= 1 && (lua_Unsigned)init <= (lua_Unsigned)len + 1, 2,
-                "out of range");
-  pos = (size_t)init - 1;
-  last = pos;
-  while (count < k && pos < len) {
-    const char *nl = memchr(s + pos, '\n', len - pos);
-    if (!nl) break;
-    pos = (size_t)(nl - s) + 1;
-    last = pos;
-    count++;
+/* A lines file read in blocks of whole lines: the bytes read but not yet
+ * handed out are buf[lo, hi); the first `found` newlines after lo end
+ * before buf + scan. */
+typedef struct lines_reader {
+  char *buf; /* malloc'd, freed by __gc */
+  size_t cap, lo, hi, scan, found;
+  int eof;
+} lines_reader;
+
+#define LINES_READ (256u << 10) /* bytes asked of fread at a time */
+
+/* [-0, +0, -] __gc of the reader's userdata. */
+static int lines_gc(lua_State *L) {
+  lines_reader *r = lua_touserdata(L, 1);
+  free(r->buf);
+  r->buf = NULL;
+  return 0;
+}
+
+/* Reads more bytes after hi, first moving what is left to the front and
+ * growing the buffer when it is full.  Raises on a read error, a line
+ * longer than a message may be, or no memory. */
+static void lines_fill(lua_State *L, lines_reader *r, FILE *f) {
+  size_t got;
+  if (r->lo > 0) {
+    memmove(r->buf, r->buf + r->lo, r->hi - r->lo);
+    r->hi -= r->lo;
+    r->scan -= r->lo;
+    r->lo = 0;
   }
-  lua_pushinteger(L, (lua_Integer)last);
-  lua_pushinteger(L, count);
+  if (r->cap - r->hi < LINES_READ) {
+    size_t cap = r->cap ? r->cap * 2 : 2 * LINES_READ;
+    char *p;
+    if (cap > (size_t)WP_MAX_MSG + 2 * LINES_READ)
+      luaL_error(L, "a line longer than %d MiB", (int)(WP_MAX_MSG >> 20));
+    if ((p = realloc(r->buf, cap)) == NULL) luaL_error(L, "not enough memory");
+    r->buf = p;
+    r->cap = cap;
+  }
+  got = fread(r->buf + r->hi, 1, r->cap - r->hi, f);
+  r->hi += got;
+  if (got == 0) {
+    if (ferror(f)) luaL_error(L, "read error: %s", strerror(errno));
+    r->eof = 1;
+  }
+}
+
+/* reader(k) -> block, count | nil   [-0, +2|1, v]
+ * Upvalues: the lines_reader, the file handle.  The next k lines as one
+ * string, newlines kept, and k; at the end of the file what is left (a
+ * last line without a newline counts) and its count; then nil. */
+static int lines_next(lua_State *L) {
+  lines_reader *r = lua_touserdata(L, lua_upvalueindex(1));
+  luaL_Stream *fs = lua_touserdata(L, lua_upvalueindex(2));
+  lua_Integer k = luaL_checkinteger(L, 1);
+  size_t end;
+  luaL_argcheck(L, k >= 1, 1, "must be positive");
+  if (fs->closef == NULL) return luaL_error(L, "attempt to use a closed file");
+  for (;;) {
+    while (r->found < (size_t)k && r->scan < r->hi) {
+      const char *nl = memchr(r->buf + r->scan, '\n', r->hi - r->scan);
+      if (nl == NULL) {
+        r->scan = r->hi;
+        break;
+      }
+      r->scan = (size_t)(nl - r->buf) + 1;
+      r->found++;
+    }
+    if (r->found == (size_t)k) {
+      end = r->scan;
+      break;
+    }
+    if (r->eof) {
+      if (r->lo == r->hi) {
+        lua_pushnil(L);
+        return 1;
+      }
+      end = r->hi;
+      if (r->buf[end - 1] != '\n') r->found++;
+      break;
+    }
+    lines_fill(L, r, fs->f);
+  }
+  lua_pushlstring(L, r->buf + r->lo, end - r->lo);
+  lua_pushinteger(L, (lua_Integer)r->found);
+  r->lo = r->scan = end;
+  r->found = 0;
   return 2;
+}
+
+/* lines(fh) -> reader   [-0, +1, m]
+ * A reader of fh, an io file opened for reading: see lines_next.  It
+ * reads ahead, so nothing else should read fh while it is in use. */
+static int lines(lua_State *L) {
+  lines_reader *r;
+  luaL_checkudata(L, 1, LUA_FILEHANDLE);
+  r = lua_newuserdatauv(L, sizeof *r, 0);
+  memset(r, 0, sizeof *r);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, lines_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, lines_next, 2);
+  return 1;
 }
 
 /* split(s) -> list, n   [-0, +2, m]
@@ -350,15 +436,14 @@ static int results(lua_State *L) {
 void wpl_pack_open(lua_State *L) {
   wp_register_cfunction("workerpool.pipeline.pack", pack);
   wp_register_cfunction("workerpool.pipeline.unpack", unpack);
-  wp_register_cfunction("workerpool.pipeline.cut", cut);
   wp_register_cfunction("workerpool.pipeline.split", split);
   wp_register_cfunction("workerpool.pipeline.results", results);
   lua_pushcfunction(L, pack);
   lua_setfield(L, -2, "pipeline.pack");
   lua_pushcfunction(L, unpack);
   lua_setfield(L, -2, "pipeline.unpack");
-  lua_pushcfunction(L, cut);
-  lua_setfield(L, -2, "pipeline.cut");
+  lua_pushcfunction(L, lines);
+  lua_setfield(L, -2, "pipeline.lines");
   lua_pushcfunction(L, split);
   lua_setfield(L, -2, "pipeline.split");
   lua_pushcfunction(L, results);

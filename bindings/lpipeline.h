@@ -29,9 +29,9 @@ WPL_HIDDEN void wpl_wbuf_add(wpl_wbuf *b, const void *s, size_t n);
 /* The json.null sentinel (a light C function). */
 WPL_HIDDEN int wpl_json_null(lua_State *L);
 
-/* [-0, +0, m] Sets pack, unpack, cut, split and results (lpack.c) in the
- * module table at the top of the stack, under the raw keys
- * "pipeline.pack", "pipeline.unpack", "pipeline.cut", "pipeline.split"
+/* [-0, +0, m] Sets pack, unpack, lines, split and results (lpack.c) in
+ * the module table at the top of the stack, under the raw keys
+ * "pipeline.pack", "pipeline.unpack", "pipeline.lines", "pipeline.split"
  * and "pipeline.results". */
 WPL_HIDDEN void wpl_pack_open(lua_State *L);
 

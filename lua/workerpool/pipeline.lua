@@ -865,30 +865,17 @@ local function open_source(plan, skip)
   if not jsonl and src.path ~= "-" then
     -- A lines file goes to stage 1 in raw blocks of whole lines (see
     -- read_source): block(k) -> the next k lines as one string and their
-    -- count (fewer at the end), or nil at the end of the file.
-    local cut, buf, pos = workerpool["pipeline.cut"], "", 1
-    local function block(k)
-      while true do
-        local last, cnt = cut(buf, pos, k)
-        if cnt == k then
-          local b = buf:sub(pos, last)
-          pos = last + 1
-          return b, k
-        end
-        local more = fh:read(1 << 16)
-        if not more then
-          if pos > #buf then return nil end
-          local b = buf:sub(pos)
-          buf, pos = "", 1
-          return b, cnt + (b:byte(-1) ~= 10 and 1 or 0)
-        end
-        buf, pos = buf:sub(pos) .. more, 1
-      end
-    end
+    -- count (fewer at the end), or nil at the end of the file; it raises
+    -- on a read error.
+    local block = workerpool["pipeline.lines"](fh)
     local left = skip
     while left > 0 do
-      local _, n = block(math.min(left, 65536))
-      if not n then break end
+      local ok, b, n = pcall(block, math.min(left, 65536))
+      if not ok then
+        fh:close()
+        return nil, "source: " .. tostring(b)
+      end
+      if not b then break end
       left = left - n
     end
     return { block = block, close = function() fh:close() end }
@@ -1627,7 +1614,7 @@ function M.run(config, opts)
     if source.block then
       while got < want do
         local ok, b, n = pcall(source.block, math.min(st.batch, want - got))
-        if not ok then failure = failure or tostring(b); eof = true; return got end
+        if not ok then failure = failure or ("source: " .. tostring(b)); eof = true; return got end
         if b == nil then eof = true; break end
         st.ct = st.ct + 1
         st.chunks[st.ct] = { n = n, raw = b, seqs = setmetatable({ seq0 = next_seq }, SEQS) }

@@ -12,6 +12,10 @@
 # the medians, the speed-up and RSS ratio, the ratio of the best walls, the best speed-up the CPU time
 # allows on 2 idle cores (2 x serial CPU / pipeline CPU), and the
 # pipeline's items/s per stage; checks that both wrote the same aggregates.
+# Each repetition also times two serial scripts side by side: 2 x serial
+# wall / that wall is the speed-up the machine itself gives two
+# processes at that moment (its 2-core ceiling; below 2 when the VM's
+# vCPUs slow each other down).
 # Defaults: 1,000,000 lines, 3 repetitions, access-fused.json.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,7 +42,7 @@ cp "$root/$config" "$work/job.json"
 lua5.4 "$ex/gen_access_log.lua" "$lines" "$work/access.log"
 cd "$work"
 echo "lines: $lines, cores: $(nproc), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-ser=() pip=() serm=() pipm=() serc=() pipc=()
+ser=() pip=() serm=() pipm=() serc=() pipc=() pair=()
 for r in $(seq 1 "$reps"); do
   /usr/bin/time -f "%e %M %U %S" -o t.txt lua5.4 "$ex/serial.lua" access.log serial.jsonl
   read -r s sm su ss < t.txt
@@ -47,19 +51,24 @@ for r in $(seq 1 "$reps"); do
   /usr/bin/time -f "%e %M %U %S" -o t.txt "$wpool" pipeline run --no-progress job.json 2>log.txt
   read -r p pm pu ps < t.txt
   pc=$(awk -v a="$pu" -v b="$ps" 'BEGIN { print a + b }')
-  echo "rep $r: serial ${s}s (cpu ${sc}s) ${sm}KB  pipeline ${p}s (cpu ${pc}s) ${pm}KB"
-  ser+=("$s") pip+=("$p") serm+=("$sm") pipm+=("$pm") serc+=("$sc") pipc+=("$pc")
+  /usr/bin/time -f "%e" -o t.txt bash -c "lua5.4 '$ex/serial.lua' access.log pair1.jsonl &
+    lua5.4 '$ex/serial.lua' access.log pair2.jsonl; wait"
+  read -r pw < t.txt
+  echo "rep $r: serial ${s}s (cpu ${sc}s) ${sm}KB  pipeline ${p}s (cpu ${pc}s) ${pm}KB  two serials side by side ${pw}s"
+  ser+=("$s") pip+=("$p") serm+=("$sm") pipm+=("$pm") serc+=("$sc") pipc+=("$pc") pair+=("$pw")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 s=$(median "${ser[@]}") p=$(median "${pip[@]}") sm=$(median "${serm[@]}") pm=$(median "${pipm[@]}")
 sc=$(median "${serc[@]}") pc=$(median "${pipc[@]}")
+pw=$(median "${pair[@]}")
 bs=$(printf '%s\n' "${ser[@]}" | sort -g | head -1) bp=$(printf '%s\n' "${pip[@]}" | sort -g | head -1)
 awk -v s="$s" -v p="$p" -v sm="$sm" -v pm="$pm" -v sc="$sc" -v pc="$pc" -v bs="$bs" -v bp="$bp" \
-    -v n="$reps" 'BEGIN {
+    -v n="$reps" -v pw="$pw" 'BEGIN {
   printf "median: serial %.2fs (cpu %.2fs) %dKB, pipeline %.2fs (cpu %.2fs) %dKB\n", s, sc, sm, p, pc, pm
   printf "speed-up %.2fx (target >= 1.7), peak RSS ratio %.2f (target <= 2)\n", s / p, pm / sm
   printf "best of %s: serial %.2fs, pipeline %.2fs, ratio of the bests %.2fx\n", n, bs, bp, bs / bp
-  printf "CPU-bound ceiling on 2 idle cores: %.2fx\n", 2 * sc / pc }'
+  printf "CPU-bound ceiling on 2 idle cores: %.2fx\n", 2 * sc / pc
+  printf "the machine now: two serials side by side %.2fs, its 2-core ceiling %.2fx; pipeline / ceiling %.2f\n", pw, 2 * s / pw, (s / p) / (2 * s / pw) }'
 lua5.4 - log.txt <<'LUA'
 local json = require("workerpool").json
 for line in io.lines(arg[1]) do

@@ -220,6 +220,16 @@ T.test("on_error skip and fail", function()
   T.eq(rep.status, "failed")
 end)
 
+T.test("a lines source that cannot be read fails the run", function()
+  -- A directory opens for reading, and every read of it fails.
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "lines", path = base:match("^(.*)/") or "." },
+    stages = { stage{ name = "id", handler = "id" } } }))
+  T.eq(rep.status, "failed")
+  T.eq(rep.exit_code, 1)
+  T.ok(rep.error:match("^source: read error: "), rep.error)
+end)
+
 T.test("timeout: the pool's deadline stops a hanging item; the batch is split", function()
   numbers(6)
   local rep = assert(pipeline.run(cfg{
@@ -404,18 +414,53 @@ T.test("resume skips the checkpointed items and appends", function()
   T.eq(table.concat(lines_of("out.txt"), " "), "1 2 3 4 5 6 7 8 9 10")
 end)
 
-T.test("the block helpers: cut, split and results", function()
-  local cut, split = workerpool["pipeline.cut"], workerpool["pipeline.split"]
+T.test("the block helpers: lines, split and results", function()
+  local lines, split = workerpool["pipeline.lines"], workerpool["pipeline.split"]
   local results = workerpool["pipeline.results"]
-  T.eq(select("#", cut("a\nbb\nc", 1, 2)), 2)
-  local last, n = cut("a\nbb\nc", 1, 2)
-  T.eq(last, 5); T.eq(n, 2)
-  last, n = cut("a\nbb\nc", 6, 5)
-  T.eq(last, 5); T.eq(n, 0)
-  last, n = cut("a\n\n", 3, 9)
-  T.eq(last, 3); T.eq(n, 1)
-  T.eq(select(2, pcall(cut, "ab", 4, 1)):match("out of range") ~= nil, true)
-  local t
+  local function blocks(text, k)
+    write("blocks.txt", text)
+    local fh = assert(io.open(F"blocks.txt", "rb"))
+    local rd, got = lines(fh), {}
+    while true do
+      local b, c = rd(k)
+      if b == nil then break end
+      got[#got + 1] = b .. "#" .. c
+    end
+    T.eq(rd(k), nil) -- stays at the end
+    fh:close()
+    return table.concat(got, "|")
+  end
+  T.eq(blocks("a\nbb\nc", 2), "a\nbb\n#2|c#1")
+  T.eq(blocks("a\nbb\nc\n", 2), "a\nbb\n#2|c\n#1")
+  T.eq(blocks("a\n\n", 9), "a\n\n#2")
+  T.eq(blocks("", 3), "")
+  T.eq(blocks("\r\n\n", 1), "\r\n#1|\n#1")
+  -- Lines longer than one read, and blocks across reads.
+  local long = string.rep("x", 700000)
+  T.eq(blocks(long .. "\n" .. long .. "\nend", 1),
+       long .. "\n#1|" .. long .. "\n#1|end#1")
+  local many = {}
+  for i = 1, 100000 do many[i] = tostring(i) end
+  write("many.txt", table.concat(many, "\n") .. "\n")
+  local fh = assert(io.open(F"many.txt", "rb"))
+  local rd, seen, nb = lines(fh), 0, 0
+  while true do
+    local b, c = rd(999)
+    if not b then break end
+    nb = nb + 1
+    for l in b:gmatch("[^\n]+") do
+      seen = seen + 1
+      if l ~= tostring(seen) then error("line " .. seen .. " is " .. l) end
+    end
+    T.eq(c, nb <= 100 and 999 or 100000 - 100 * 999)
+  end
+  T.eq(seen, 100000)
+  -- Misuse.
+  T.eq(select(2, pcall(lines, "x")):match("FILE%* expected") ~= nil, true)
+  T.eq(select(2, pcall(rd, 0)):match("must be positive") ~= nil, true)
+  fh:close()
+  T.eq(select(2, pcall(rd, 1)):match("closed file") ~= nil, true)
+  local t, n
   t, n = split("a\n\nb\r\nc")
   T.eq(n, 4); T.eq(table.concat(t, "|"), "a||b\r|c")
   t, n = split("a\n")
