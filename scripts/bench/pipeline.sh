@@ -42,7 +42,7 @@ cp "$root/$config" "$work/job.json"
 lua5.4 "$ex/gen_access_log.lua" "$lines" "$work/access.log"
 cd "$work"
 echo "lines: $lines, cores: $(nproc), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-ser=() pip=() serm=() pipm=() serc=() pipc=() pair=()
+ser=() pip=() serm=() pipm=() serc=() pipc=() pair=() rat=()
 for r in $(seq 1 "$reps"); do
   /usr/bin/time -f "%e %M %U %S" -o t.txt lua5.4 "$ex/serial.lua" access.log serial.jsonl
   read -r s sm su ss < t.txt
@@ -56,16 +56,18 @@ for r in $(seq 1 "$reps"); do
   read -r pw < t.txt
   echo "rep $r: serial ${s}s (cpu ${sc}s) ${sm}KB  pipeline ${p}s (cpu ${pc}s) ${pm}KB  two serials side by side ${pw}s"
   ser+=("$s") pip+=("$p") serm+=("$sm") pipm+=("$pm") serc+=("$sc") pipc+=("$pc") pair+=("$pw")
+  rat+=("$(awk -v a="$s" -v b="$p" 'BEGIN { print a / b }')")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 s=$(median "${ser[@]}") p=$(median "${pip[@]}") sm=$(median "${serm[@]}") pm=$(median "${pipm[@]}")
 sc=$(median "${serc[@]}") pc=$(median "${pipc[@]}")
-pw=$(median "${pair[@]}")
+pw=$(median "${pair[@]}") rr=$(median "${rat[@]}")
 bs=$(printf '%s\n' "${ser[@]}" | sort -g | head -1) bp=$(printf '%s\n' "${pip[@]}" | sort -g | head -1)
 awk -v s="$s" -v p="$p" -v sm="$sm" -v pm="$pm" -v sc="$sc" -v pc="$pc" -v bs="$bs" -v bp="$bp" \
-    -v n="$reps" -v pw="$pw" 'BEGIN {
+    -v n="$reps" -v pw="$pw" -v rr="$rr" 'BEGIN {
   printf "median: serial %.2fs (cpu %.2fs) %dKB, pipeline %.2fs (cpu %.2fs) %dKB\n", s, sc, sm, p, pc, pm
   printf "speed-up %.2fx (target >= 1.7), peak RSS ratio %.2f (target <= 2)\n", s / p, pm / sm
+  printf "median of the per-repetition speed-ups (serial and pipeline run back to back): %.2fx\n", rr
   printf "best of %s: serial %.2fs, pipeline %.2fs, ratio of the bests %.2fx\n", n, bs, bp, bs / bp
   printf "CPU-bound ceiling on 2 idle cores: %.2fx\n", 2 * sc / pc
   printf "the machine now: two serials side by side %.2fs, its 2-core ceiling %.2fx; pipeline / ceiling %.2f\n", pw, 2 * s / pw, (s / p) / (2 * s / pw) }'
