@@ -45,11 +45,21 @@ static int put_tag(wp__buf *b, int tag) {
 }
 
 /* Strings and numbers reserve their room once: they are most of what a
- * message holds. */
-static int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
-  int r = len > WP_MAX_MSG ? WP_ETOOBIG
-                           : wp__buf_reserve(b, 1 + WP__VARINT_MAX + len);
+ * message holds.  A short string (a table key, mostly) has a one-byte
+ * length. */
+static inline int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
+  int r;
   char *p;
+  if (len < 0x80 && len + 2 <= b->cap - b->len) {
+    p = b->data + b->len;
+    p[0] = (char)tag;
+    p[1] = (char)len;
+    memcpy(p + 2, s, len);
+    b->len += len + 2;
+    return 0;
+  }
+  r = len > WP_MAX_MSG ? WP_ETOOBIG
+                       : wp__buf_reserve(b, 1 + WP__VARINT_MAX + len);
   if (r) return r;
   p = b->data + b->len;
   *p++ = (char)tag;
@@ -143,11 +153,17 @@ int wp__put_cvalue(wp__buf *b, const wp_value *v) {
 
 /* ---- encoding Lua values --------------------------------------------- */
 
+/* Tables and Lua functions a message numbers (for references to them)
+ * before encoder and decoder need a table to find them by: both keep the
+ * first ones in stack slots. */
+#define NUM_SLOTS 2
+
 typedef struct enc {
   lua_State *L;
   wp__buf *b;
-  int seen;   /* stack slot: nil, the one table or function numbered so
-                 far, or a table of value -> index once there are two */
+  int seen;   /* the first of NUM_SLOTS stack slots holding the tables and
+                 functions numbered so far, in order, while there are at
+                 most NUM_SLOTS; then it holds a table of value -> index */
   int loaded; /* stack slot: package.loaded, or nil until needed */
   int nextid; /* index of the next table or function */
   const char *what;
@@ -185,8 +201,12 @@ static void enc_value(enc *e, int idx, int depth);
 static int enc_seen(enc *e, int idx) {
   lua_State *L = e->L;
   lua_Integer id = -1;
-  if (e->nextid == 0) return -1;
-  if (e->nextid == 1) return lua_rawequal(L, e->seen, idx) ? 0 : -1;
+  int i;
+  if (e->nextid <= NUM_SLOTS) {
+    for (i = 0; i < e->nextid; i++)
+      if (lua_rawequal(L, e->seen + i, idx)) return i;
+    return -1;
+  }
   lua_pushvalue(L, idx);
   if (lua_rawget(L, e->seen) == LUA_TNUMBER) id = lua_tointeger(L, -1);
   lua_pop(L, 1);
@@ -194,21 +214,23 @@ static int enc_seen(enc *e, int idx) {
 }
 
 /* [-0, +0, m] Gives idx the next index, as the decoder will.  Most
- * messages number one table or function at most, and need no table of
- * them. */
+ * messages number NUM_SLOTS tables and functions at most, and need no
+ * table of them. */
 static void enc_record(enc *e, int idx) {
   lua_State *L = e->L;
-  if (e->nextid == 0) {
+  int i;
+  if (e->nextid < NUM_SLOTS) {
     lua_pushvalue(L, idx);
-    lua_replace(L, e->seen);
-    e->nextid++;
+    lua_replace(L, e->seen + e->nextid++);
     return;
   }
-  if (e->nextid == 1) { /* the second: the first moves into a table */
-    lua_createtable(L, 0, 4);
-    lua_pushvalue(L, e->seen);
-    lua_pushinteger(L, 0);
-    lua_rawset(L, -3);
+  if (e->nextid == NUM_SLOTS) { /* one more: they all move into a table */
+    lua_createtable(L, 0, 2 * NUM_SLOTS);
+    for (i = 0; i < NUM_SLOTS; i++) {
+      lua_pushvalue(L, e->seen + i);
+      lua_pushinteger(L, i);
+      lua_rawset(L, -3);
+    }
     lua_replace(L, e->seen);
   }
   lua_pushvalue(L, idx);
@@ -490,12 +512,12 @@ void wp__encode(lua_State *L, wp__buf *b, int first, int n, const char *what,
   enc e;
   int i;
   first = lua_absindex(L, first);
-  luaL_checkstack(L, 4, NULL);
+  luaL_checkstack(L, NUM_SLOTS + 3, NULL);
   e.L = L;
   e.b = b;
-  lua_pushnil(L);
-  e.seen = lua_gettop(L);
-  lua_pushnil(L);
+  e.seen = lua_gettop(L) + 1;
+  for (i = 0; i <= NUM_SLOTS; i++) /* the slots, then package.loaded */
+    lua_pushnil(L);
   e.loaded = lua_gettop(L);
   e.nextid = 0;
   e.what = what;
@@ -505,7 +527,7 @@ void wp__encode(lua_State *L, wp__buf *b, int first, int n, const char *what,
     e.cur = i;
     enc_value(&e, first + i, 0);
   }
-  lua_pop(L, 2);
+  lua_pop(L, NUM_SLOTS + 1);
 }
 
 /* ---- reading --------------------------------------------------------- */
@@ -641,10 +663,10 @@ int wp__get_cvalue(wp__reader *r, wp_value *out) {
 typedef struct dec {
   lua_State *L;
   wp__reader *r;
-  int refs; /* stack slot: nil (nothing numbered yet), the one table or
-               function numbered so far, or a table of them all (number n
-               at index n + 1) once there are two */
-
+  int refs; /* the first of NUM_SLOTS stack slots: the tables and
+               functions numbered so far while there are at most
+               NUM_SLOTS (number n in slot refs + n), then a table of
+               them all (number n at index n + 1) */
   int nextid;
   int cache; /* stack index of the compiled-function cache, or 0 */
 } dec;
@@ -655,18 +677,21 @@ static _Noreturn void dec_bad(dec *d) {
 }
 
 /* [-1, +1, m] Records the value at the top under the next index.  Most
- * messages number one table or function at most, and need no table of
- * them. */
+ * messages number NUM_SLOTS tables and functions at most, and need no
+ * table of them. */
 static void dec_register(dec *d) {
   lua_State *L = d->L;
-  if (d->nextid == 0) {
+  int i;
+  if (d->nextid < NUM_SLOTS) {
     lua_pushvalue(L, -1);
-    lua_replace(L, d->refs);
+    lua_replace(L, d->refs + d->nextid);
   } else {
-    if (d->nextid == 1) { /* the second: number 0 moves into a table */
-      lua_createtable(L, 4, 0);
-      lua_pushvalue(L, d->refs);
-      lua_rawseti(L, -2, 1);
+    if (d->nextid == NUM_SLOTS) { /* one more: they all move into a table */
+      lua_createtable(L, 2 * NUM_SLOTS, 0);
+      for (i = 0; i < NUM_SLOTS; i++) {
+        lua_pushvalue(L, d->refs + i);
+        lua_rawseti(L, -2, i + 1);
+      }
       lua_replace(L, d->refs);
     }
     lua_pushvalue(L, -1);
@@ -841,8 +866,8 @@ static void dec_value(dec *d, int depth) {
     break;
   case WP__T_REF:
     if (wp__get_varint(r, &id) || id >= (uint64_t)d->nextid) dec_bad(d);
-    if (d->nextid == 1)
-      lua_pushvalue(L, d->refs);
+    if (d->nextid <= NUM_SLOTS)
+      lua_pushvalue(L, d->refs + (int)id);
     else
       lua_rawgeti(L, d->refs, (lua_Integer)id + 1);
     break;
@@ -895,10 +920,10 @@ static void dec_value(dec *d, int depth) {
 
 void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   dec d;
-  int i;
+  int i, i2;
   if (n < 0 || (size_t)n > (size_t)(r->end - r->p)) /* >= 1 byte each */
     luaL_error(L, "malformed value message");
-  luaL_checkstack(L, n + 4, "too many values");
+  luaL_checkstack(L, n + NUM_SLOTS + 2, "too many values");
   /* Leading scalars (most results are a few) need no table of
    * references. */
   for (i = 0; i < n && r->p < r->end; i++) {
@@ -914,9 +939,11 @@ void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   d.r = r;
   d.nextid = 0;
   d.cache = cache ? lua_absindex(L, cache) : 0;
-  lua_pushnil(L);
-  d.refs = lua_gettop(L);
+  d.refs = lua_gettop(L) + 1;
+  for (i2 = 0; i2 < NUM_SLOTS; i2++)
+    lua_pushnil(L);
   for (; i < n; i++)
     dec_value(&d, 0);
-  lua_remove(L, d.refs);
+  lua_rotate(L, d.refs, -NUM_SLOTS); /* the slots go on top */
+  lua_pop(L, NUM_SLOTS);
 }

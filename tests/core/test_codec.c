@@ -281,6 +281,34 @@ Test(codec, cycles_and_shared_subtables) {
       "local k, v = next(R[5]) assert(rawequal(k, v) and k[1] == 'key')\n");
 }
 
+/* The first two numbered values sit in stack slots on both sides, the
+ * rest in a table: references to each, across the switch. */
+Test(codec, references_around_the_slots) {
+  STATES;
+  roundtrip("local a = {} return a, a",
+            "assert(type(R[1]) == 'table' and rawequal(R[1], R[2]))\n");
+  roundtrip("local a, b = {'a'}, {'b'} return a, b, b, a",
+            "assert(rawequal(R[1], R[4]) and rawequal(R[2], R[3]))\n"
+            "assert(R[1][1] == 'a' and R[2][1] == 'b')\n");
+  roundtrip("local f = function() return 1 end\n"
+            "local a, b, c = {}, {}, {} a.c = c c.a = a\n"
+            "return f, a, b, c, { f, a, b, c }",
+            "local l = R[5]\n"
+            "for i = 1, 4 do assert(rawequal(l[i], R[i]), i) end\n"
+            "assert(rawequal(R[2].c, R[4]) and rawequal(R[4].a, R[2]))\n"
+            "assert(R[1]() == 1)\n");
+}
+
+/* Lengths that take one varint byte, and the first that takes two. */
+Test(codec, string_lengths_around_one_length_byte) {
+  STATES;
+  roundtrip("return string.rep('x', 127), string.rep('y', 128), '', "
+            "{ [string.rep('k', 127)] = string.rep('v', 128) }",
+            "assert(R[1] == string.rep('x', 127))\n"
+            "assert(R[2] == string.rep('y', 128) and R[3] == '')\n"
+            "assert(R[4][string.rep('k', 127)] == string.rep('v', 128))\n");
+}
+
 Test(codec, metatables_do_not_travel) {
   STATES;
   roundtrip("return setmetatable({ 1 }, { __index = function() return 9 end })",
