@@ -303,8 +303,8 @@ static int lines_gc(lua_State *L) {
 }
 
 /* Reads more bytes after hi, first moving what is left to the front and
- * growing the buffer when it is full.  Raises on a read error, a line
- * longer than a message may be, or no memory. */
+ * growing the buffer when it is full.  Raises on a read error, lines
+ * that would make a block larger than a message may be, or no memory. */
 static void lines_fill(lua_State *L, lines_reader *r, FILE *f) {
   size_t got;
   if (r->lo > 0) {
@@ -317,7 +317,8 @@ static void lines_fill(lua_State *L, lines_reader *r, FILE *f) {
     size_t cap = r->cap ? r->cap * 2 : 2 * LINES_READ;
     char *p;
     if (cap > (size_t)WP_MAX_MSG + 2 * LINES_READ)
-      luaL_error(L, "a line longer than %d MiB", (int)(WP_MAX_MSG >> 20));
+      luaL_error(L, "a block of lines over %d MiB (the most a message holds)",
+                 (int)(WP_MAX_MSG >> 20));
     if ((p = realloc(r->buf, cap)) == NULL) luaL_error(L, "not enough memory");
     r->buf = p;
     r->cap = cap;

@@ -920,10 +920,10 @@ static void dec_value(dec *d, int depth) {
 
 void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   dec d;
-  int i, i2;
+  int i, k;
   if (n < 0 || (size_t)n > (size_t)(r->end - r->p)) /* >= 1 byte each */
     luaL_error(L, "malformed value message");
-  luaL_checkstack(L, n + NUM_SLOTS + 2, "too many values");
+  luaL_checkstack(L, n + NUM_SLOTS + 3, "too many values");
   /* Leading scalars (most results are a few) need no table of
    * references. */
   for (i = 0; i < n && r->p < r->end; i++) {
@@ -940,7 +940,7 @@ void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   d.nextid = 0;
   d.cache = cache ? lua_absindex(L, cache) : 0;
   d.refs = lua_gettop(L) + 1;
-  for (i2 = 0; i2 < NUM_SLOTS; i2++)
+  for (k = 0; k < NUM_SLOTS; k++)
     lua_pushnil(L);
   for (; i < n; i++)
     dec_value(&d, 0);
