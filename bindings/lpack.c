@@ -3,7 +3,8 @@
  *
  *   workerpool["pipeline.pack"](list)   -> string | nil, reason
  *   workerpool["pipeline.unpack"](s)    -> list, n
- *   workerpool["pipeline.lines"](fh)   -> reader; reader(k) -> block, n
+ *   workerpool["pipeline.lines"](fh [, "jsonl"]) -> reader;
+ *     reader(k) -> block, n [, bad]
  *   workerpool["pipeline.split"](s)     -> list, n
  *   workerpool["pipeline.results"](...) -> n, v | n, {v1, ..., vn}
  *
@@ -25,19 +26,24 @@
  * key/value pairs.  unpack bounds every read and raises on a malformed
  * string.
  *
- * A `lines` source crosses to its first stage as raw blocks instead: the
- * host reads the file in C and cuts its bytes after every k-th newline
- * (lines), and the stage's worker splits the block into its lines
- * (split), so the host makes no Lua value per line and copies each byte
- * once.  results lets a fused chain take the
- * results of a handler call without a vararg Lua function.
+ * A `lines` or `jsonl` file crosses to its first stage as raw blocks
+ * instead: the host reads the file in C and cuts its bytes after every
+ * k-th line (lines), and the stage's worker splits the block into its
+ * lines (split), so the host makes no Lua value per line and copies each
+ * byte once.  For jsonl the host only checks each line (a quick scan, or
+ * jansson when the scan is not sure) and the workers decode it.  results
+ * lets a fused chain take the results of a handler call without a vararg
+ * Lua function.
  */
 #include <assert.h>
+#include <ctype.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <jansson.h>
 
 #include "lpipeline.h"
 
@@ -284,15 +290,20 @@ static int unpack(lua_State *L) {
 }
 
 /* A lines file read in blocks of whole lines: the bytes read but not yet
- * handed out are buf[lo, hi); the first `found` newlines after lo end
- * before buf + scan. */
+ * handed out are buf[lo, hi); the first `found` lines after lo that
+ * count (every line, or in jsonl mode the non-blank ones) end before
+ * buf + scan. */
 typedef struct lines_reader {
   char *buf; /* malloc'd, freed by __gc */
   size_t cap, lo, hi, scan, found;
   int eof;
+  int jsonl; /* blank lines do not count, and each line is checked */
 } lines_reader;
 
 #define LINES_READ (256u << 10) /* bytes asked of fread at a time */
+
+/* As json.decode (ljson.c) decodes. */
+#define JSONL_FLAGS (JSON_DECODE_ANY | JSON_ALLOW_NUL)
 
 /* [-0, +0, -] __gc of the reader's userdata. */
 static int lines_gc(lua_State *L) {
@@ -331,10 +342,215 @@ static void lines_fill(lua_State *L, lines_reader *r, FILE *f) {
   }
 }
 
-/* reader(k) -> block, count | nil   [-0, +2|1, v]
+/* Whether [p, e) holds only white space (Lua's %s), as a jsonl source
+ * skips it. */
+static int blank(const char *p, const char *e) {
+  for (; p < e; p++)
+    if (!isspace((unsigned char)*p)) return 0;
+  return 1;
+}
+
+/* A quick check of the JSON that most jsonl lines hold: ASCII strings
+ * without \u escapes, numbers that fit (integers of up to 18 digits,
+ * reals of up to 17 digits and exponents up to 280), nesting up to
+ * JSONL_DEPTH.  1: jansson decodes the line too, without a doubt; 0: not
+ * such JSON, so jansson decides (and says why when it refuses).  It
+ * spares the host a decode per line: the workers decode. */
+#define JSONL_DEPTH 64
+
+typedef struct jscan {
+  const char *p, *e;
+} jscan;
+
+static void js_ws(jscan *s) {
+  while (s->p < s->e &&
+         (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+    s->p++;
+}
+
+static int js_digits(jscan *s) {
+  const char *b = s->p;
+  while (s->p < s->e && *s->p >= '0' && *s->p <= '9')
+    s->p++;
+  return (int)(s->p - b);
+}
+
+static int js_string(jscan *s) {
+  if (s->p >= s->e || *s->p != '"') return 0;
+  for (s->p++; s->p < s->e; s->p++) {
+    unsigned char c = (unsigned char)*s->p;
+    if (c == '"') {
+      s->p++;
+      return 1;
+    }
+    if (c < 0x20 || c >= 0x80) return 0;
+    if (c == '\\') {
+      if (++s->p >= s->e || !strchr("\"\\/bfnrt", *s->p) || *s->p == '\0')
+        return 0;
+    }
+  }
+  return 0;
+}
+
+static int js_number(jscan *s) {
+  int n, frac = 0, exp = 0;
+  if (s->p < s->e && *s->p == '-') s->p++;
+  if (s->p < s->e && *s->p == '0') {
+    s->p++;
+    n = 1;
+    if (s->p < s->e && *s->p >= '0' && *s->p <= '9') return 0;
+  } else if ((n = js_digits(s)) == 0) {
+    return 0;
+  }
+  if (s->p < s->e && *s->p == '.') {
+    s->p++;
+    if ((frac = js_digits(s)) == 0) return 0;
+  }
+  if (s->p < s->e && (*s->p == 'e' || *s->p == 'E')) {
+    const char *b;
+    s->p++;
+    if (s->p < s->e && (*s->p == '+' || *s->p == '-')) s->p++;
+    b = s->p;
+    if ((exp = js_digits(s)) == 0 || exp > 3 || atoi(b) > 280) return 0;
+  }
+  return frac || exp ? n + frac <= 17 : n <= 18;
+}
+
+static int js_value(jscan *s, int depth) {
+  js_ws(s);
+  if (s->p >= s->e) return 0;
+  switch (*s->p) {
+  case '{':
+  case '[': {
+    char close = *s->p == '{' ? '}' : ']';
+    int obj = close == '}';
+    if (depth >= JSONL_DEPTH) return 0;
+    s->p++;
+    js_ws(s);
+    if (s->p < s->e && *s->p == close) {
+      s->p++;
+      break;
+    }
+    for (;;) {
+      if (obj) {
+        js_ws(s);
+        if (!js_string(s)) return 0;
+        js_ws(s);
+        if (s->p >= s->e || *s->p++ != ':') return 0;
+      }
+      if (!js_value(s, depth + 1)) return 0;
+      js_ws(s);
+      if (s->p >= s->e) return 0;
+      if (*s->p == close) {
+        s->p++;
+        break;
+      }
+      if (*s->p++ != ',') return 0;
+    }
+    break;
+  }
+  case '"':
+    if (!js_string(s)) return 0;
+    break;
+  case 't':
+  case 'f':
+  case 'n': {
+    const char *w = *s->p == 't' ? "true" : *s->p == 'f' ? "false" : "null";
+    size_t n = strlen(w);
+    if ((size_t)(s->e - s->p) < n || memcmp(s->p, w, n) != 0) return 0;
+    s->p += n;
+    break;
+  }
+  default:
+    if (!js_number(s)) return 0;
+  }
+  return 1;
+}
+
+static int jsonl_plain(const char *p, size_t n) {
+  jscan s;
+  s.p = p;
+  s.e = p + n;
+  if (!js_value(&s, 0)) return 0;
+  js_ws(&s);
+  return s.p == s.e;
+}
+
+/* [-0, +3, m] jsonl mode: of the r->found items (non-blank lines) in
+ * buf[lo, end), pushes the block of those that are JSON (each with its
+ * newline), the number of items, and nil or a list of the others:
+ * {item number, line, "LINE:COL: message" as json.decode says}. */
+static int jsonl_block(lua_State *L, lines_reader *r, size_t end) {
+  const char *p, *e = r->buf + end;
+  lua_Integer i = 0, nbad = 0, k = 1;
+  int gaps = 0, bad;
+  luaL_Buffer b;
+  lua_newtable(L);
+  bad = lua_gettop(L);
+  for (p = r->buf + r->lo; p < e;) {
+    const char *nl = memchr(p, '\n', (size_t)(e - p));
+    const char *le = nl ? nl : e;
+    json_error_t err;
+    json_t *v;
+    if (blank(p, le)) {
+      gaps++;
+    } else if (i++, jsonl_plain(p, (size_t)(le - p))) {
+      /* good */
+    } else if ((v = json_loadb(p, (size_t)(le - p), JSONL_FLAGS, &err))) {
+      json_decref(v);
+    } else {
+      gaps++;
+      lua_createtable(L, 3, 0);
+      lua_pushinteger(L, i);
+      lua_rawseti(L, -2, 1);
+      lua_pushlstring(L, p, (size_t)(le - p));
+      lua_rawseti(L, -2, 2);
+      lua_pushfstring(L, "%d:%d: %s", err.line, err.column, err.text);
+      lua_rawseti(L, -2, 3);
+      lua_rawseti(L, bad, ++nbad);
+    }
+    p = nl ? nl + 1 : e;
+  }
+  if (gaps == 0) {
+    lua_pushlstring(L, r->buf + r->lo, end - r->lo);
+  } else { /* the good lines again, by item number, skipping the bad */
+    luaL_buffinit(L, &b);
+    i = 0;
+    for (p = r->buf + r->lo; p < e;) {
+      const char *nl = memchr(p, '\n', (size_t)(e - p));
+      const char *next = nl ? nl + 1 : e;
+      if (!blank(p, nl ? nl : e)) {
+        int good = 1;
+        i++;
+        if (k <= nbad) {
+          lua_rawgeti(L, bad, (lua_Integer)k);
+          lua_rawgeti(L, -1, 1);
+          if (lua_tointeger(L, -1) == i) {
+            good = 0;
+            k++;
+          }
+          lua_pop(L, 2);
+        }
+        if (good) luaL_addlstring(&b, p, (size_t)(next - p));
+      }
+      p = next;
+    }
+    luaL_pushresult(&b);
+  }
+  lua_pushinteger(L, (lua_Integer)r->found);
+  if (nbad)
+    lua_pushvalue(L, bad);
+  else
+    lua_pushnil(L);
+  return 3;
+}
+
+/* reader(k) -> block, count [, bad] | nil   [-0, +1|2|3, v]
  * Upvalues: the lines_reader, the file handle.  The next k lines as one
  * string, newlines kept, and k; at the end of the file what is left (a
- * last line without a newline counts) and its count; then nil. */
+ * last line without a newline counts) and its count; then nil.  In jsonl
+ * mode blank lines are left out and do not count, and the lines that are
+ * not JSON are left out of the block and listed (jsonl_block). */
 static int lines_next(lua_State *L) {
   lines_reader *r = lua_touserdata(L, lua_upvalueindex(1));
   luaL_Stream *fs = lua_touserdata(L, lua_upvalueindex(2));
@@ -344,44 +560,60 @@ static int lines_next(lua_State *L) {
   if (fs->closef == NULL) return luaL_error(L, "attempt to use a closed file");
   for (;;) {
     while (r->found < (size_t)k && r->scan < r->hi) {
-      const char *nl = memchr(r->buf + r->scan, '\n', r->hi - r->scan);
+      const char *line = r->buf + r->scan;
+      const char *nl = memchr(line, '\n', r->hi - r->scan);
       if (nl == NULL) {
         r->scan = r->hi;
         break;
       }
       r->scan = (size_t)(nl - r->buf) + 1;
-      r->found++;
+      if (!r->jsonl || !blank(line, nl)) r->found++;
     }
     if (r->found == (size_t)k) {
       end = r->scan;
       break;
     }
     if (r->eof) {
-      if (r->lo == r->hi) {
+      const char *last = r->buf + r->lo;
+      end = r->hi;
+      if (end > r->lo && r->buf[end - 1] != '\n') { /* a last line */
+        const char *nl = memrchr(last, '\n', end - r->lo);
+        if (nl) last = nl + 1;
+        if (!r->jsonl || !blank(last, r->buf + end)) r->found++;
+      }
+      if (r->found == 0) {
+        r->lo = r->scan = r->hi;
         lua_pushnil(L);
         return 1;
       }
-      end = r->hi;
-      if (r->buf[end - 1] != '\n') r->found++;
       break;
     }
     lines_fill(L, r, fs->f);
   }
-  lua_pushlstring(L, r->buf + r->lo, end - r->lo);
-  lua_pushinteger(L, (lua_Integer)r->found);
+  if (r->jsonl) {
+    jsonl_block(L, r, end);
+  } else {
+    lua_pushlstring(L, r->buf + r->lo, end - r->lo);
+    lua_pushinteger(L, (lua_Integer)r->found);
+  }
   r->lo = r->scan = end;
   r->found = 0;
-  return 2;
+  return r->jsonl ? 3 : 2;
 }
 
-/* lines(fh) -> reader   [-0, +1, m]
- * A reader of fh, an io file opened for reading: see lines_next.  It
- * reads ahead, so nothing else should read fh while it is in use. */
+/* lines(fh [, mode]) -> reader   [-0, +1, v]
+ * A reader of fh, an io file opened for reading: see lines_next.  mode is
+ * "lines" (the default) or "jsonl".  It reads ahead, so nothing else
+ * should read fh while it is in use. */
 static int lines(lua_State *L) {
+  static const char *const modes[] = {"lines", "jsonl", NULL};
   lines_reader *r;
+  int mode;
   luaL_checkudata(L, 1, LUA_FILEHANDLE);
+  mode = luaL_checkoption(L, 2, "lines", modes);
   r = lua_newuserdatauv(L, sizeof *r, 0);
   memset(r, 0, sizeof *r);
+  r->jsonl = mode == 1;
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, lines_gc);
   lua_setfield(L, -2, "__gc");

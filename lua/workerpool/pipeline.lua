@@ -421,7 +421,24 @@ local WORKER_CODE = [==[
 local wp = require "workerpool"
 local m, tb, select, xpcall = __wp_m, debug.traceback, select, xpcall
 local pack, unpack, split = wp["pipeline.pack"], wp["pipeline.unpack"], wp["pipeline.split"]
+local decode = wp.json.decode
 local outs, from, errs, no
+-- The items of a task: a list as it is, a string packed by the stage
+-- before, or (raw) a block of source lines to split, JSON ones to decode
+-- (the host checked that each decodes) when raw is "json".
+local function items_in(items, raw)
+  if type(items) ~= "string" then return items end
+  if not raw then return (unpack(items)) end
+  local t, n = split(items)
+  if raw == "json" then
+    for i = 1, n do
+      local v, e = decode(t[i])
+      if v == nil then error("jsonl source: " .. tostring(e), 0) end
+      t[i] = v
+    end
+  end
+  return t
+end
 local function put(i, ok, ...)
   if not ok then
     errs = errs or {}
@@ -439,13 +456,12 @@ local function put(i, ok, ...)
     end
   end
 end
--- items: a list, a string packed by the stage before, or (raw) a block of
--- source lines to split.  Returns the
+-- items and raw: see items_in.  Returns the
 -- outputs (packed when packout and they are plain data), the index of the
 -- input each came from (nil when it is output k from input k, all kept),
 -- and the errors by input index.
 function __wp_map(name, items, packout, raw)
-  if type(items) == "string" then items = (raw and split or unpack)(items) end
+  items = items_in(items, raw)
   local h = m[name]
   local n = #items
   outs, from, errs, no = {}, {}, nil, 0
@@ -465,7 +481,7 @@ function __wp_one(name, item)
 end
 local acc
 function __wp_add(items, key, raw)
-  if type(items) == "string" then items = (raw and split or unpack)(items) end
+  items = items_in(items, raw)
   local add, e = m[__wp_fns.add], nil
   local d = key and wp.shared("wpool.pipeline")
   if acc == nil then acc = m[__wp_fns.init]() end
@@ -651,7 +667,7 @@ local function chain_fast(def)
 end
 local chain_batch, chain_acc
 function __wp_chain(items, packout, raw)
-  if type(items) == "string" then items = (raw and split or unpack)(items) end
+  items = items_in(items, raw)
   if not chain_batch then
     local src = CHAIN:gsub("@FAST@", function() return chain_fast(__wp_chain_def) end)
     -- (the group's init has its own local `load`)
@@ -862,12 +878,13 @@ local function open_source(plan, skip)
   if src.path == "-" then fh = io.stdin else fh, err = io.open(src.path, "rb") end
   if not fh then return nil, "cannot open source: " .. tostring(err) end
   local jsonl = src.type == "jsonl"
-  if not jsonl and src.path ~= "-" then
-    -- A lines file goes to stage 1 in raw blocks of whole lines (see
+  if src.path ~= "-" then
+    -- A file goes to stage 1 in raw blocks of whole lines (see
     -- read_source): block(k) -> the next k lines as one string and their
     -- count (fewer at the end), or nil at the end of the file; it raises
-    -- on a read error.
-    local block = workerpool["pipeline.lines"](fh)
+    -- on a read error.  For jsonl, k items: blank lines are left out, and
+    -- so are lines that are not JSON, listed in a third result.
+    local block = workerpool["pipeline.lines"](fh, jsonl and "jsonl" or "lines")
     local left = skip
     while left > 0 do
       local ok, b, n = pcall(block, math.min(left, 65536))
@@ -878,7 +895,7 @@ local function open_source(plan, skip)
       if not b then break end
       left = left - n
     end
-    return { block = block, close = function() fh:close() end }
+    return { block = block, jsonl = jsonl, close = function() fh:close() end }
   end
   local function rawline()
     local l = fh:read("l")
@@ -1260,7 +1277,15 @@ function M.run(config, opts)
   -- Submitting a part of a unit (a batch or a subset of it).
   local unpack, split = workerpool["pipeline.unpack"], workerpool["pipeline.split"]
   local function items_of(u)
-    if not u.items then u.items = u.raw and split(u.raw) or unpack(u.blob) end
+    if not u.items and u.raw then
+      local t, n = split(u.raw)
+      if u.json then
+        for i = 1, n do t[i] = assert(json.decode(t[i])) end -- checked on reading
+      end
+      u.items = t
+    elseif not u.items then
+      u.items = unpack(u.blob)
+    end
     return u.items
   end
 
@@ -1273,7 +1298,8 @@ function M.run(config, opts)
     else
       items = u.raw or u.blob or u.items
     end
-    local raw = items == u.raw
+    local raw = false -- or a raw block: true for lines, "json" for jsonl
+    if items == u.raw then raw = u.json and "json" or true end
     local n = idx and #idx or u.n
     local f, e
     if st.kind == "reduce" then
@@ -1314,7 +1340,8 @@ function M.run(config, opts)
 
   -- A unit: seqs[i] and items[i] for i = 1..n, parts in flight, results.
   local function make_unit(st, q)
-    local u = { items = q.items, blob = q.blob, raw = q.raw, seqs = q.seqs, n = q.n, parts = {} }
+    local u = { items = q.items, blob = q.blob, raw = q.raw, json = q.json, seqs = q.seqs,
+                n = q.n, parts = {} }
     st.c["in"] = st.c["in"] + u.n
     local part, e = submit_part(st, u, nil)
     if part then
@@ -1613,15 +1640,33 @@ function M.run(config, opts)
     if stream then return read_stream(want) end
     if source.block then
       while got < want do
-        local ok, b, n = pcall(source.block, math.min(st.batch, want - got))
+        local ok, b, n, bad = pcall(source.block, math.min(st.batch, want - got))
         if not ok then failure = failure or ("source: " .. tostring(b)); eof = true; return got end
         if b == nil then eof = true; break end
-        st.ct = st.ct + 1
-        st.chunks[st.ct] = { n = n, raw = b, seqs = setmetatable({ seq0 = next_seq }, SEQS) }
-        st.np = st.np + n
+        local seq0, nok = next_seq, n
+        local seqs = bad and {} or setmetatable({ seq0 = seq0 }, SEQS)
         next_seq = next_seq + n
         src_c["in"] = src_c["in"] + n
         got = got + n
+        if bad then -- jsonl lines that are not JSON: item errors of the source
+          nok = 0
+          local bi = 1
+          for i = 1, n do
+            local e = bad[bi]
+            if e and e[1] == i then
+              item_failed(source_st, src_c, seq0 + i - 1, 1, "jsonl source: " .. e[3], e[2])
+              bi = bi + 1
+            else
+              nok = nok + 1
+              seqs[nok] = seq0 + i - 1
+            end
+          end
+        end
+        if nok > 0 then
+          st.ct = st.ct + 1
+          st.chunks[st.ct] = { n = nok, raw = b, json = source.jsonl or nil, seqs = seqs }
+          st.np = st.np + nok
+        end
       end
       return got
     end

@@ -455,6 +455,26 @@ T.test("the block helpers: lines, split and results", function()
     T.eq(c, nb <= 100 and 999 or 100000 - 100 * 999)
   end
   T.eq(seen, 100000)
+  -- jsonl: blank lines are not items; lines that are not JSON are left
+  -- out of the block and listed with json.decode's message.
+  write("j.jsonl", '{"a": 1}\n\n  \r\n[1,\n"\\u00e9"\n\n2')
+  fh = assert(io.open(F"j.jsonl", "rb"))
+  rd = lines(fh, "jsonl")
+  local b, c, bad = rd(2)
+  T.eq(b, '{"a": 1}\n'); T.eq(c, 2)
+  T.eq(#bad, 1); T.eq(bad[1][1], 2); T.eq(bad[1][2], "[1,")
+  T.eq(bad[1][3], select(2, json.decode("[1,")))
+  b, c, bad = rd(5)
+  T.eq(b, '"\\u00e9"\n2'); T.eq(c, 2); T.eq(bad, nil) -- no blank lines in a block
+  T.eq(rd(1), nil)
+  fh:close()
+  write("j2.jsonl", "1\n \n\n")
+  fh = assert(io.open(F"j2.jsonl", "rb"))
+  rd = lines(fh, "jsonl")
+  b, c = rd(1)
+  T.eq(b, "1\n"); T.eq(c, 1)
+  T.eq(rd(1), nil) -- only blank lines were left
+  T.eq(select(2, pcall(lines, fh, "xml")):match("invalid option 'xml'") ~= nil, true)
   -- Misuse.
   T.eq(select(2, pcall(lines, "x")):match("FILE%* expected") ~= nil, true)
   T.eq(select(2, pcall(rd, 0)):match("must be positive") ~= nil, true)
@@ -473,6 +493,129 @@ T.test("the block helpers: lines, split and results", function()
   T.eq(n, 1); T.eq(t, nil)
   n, t = results(1, nil, 3)
   T.eq(n, 3); T.eq(t[1], 1); T.eq(t[2], nil); T.eq(t[3], 3)
+end)
+
+T.test("the jsonl reader tells JSON from the rest exactly as json.decode does", function()
+  -- Random lines from JSON pieces, some cut short or with trailing bytes:
+  -- the reader's quick check must never call a line good that jansson
+  -- refuses, and the refused ones carry json.decode's message.
+  local atoms = { "0", "-0", "12", "01", "1.5", "1.", ".5", "1e5", "1E+5", "1e-5", "1e400",
+    "-1e309", "123456789012345678", "1234567890123456789", "99999999999999999999",
+    "1.7976931348623157e308", "99999999999999999e280", "true", "false", "null", "nul",
+    '"a"', '"a\\"b"', '"\\u00e9"', '"\\x"', '"\195\169"', '"\t"', '""', '"\\/"', '"a',
+    "[]", "{}", "[1,]", "{,}", '{"a":1}', '{"a" 1}', "{1:2}", "[1 2]", "-", "+1", "NaN", " ",
+    "\r", "\0", '"\\u0000"', "[[[[[[[[]]]]]]]]", string.rep("[", 70) .. string.rep("]", 70) }
+  math.randomseed(7)
+  local function gen(d)
+    local r = math.random(10)
+    if d > 4 or r <= 4 then return atoms[math.random(#atoms)] end
+    local t = {}
+    if r <= 7 then
+      for i = 1, math.random(0, 4) do t[i] = gen(d + 1) end
+      return "[" .. table.concat(t, math.random(10) == 1 and " " or ",") .. "]"
+    end
+    for i = 1, math.random(0, 4) do t[i] = '"k' .. i .. '":' .. gen(d + 1) end
+    return "{" .. table.concat(t, ",") .. "}"
+  end
+  local src = {}
+  for i = 1, 4000 do
+    local l = gen(0)
+    if math.random(20) == 1 then l = l .. " x" end
+    if math.random(20) == 1 then l = l:sub(1, math.random(#l)) end
+    src[i] = l
+  end
+  write("diff.jsonl", table.concat(src, "\n"))
+  local fh = assert(io.open(F"diff.jsonl", "rb"))
+  local rd, got = workerpool["pipeline.lines"](fh, "jsonl"), {}
+  while true do
+    local b, n, bad = rd(97)
+    if not b then break end
+    local good = workerpool["pipeline.split"](b)
+    local bi, gi = 1, 1
+    for i = 1, n do
+      if bad and bad[bi] and bad[bi][1] == i then
+        got[#got + 1] = { bad[bi][2], false, bad[bi][3] }
+        bi = bi + 1
+      else
+        got[#got + 1] = { good[gi], true }
+        gi = gi + 1
+      end
+    end
+    T.eq(gi, #good + 1, "the block holds the good lines")
+  end
+  fh:close()
+  local k, nbad = 0, 0
+  for _, l in ipairs(src) do
+    if not l:match("^%s*$") then
+      k = k + 1
+      local it = got[k]
+      local v, e = json.decode(l)
+      if not it or it[1] ~= l or it[2] ~= (v ~= nil) or (v == nil and it[3] ~= e) then
+        T.eq(it and it[1], l, "line " .. k .. " as jansson judges it")
+        T.eq(it and it[2], v ~= nil, "line " .. k .. ": " .. l)
+      end
+      if v == nil then nbad = nbad + 1 end
+    end
+  end
+  T.eq(#got, k)
+  T.ok(nbad > 500 and nbad < k - 500, "both kinds tested: " .. nbad .. " of " .. k)
+end)
+
+T.test("a jsonl file in raw blocks: exact items, source errors and seqs, resume", function()
+  -- Blank lines (not items), CRLF, escapes, a line that is not JSON
+  -- every 40 items, and no final newline.
+  local t, items = {}, {}
+  for i = 1, 400 do
+    local l
+    if i % 40 == 0 then l = '{"bad": ' .. i
+    elseif i % 9 == 0 then l = '"v' .. i .. '\\u00e9"\r'
+    else l = '"v' .. i .. '"' end
+    items[i] = l
+    t[#t + 1] = l
+    if i % 13 == 0 then t[#t + 1] = "" end
+    if i % 17 == 0 then t[#t + 1] = " \t\r" end
+  end
+  write("blk.jsonl", table.concat(t, "\n"))
+  for _, fuse in ipairs{ false, true } do
+    local stages = { stage{ name = "id", handler = "id", workers = 2, batch = 7, queue = 30 } }
+    if fuse then stages[2] = stage{ name = "id2", handler = "id", fuse = true } end
+    local rep = assert(pipeline.run(cfg{
+      source = { type = "jsonl", path = F"blk.jsonl" }, stages = stages,
+      dead_letter = { type = "jsonl", path = F"dead.jsonl" }, ordered = true }))
+    T.eq(rep.read, 400)
+    local out, k = lines_of("out.txt"), 0
+    for i = 1, 400 do
+      if i % 40 ~= 0 then
+        k = k + 1
+        local want = "v" .. i .. (i % 9 == 0 and "\u{e9}" or "")
+        if out[k] ~= want then T.eq(out[k], want, "item " .. i) end
+      end
+    end
+    T.eq(#out, 390)
+    local dead = lines_of("dead.jsonl")
+    T.eq(#dead, 10)
+    for j, l in ipairs(dead) do
+      local d = json.decode(l)
+      T.eq(d.seq, 40 * j); T.eq(d.item, items[40 * j]); T.eq(d.stage, "source")
+      T.eq(d.error, "jsonl source: " .. select(2, json.decode(items[40 * j])))
+    end
+    T.eq(rep.totals.source_errors, 10)
+    check_counts(rep)
+  end
+  -- resume: the checkpoint ends inside the first block read
+  write("cp4.json", '{"pipeline": "t", "seq": 123, "complete": false}\n')
+  write("out.txt", "")
+  write("dead.jsonl", "")
+  local rep = assert(pipeline.run(cfg{
+    source = { type = "jsonl", path = F"blk.jsonl" },
+    stages = { stage{ name = "id", handler = "id", batch = 10 } },
+    dead_letter = { type = "jsonl", path = F"dead.jsonl" },
+    checkpoint = F"cp4.json", ordered = true }, { resume = true }))
+  T.eq(rep.read, 277)
+  local out = lines_of("out.txt")
+  T.eq(#out, 277 - 7) -- items 160, 200, ..., 400 are not JSON
+  T.eq(out[1], "v124"); T.eq(out[#out], "v399")
+  T.eq(#lines_of("dead.jsonl"), 7)
 end)
 
 T.test("a lines file in raw blocks: exact lines and seqs, resume from inside a block", function()
@@ -596,6 +739,7 @@ end)
 
 T.run()
 for _, f in ipairs(made) do os.remove(f) end
-for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json", "cp3.json" } do
+for _, f in ipairs{ "out.txt", "out.jsonl", "dead.jsonl", "cp.json", "cp2.json", "cp3.json",
+                     "cp4.json" } do
   os.remove(F(f))
 end
