@@ -1595,11 +1595,11 @@ function M.run(config, opts)
     end
   end
 
-  -- Reads source items into stage 1's pending list: from a lines file,
-  -- blocks of up to `batch` raw lines that stage 1's workers split, with
-  -- the seq of line i computed from the block's first (no Lua value per
-  -- line on the host; a stage with policies splits them on the host);
-  -- from other sources, one item at a time.
+  -- Reads source items into stage 1's pending list: from a lines or jsonl
+  -- file, blocks of up to `batch` raw lines that stage 1's workers split
+  -- (and decode), with the seq of line i computed from the block's first
+  -- (no Lua value per line on the host; a stage with policies splits them
+  -- on the host); from other sources, one item at a time.
   local src_c = new_counts()
   local quiet_until = 0
   -- A redis-stream source: XREADGROUP (blocking only while the pipeline is
