@@ -408,10 +408,14 @@ static int js_number(jscan *s) {
   }
   if (s->p < s->e && (*s->p == 'e' || *s->p == 'E')) {
     const char *b;
+    int v = 0;
     s->p++;
     if (s->p < s->e && (*s->p == '+' || *s->p == '-')) s->p++;
     b = s->p;
-    if ((exp = js_digits(s)) == 0 || exp > 3 || atoi(b) > 280) return 0;
+    if ((exp = js_digits(s)) == 0 || exp > 3) return 0;
+    for (; b < s->p; b++) /* not atoi: the line need not end in a NUL */
+      v = v * 10 + (*b - '0');
+    if (v > 280) return 0;
   }
   return frac || exp ? n + frac <= 17 : n <= 18;
 }
