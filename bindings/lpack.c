@@ -300,7 +300,8 @@ typedef struct lines_reader {
   int jsonl; /* blank lines do not count, and each line is checked */
 } lines_reader;
 
-#define LINES_READ (256u << 10) /* bytes asked of fread at a time */
+#define LINES_READ (256u << 10)     /* bytes asked of fread at a time */
+#define LINES_MT "workerpool.lines" /* its userdata's metatable */
 
 /* As json.decode (ljson.c) decodes. */
 #define JSONL_FLAGS (JSON_DECODE_ANY | JSON_ALLOW_NUL)
@@ -618,10 +619,7 @@ static int lines(lua_State *L) {
   r = lua_newuserdatauv(L, sizeof *r, 0);
   memset(r, 0, sizeof *r);
   r->jsonl = mode == 1;
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, lines_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
+  luaL_setmetatable(L, LINES_MT);
   lua_pushvalue(L, 1);
   lua_pushcclosure(L, lines_next, 2);
   return 1;
@@ -671,6 +669,7 @@ static int results(lua_State *L) {
 }
 
 void wpl_pack_open(lua_State *L) {
+  wpl_gc_metatable(L, LINES_MT, lines_gc);
   wp_register_cfunction("workerpool.pipeline.pack", pack);
   wp_register_cfunction("workerpool.pipeline.unpack", unpack);
   wp_register_cfunction("workerpool.pipeline.split", split);
