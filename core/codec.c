@@ -69,7 +69,7 @@ static inline int put_lstring(wp__buf *b, int tag, const char *s, size_t len) {
   return 0;
 }
 
-static int put_tagged8(wp__buf *b, int tag, const void *v) {
+static inline int put_tagged8(wp__buf *b, int tag, const void *v) {
   int r = wp__buf_reserve(b, 9);
   if (r) return r;
   b->data[b->len] = (char)tag;
@@ -78,7 +78,7 @@ static int put_tagged8(wp__buf *b, int tag, const void *v) {
   return 0;
 }
 
-static int put_int(wp__buf *b, int64_t i) {
+static inline int put_int(wp__buf *b, int64_t i) {
   return put_tagged8(b, WP__T_INT, &i);
 }
 
@@ -88,8 +88,10 @@ static int put_flt(wp__buf *b, double n) {
 
 /* [-0, +0, -] Appends the scalar at idx, of type t (nil, boolean, number
  * or string): the one writer of Lua scalars, for wp__encode and
- * wp__encode_fast.  0, WP_ENOMEM or WP_ETOOBIG. */
-static inline int put_scalar(wp__buf *b, lua_State *L, int idx, int t) {
+ * wp__encode_fast.  0, WP_ENOMEM or WP_ETOOBIG.  Inlined: a table's loop
+ * calls it twice a pair, and its type is known there. */
+static inline __attribute__((always_inline)) int
+put_scalar(wp__buf *b, lua_State *L, int idx, int t) {
   size_t len;
   const char *s;
   switch (t) {
@@ -507,11 +509,14 @@ static void enc_value(enc *e, int idx, int depth) {
   }
 }
 
-void wp__encode(lua_State *L, wp__buf *b, int first, int n, const char *what,
-                int argpos) {
+/* wp__encode and wp__encode_after: fn, when not 0, is the stack index of
+ * the value numbered 0 already. */
+static void encode(lua_State *L, wp__buf *b, int fn, int first, int n,
+                   const char *what, int argpos) {
   enc e;
   int i;
   first = lua_absindex(L, first);
+  if (fn) fn = lua_absindex(L, fn);
   luaL_checkstack(L, NUM_SLOTS + 3, NULL);
   e.L = L;
   e.b = b;
@@ -522,12 +527,25 @@ void wp__encode(lua_State *L, wp__buf *b, int first, int n, const char *what,
   e.nextid = 0;
   e.what = what;
   e.argpos = argpos;
-  enc_check(&e, wp__put_varint(b, (uint64_t)n));
+  if (fn)
+    enc_record(&e, fn);
+  else
+    enc_check(&e, wp__put_varint(b, (uint64_t)n));
   for (i = 0; i < n; i++) {
     e.cur = i;
     enc_value(&e, first + i, 0);
   }
   lua_pop(L, NUM_SLOTS + 1);
+}
+
+void wp__encode(lua_State *L, wp__buf *b, int first, int n, const char *what,
+                int argpos) {
+  encode(L, b, 0, first, n, what, argpos);
+}
+
+void wp__encode_after(lua_State *L, wp__buf *b, int fn, int first, int n,
+                      const char *what, int argpos) {
+  encode(L, b, fn, first, n, what, argpos);
 }
 
 /* ---- reading --------------------------------------------------------- */
@@ -847,6 +865,27 @@ static inline int dec_scalar(lua_State *L, wp__reader *r, unsigned char tag) {
   }
 }
 
+/* [-0, +(0|1), m] Pushes the table key or value at r when it is a short
+ * string (a one-byte length) or an integer, most of what tables hold, and
+ * returns 1; else pushes nothing and returns 0 (dec_value reads it). */
+static inline int dec_plain(lua_State *L, wp__reader *r) {
+  const unsigned char *p = (const unsigned char *)r->p;
+  size_t left = (size_t)(r->end - r->p);
+  if (left >= 2 && p[0] == WP__T_STR && p[1] < 0x80 && left - 2 >= p[1]) {
+    lua_pushlstring(L, r->p + 2, p[1]);
+    r->p += 2 + p[1];
+    return 1;
+  }
+  if (left >= 9 && p[0] == WP__T_INT) {
+    int64_t i;
+    memcpy(&i, p + 1, 8);
+    lua_pushinteger(L, (lua_Integer)i);
+    r->p += 9;
+    return 1;
+  }
+  return 0;
+}
+
 static void dec_value(dec *d, int depth) {
   lua_State *L = d->L;
   wp__reader *r = d->r;
@@ -906,9 +945,11 @@ static void dec_value(dec *d, int depth) {
         r->p++;
         break;
       }
-      dec_value(d, depth + 1);
-      dec_value(d, depth + 1);
-      if (lua_isnil(L, -2)) dec_bad(d);
+      if (!dec_plain(L, r)) {
+        dec_value(d, depth + 1);
+        if (lua_isnil(L, -1)) dec_bad(d);
+      }
+      if (!dec_plain(L, r)) dec_value(d, depth + 1);
       lua_rawset(L, -3);
     }
     break;

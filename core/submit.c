@@ -87,6 +87,7 @@ typedef struct encode_call {
   wp__buf *b;
   const char *what;
   int nargs;
+  int after; /* b holds the task already, from its record: the arguments */
 } encode_call;
 
 /* [-(n+1), +0, e] Encodes a task message from its arguments: the call
@@ -95,7 +96,9 @@ static int encode_pmain(lua_State *L) {
   encode_call *c = lua_touserdata(L, 1);
   wp__buf *b = c->b;
   int r;
-  if (lua_type(L, 2) == LUA_TSTRING) {
+  if (c->after) {
+    wp__encode_after(L, b, 2, 3, c->nargs, c->what, 2);
+  } else if (lua_type(L, 2) == LUA_TSTRING) {
     size_t len;
     const char *name = lua_tolstring(L, 2, &len);
     if ((r = put_name(b, name, len)) != 0)
@@ -179,6 +182,7 @@ static void encode_task(lua_State *L, wp__buf *b, int task, int t, int nargs,
                         const char *what, const char *rec, size_t rlen) {
   encode_call c;
   int i;
+  size_t head = 0;
   /* Scalars and functions sent before need no protected call. */
   if (t == LUA_TSTRING) {
     size_t len;
@@ -186,23 +190,26 @@ static void encode_task(lua_State *L, wp__buf *b, int task, int t, int nargs,
     if (put_name(b, name, len) == 0 && wp__encode_fast(L, b, task + 1, nargs))
       return;
   } else if (rec) {
-    /* The tag, the count, the record, then the arguments. */
+    /* The tag, the count, the record, then the arguments: those the fast
+     * path refuses (a table, mostly) go to the full encoder after the
+     * record, so the function is not encoded again. */
     if (wp__buf_reserve(b, 1 + WP__VARINT_MAX + rlen) == 0) {
       char *p = b->data + b->len;
       *p++ = (char)WP__TASK_FUNC;
       p = wp__varint_at(p, (uint64_t)nargs + 1);
       memcpy(p, rec, rlen);
-      b->len = (size_t)(p + rlen - b->data);
+      b->len = head = (size_t)(p + rlen - b->data);
       if (wp__encode_fast_values(L, b, task + 1, nargs)) return;
     }
   } else if (wp__buf_reserve(b, 1) == 0) {
     b->data[b->len++] = WP__TASK_FUNC;
     if (wp__encode_fast(L, b, task, nargs + 1)) return;
   }
-  b->len = 0;
+  b->len = head;
   c.b = b;
   c.what = what;
   c.nargs = nargs;
+  c.after = head > 0;
   luaL_checkstack(L, nargs + 3, "too many arguments");
   lua_pushcfunction(L, encode_pmain);
   lua_pushlightuserdata(L, &c);

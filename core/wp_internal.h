@@ -135,6 +135,12 @@ enum { WP__TASK_NAMED = 'N', WP__TASK_FUNC = 'F' };
  * argpos == 0 calls them results of a task. */
 WP_HIDDEN void wp__encode(lua_State *L, wp__buf *b, int first, int n,
                           const char *what, int argpos);
+/* [-0, +0, e] The same without the count in front, after the Lua function
+ * at fn, which the message holds already (written from its record,
+ * wp__fn_record) as its first table or function: the values number theirs
+ * from 1 on, and fn among them is a reference to it. */
+WP_HIDDEN void wp__encode_after(lua_State *L, wp__buf *b, int fn, int first,
+                                int n, const char *what, int argpos);
 
 /* [-0, +0, -] Appends the n values from first on when they are all
  * scalars, or Lua functions whose upvalues are all _ENV that this state

@@ -704,6 +704,27 @@ T.test("a cached closure is one object across tasks", function()
     t[3]() * 100 end, fs), 321)
 end)
 
+T.test("a task sent again inside its own table arguments is one function", function()
+  -- From the second submit on, the task travels as its record and the
+  -- tables after it are numbered from 1: references must still meet.
+  local task = function(t, u)
+    local me = debug.getinfo(1, "f").func
+    return rawequal(t.me, me), rawequal(t.again, t), rawequal(u, t),
+      rawequal(t.list[2], me)
+  end
+  for i = 1, 3 do
+    local t = { me = task, list = { i, task } }
+    t.again = t
+    local a, b, c, d = pool:submit_wait(task, t, t)
+    T.eq(a, true, "submit " .. i .. ": the task in its table")
+    T.eq(b, true, "submit " .. i .. ": the cycle")
+    T.eq(c, true, "submit " .. i .. ": the second argument")
+    T.eq(d, true, "submit " .. i .. ": the task in a sub-table")
+  end
+  T.raises(function() pool:submit(task, { 1 }, { coroutine.create(print) }) end,
+    "bad argument #3 to 'submit' (cannot send a thread inside a table or upvalue)")
+end)
+
 -- Last: today this one reads past the end of a buffer (see the report),
 -- which ends the whole file under AddressSanitizer.
 T.test("workerpool C functions: resolved, or the documented error", function()
