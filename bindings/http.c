@@ -30,6 +30,7 @@
 
 #include "http.h"
 #include "lbind.h"
+#include "wp_internal.h" /* WP__FORK_* */
 #include "wpool_host.h"
 
 #define MAX_REQUEST 8192 /* bytes of one request, headers included */
@@ -218,6 +219,14 @@ static struct {
 
 static void routes_init(void) {
   if (uv_mutex_init(&routes.mu) != 0) abort();
+}
+
+void wpl_http_atfork(int phase) {
+  uv_once(&routes.once, routes_init);
+  if (phase == WP__FORK_PREPARE)
+    uv_mutex_lock(&routes.mu);
+  else
+    uv_mutex_unlock(&routes.mu);
 }
 
 /* The handler of path, or NULL.  Needs routes.mu. */

@@ -35,6 +35,8 @@ typedef void (*wpl_http_handler)(wpool_host *h, wpl_http_reply *r);
  * table of every server, now and later.  0, WP_EEXISTS (path taken) or
  * WP_ENOMEM (the table holds 32 routes).  Any thread. */
 WPL_HTTP_HIDDEN int wpl_http_route(const char *path, wpl_http_handler fn);
+/* The routes' lock around a fork (lworkerpool.c's handlers). */
+WPL_HTTP_HIDDEN void wpl_http_atfork(int phase);
 
 /* Starts serving on addr from the loop; *out is closed by wpl_http_close.
  * 0 or a libuv error code (UV_EINVAL for a malformed address).  The loop

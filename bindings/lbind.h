@@ -150,6 +150,8 @@ WPL_HIDDEN void wpl_log(int level, const char *event, json_t *fields);
 WPL_HIDDEN int wpl_log_enabled(int level);
 /* Level by name ("debug", "info", "warn", "error", "off"), or -1. */
 WPL_HIDDEN int wpl_log_level_parse(const char *name);
+/* Its lock around a fork (wpl_fork_watch). */
+WPL_HIDDEN void wpl_log_atfork(int phase);
 WPL_HIDDEN void wpl_log_set_level(int level);
 /* Appends to path from now on (NULL: back to stderr); 0 or an errno. */
 WPL_HIDDEN int wpl_log_set_file(const char *path);
@@ -209,6 +211,8 @@ WPL_HIDDEN wp_drop_reason wpl_refusal_class(const char *reason);
  * its tenant_label_limit; forgets an earlier pool of the same name.  Any
  * thread; no Lua. */
 WPL_HIDDEN void wpl_metrics_pool_created(wp_pool *p, int tenant_label_limit);
+/* Its locks around a fork; a child forgets the parent's pools. */
+WPL_HIDDEN void wpl_metrics_atfork(int phase);
 
 /* The health and metrics endpoints: http.h. */
 
@@ -283,6 +287,8 @@ WPL_HIDDEN void wpl_policy_finish(lua_State *L, wp_future *f);
 WPL_HIDDEN void wpl_policy_poll(lua_State *L);
 /* [-0, +0, m] Registers what policy.c needs in a state. */
 WPL_HIDDEN void wpl_policy_init(lua_State *L);
+/* Its lock around a fork; a child forgets the parent's pools. */
+WPL_HIDDEN void wpl_policy_atfork(int phase);
 /* [-0, +1, m] Pushes a borrowed handle to p (a new reference). */
 WPL_HIDDEN void wpl_push_borrowed(lua_State *L, wp_pool *p);
 
@@ -303,5 +309,7 @@ WPL_HIDDEN uv_loop_t *wpl_host_loop(lua_State *L);
  * process is disconnected (/readyz answers 503).  Any thread. */
 WPL_HIDDEN void wpl_redis_open(lua_State *L);
 WPL_HIDDEN int wpl_redis_down(void);
+/* Its lock around a fork. */
+WPL_HIDDEN void wpl_redis_atfork(int phase);
 
 #endif

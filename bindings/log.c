@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "lbind.h"
+#include "wp_internal.h" /* WP__FORK_* */
 #include "wpool_host.h"
 
 _Static_assert((int)WPL_DEBUG == (int)WPOOL_LOG_DEBUG &&
@@ -42,6 +43,14 @@ static struct {
 
 static void log_init(void) {
   if (uv_mutex_init(&logger.mu)) abort();
+}
+
+void wpl_log_atfork(int phase) {
+  uv_once(&logger.once, log_init);
+  if (phase == WP__FORK_PREPARE)
+    uv_mutex_lock(&logger.mu);
+  else
+    uv_mutex_unlock(&logger.mu);
 }
 
 int wpl_log_level_parse(const char *name) {

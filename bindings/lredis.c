@@ -46,6 +46,7 @@
 #include <hiredis/hiredis.h>
 
 #include "lbind.h"
+#include "wp_internal.h" /* WP__FORK_* */
 
 #define SYNC_MT "workerpool.redis.conn"
 #define ASYNC_MT "workerpool.redis.async"
@@ -642,6 +643,14 @@ static url_entry *reg_head;
 
 static void reg_init(void) {
   if (uv_mutex_init(&reg_mu)) abort();
+}
+
+void wpl_redis_atfork(int phase) {
+  uv_once(&reg_once, reg_init);
+  if (phase == WP__FORK_PREPARE)
+    uv_mutex_lock(&reg_mu);
+  else
+    uv_mutex_unlock(&reg_mu);
 }
 
 /* Under reg_mu: the entry of url, made if absent (NULL without memory). */

@@ -17,17 +17,19 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 
+#include "http.h" /* wpl_http_atfork */
 #include "lbind.h"
 #include "lpipeline.h"
 #include "options.h"
 #include "wpool_host.h"
-#include "wp_internal.h" /* wp__future_scalar */
+#include "wp_internal.h" /* wp__future_scalar, wp__fork_watch */
 
 const char wpl_pool_class[] = WPL_POOL_MT;
 const char wpl_future_class[] = WPL_FUTURE_MT;
@@ -898,6 +900,41 @@ static int module_index(lua_State *L) {
   return 0;
 }
 
+/* ---- fork ------------------------------------------------------------ */
+
+/* The bindings' process-wide locks around a fork (core/fork.c says why).
+ * Installed after the core's, so they are taken before its: metrics' and
+ * the policies' registries, held while a pool's lock is taken, first; the
+ * rest are leaves. */
+static void fork_prepare(void) {
+  wpl_metrics_atfork(WP__FORK_PREPARE);
+  wpl_policy_atfork(WP__FORK_PREPARE);
+  wpl_redis_atfork(WP__FORK_PREPARE);
+  wpl_http_atfork(WP__FORK_PREPARE);
+  wpl_log_atfork(WP__FORK_PREPARE);
+}
+
+static void fork_after(int phase) {
+  wpl_log_atfork(phase);
+  wpl_http_atfork(phase);
+  wpl_redis_atfork(phase);
+  wpl_policy_atfork(phase);
+  wpl_metrics_atfork(phase);
+}
+
+static void fork_parent(void) {
+  fork_after(WP__FORK_PARENT);
+}
+
+static void fork_child(void) {
+  fork_after(WP__FORK_CHILD);
+}
+
+static void fork_watch(void) {
+  wp__fork_watch();
+  (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
 /* [-0, +0, e] Adds every embedded module to package.preload. */
 static void preload_embedded(lua_State *L) {
   int i;
@@ -917,10 +954,11 @@ static void preload_embedded(lua_State *L) {
 
 /* require "workerpool"   [-0, +1, e] */
 WP_API int luaopen_workerpool(lua_State *L) {
-  static uv_once_t pinned = UV_ONCE_INIT;
+  static uv_once_t pinned = UV_ONCE_INIT, forks = UV_ONCE_INIT;
   const luaL_Reg *f;
   char name[64];
   uv_once(&pinned, pin_module);
+  uv_once(&forks, fork_watch);
   wpl_log_default_sink(); /* an embedder's sink stays */
   for (f = module_funcs; f->name; f++) {
     snprintf(name, sizeof name, "workerpool.%s", f->name);

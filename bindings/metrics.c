@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "lbind.h"
+#include "wp_internal.h" /* WP__FORK_* */
 
 #define NAME_MAX_BYTES 256 /* pool names are at most 255 bytes */
 #define SEP "\x1f"
@@ -731,6 +732,19 @@ static const char coll_key = 'c', sentinel_key = 's';
 
 static void coll_init(void) {
   if (uv_mutex_init(&coll_mu)) abort();
+}
+
+void wpl_metrics_atfork(int phase) {
+  uv_once(&known_once, known_init);
+  uv_once(&coll_once, coll_init);
+  if (phase == WP__FORK_PREPARE) {
+    uv_mutex_lock(&known_mu);
+    uv_mutex_lock(&coll_mu);
+    return;
+  }
+  if (phase == WP__FORK_CHILD) known = NULL; /* the parent's pools */
+  uv_mutex_unlock(&coll_mu);
+  uv_mutex_unlock(&known_mu);
 }
 
 /* __gc of a state's sentinel: the state closes.   [-0, +0, -] */

@@ -228,10 +228,19 @@ static void cf_init(void) {
   lua_close(L);
 }
 
+void wp__cfunction_atfork(int phase) {
+  uv_once(&cfreg.once, cf_init);
+  if (phase == WP__FORK_PREPARE)
+    uv_mutex_lock(&cfreg.mu);
+  else
+    uv_mutex_unlock(&cfreg.mu);
+}
+
 int wp_register_cfunction(const char *qualname, lua_CFunction fn) {
   int r;
   if (qualname == NULL || fn == NULL || strlen(qualname) >= 128)
     return WP_EINVAL;
+  wp__fork_watch();
   uv_once(&cfreg.once, cf_init);
   uv_mutex_lock(&cfreg.mu);
   r = cf_add(qualname, fn);

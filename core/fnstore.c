@@ -41,6 +41,14 @@ static void init_once(void) {
   if (uv_mutex_init(&mu) != 0) abort();
 }
 
+void wp__fnstore_atfork(int phase) {
+  uv_once(&once, init_once);
+  if (phase == WP__FORK_PREPARE)
+    uv_mutex_lock(&mu);
+  else
+    uv_mutex_unlock(&mu);
+}
+
 int wp__fnstore_intern(const char *rec, size_t len, uint32_t *index) {
   uint64_t id;
   size_t h;

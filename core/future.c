@@ -77,9 +77,34 @@ void wp_future_release(wp_future *f) {
   wp__slab_free(f);
 }
 
+/* In the child of a fork, a future of a pool made before it (its worker
+ * is in the parent) ends failed the first time it is looked at: without
+ * the pool's locks, which a thread of the parent may hold, and without the
+ * callbacks registered in the parent (they could wake the parent's event
+ * loop), which stay unrun. */
+static wp_status end_forked(wp_future *f, int st) {
+  WP__STR_RESULT(forked, "pool of the parent process (made before fork)");
+  WP__STR_RESULT(brief, "forked");
+  if (!atomic_compare_exchange_strong(&f->status, &st, WP__CLAIMED))
+    return wp_future_status(f);
+  if ((f->result = malloc(sizeof forked)) != NULL) {
+    memcpy(f->result, &forked, sizeof forked);
+    f->result_len = sizeof forked;
+  } else {
+    f->result = f->result_buf;
+    memcpy(f->result, &brief, sizeof brief);
+    f->result_len = sizeof brief;
+  }
+  f->t_end = uv_hrtime();
+  atomic_store(&f->done, DONE_CLOSED);
+  atomic_store(&f->status, WP_ERROR);
+  return WP_ERROR;
+}
+
 wp_status wp_future_status(wp_future *f) {
   int st = atomic_load_explicit(&f->status, memory_order_acquire);
-  return st >= WP__CLAIMED ? WP_PENDING : (wp_status)st;
+  if (st != WP_PENDING && st < WP__CLAIMED) return (wp_status)st;
+  return wp__pool_forked(f->pool) ? end_forked(f, st) : WP_PENDING;
 }
 
 /* Runs callbacks in registration order: the list is newest first. */

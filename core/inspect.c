@@ -17,6 +17,11 @@ int wp_pool_inspect(wp_pool *p, wp_worker_info *out, int max, size_t *queued,
   wp__worker *w;
   uint64_t now = uv_hrtime();
   int n = 0;
+  if (wp__pool_forked(p)) { /* the parent's pool: no worker here */
+    *queued = 0;
+    *oldest_s = 0;
+    return 0;
+  }
   wp__pool_lock(p);
   *queued = p->nqueued;
   *oldest_s = p->qhead && now > p->qhead->t_submit

@@ -123,6 +123,21 @@ static void reg_remove(wp_pool *p) {
   uv_mutex_unlock(&reg.mu);
 }
 
+void wp__pools_atfork(int phase) {
+  wp_pool *p;
+  if (phase == WP__FORK_PREPARE) {
+    uv_once(&reg.once, reg_init);
+    uv_mutex_lock(&reg.mu);
+    return;
+  }
+  if (phase == WP__FORK_CHILD) { /* the parent's pools: dead here */
+    for (p = reg.head; p; p = p->reg_next)
+      p->registered = 0;
+    reg.head = NULL;
+  }
+  uv_mutex_unlock(&reg.mu);
+}
+
 wp_pool *wp_pool_find(const char *name) {
   wp_pool *p;
   int n;
@@ -152,7 +167,9 @@ void wp__pool_mretain(wp_pool *p) {
 void wp__pool_mrelease(wp_pool *p) {
   int n = atomic_fetch_sub(&p->mrefs, 1);
   assert(n > 0);
-  if (n == 1) pool_free(p);
+  /* A pool of the parent process is left as it is: its locks may be held
+   * by threads that are not here. */
+  if (n == 1 && !wp__pool_forked(p)) pool_free(p);
 }
 
 void wp_pool_retain(wp_pool *p) {
@@ -160,7 +177,8 @@ void wp_pool_retain(wp_pool *p) {
 }
 
 void wp_pool_release(wp_pool *p) {
-  if (p == NULL || atomic_fetch_sub(&p->refs, 1) != 1) return;
+  if (p == NULL || atomic_fetch_sub(&p->refs, 1) != 1 || wp__pool_forked(p))
+    return;
   if (wp_pool_stop_wait(p) == WP_EDEADLOCK) {
     /* Misuse: the last handle dropped by the pool's own worker.  Stopping
      * would join this very thread, so leave the pool running (leaked)
@@ -809,9 +827,11 @@ int wp_pool_new(const wp_options *o, wp_pool **out, char *errbuf,
   if (errlen) errbuf[0] = '\0';
   if ((r = wp__options_check(o, errbuf, errlen)) != 0) return r;
   wp__interrupt_signal_fix();
+  wp__fork_watch();
   /* Aligned for its cache-line groups (see wp_internal.h). */
   if (posix_memalign((void **)&p, WP__CACHE_LINE, sizeof *p)) return WP_ENOMEM;
   memset(p, 0, sizeof *p);
+  p->fork_gen = wp__fork_generation();
   atomic_init(&p->refs, 1);
   atomic_init(&p->mrefs, 1);
   p->max_workers = o->max_workers;
@@ -1007,6 +1027,7 @@ int wp__pool_cancel(wp_pool *p, wp_future *f) {
 /* ---- pause, resize, stop --------------------------------------------- */
 
 int wp_pool_pause(wp_pool *p) {
+  if (wp__pool_forked(p)) return WP_EFORKED;
   if (from_own_worker(p)) return WP_EDEADLOCK;
   wp__pool_lock(p);
   if (p->state == WP__RUNNING && !p->paused) {
@@ -1023,6 +1044,7 @@ int wp_pool_pause(wp_pool *p) {
 }
 
 void wp_pool_resume(wp_pool *p) {
+  if (wp__pool_forked(p)) return;
   wp__pool_lock(p);
   if (p->paused) {
     p->paused = 0;
@@ -1044,6 +1066,7 @@ int wp_pool_blocks_when_full(const wp_pool *p, double *timeout) {
 int wp_pool_resize(wp_pool *p, int n) {
   wp_event ev;
   int old;
+  if (wp__pool_forked(p)) return WP_EFORKED;
   wp__pool_lock(p);
   if (p->state != WP__RUNNING) {
     wp__pool_unlock(p);
@@ -1207,6 +1230,7 @@ static void finish_stop(wp_pool *p, int ndiscarded) {
 
 int wp_pool_stop(wp_pool *p) {
   int n;
+  if (wp__pool_forked(p)) return 0;
   if (from_own_worker(p)) return WP_EDEADLOCK;
   n = begin_stop(p, 0);
   finish_stop(p, n);
@@ -1221,6 +1245,8 @@ int wp_pool_abort(wp_pool *p, int *interrupted) {
   wp__worker *w;
   uint64_t seq;
   int n, k = 0;
+  if (interrupted) *interrupted = 0;
+  if (wp__pool_forked(p)) return 0;
   n = begin_stop(p, 0);
   wp__pool_lock(p);
   if (p->state != WP__STOPPED) {
@@ -1247,6 +1273,7 @@ int wp_pool_stop_deadline(wp_pool *p, double timeout, int *interrupted) {
   uint64_t deadline, now;
   int n = 0, late = 0;
   if (interrupted) *interrupted = 0;
+  if (wp__pool_forked(p)) return 0;
   if (from_own_worker(p)) return WP_EDEADLOCK;
   begin_stop(p, 1);
   if (timeout >= 0) {
@@ -1271,6 +1298,7 @@ int wp_pool_stop_deadline(wp_pool *p, double timeout, int *interrupted) {
 }
 
 int wp_pool_shutdown(wp_pool *p, int drain) {
+  if (wp__pool_forked(p)) return 0;
   return begin_stop(p, drain);
 }
 
@@ -1294,16 +1322,20 @@ int wp_pool_list(wp_pool **out, int max) {
 }
 
 void wp_pool_get_counts(wp_pool *p, wp_pool_counts *c) {
-  wp__pool_lock(p);
-  c->stopped = p->state != WP__RUNNING;
+  int forked = wp__pool_forked(p);
+  /* The parent's pool is stopped here, with no worker: its fields are
+   * read without its lock, which a thread of the parent may hold (no
+   * thread of this process writes them). */
+  if (!forked) wp__pool_lock(p);
+  c->stopped = forked || p->state != WP__RUNNING;
   c->paused = p->paused;
   c->waiting = p->nqueued;
-  c->running = p->nrunning;
-  c->workers = p->nworkers;
+  c->running = forked ? 0 : p->nrunning;
+  c->workers = forked ? 0 : p->nworkers;
   c->max_workers = p->max_workers;
   c->queue_cap = p->queue_cap;
   c->block_when_full = p->block_when_full;
   c->submit_timeout =
       p->submit_timeout_ns < 0 ? -1 : (double)p->submit_timeout_ns / 1e9;
-  wp__pool_unlock(p);
+  if (!forked) wp__pool_unlock(p);
 }

@@ -343,6 +343,7 @@ int wp_shdict_open(const char *name, size_t capacity, wp_shdict **out) {
   if (out == NULL) return WP_EINVAL;
   *out = NULL;
   if (name == NULL || name[0] == '\0') return WP_EINVAL;
+  wp__fork_watch();
   uv_once(&shd_once, shd_registry_init);
   if (shd_registry_err != 0) return WP_ESYS;
 
@@ -379,6 +380,21 @@ done:
   uv_mutex_unlock(&shd_registry_lock);
   *out = d;
   return rc;
+}
+
+void wp__shdict_atfork(int phase) {
+  wp_shdict *d;
+  uv_once(&shd_once, shd_registry_init);
+  if (shd_registry_err != 0) return;
+  if (phase == WP__FORK_PREPARE) { /* the registry, then each dictionary */
+    uv_mutex_lock(&shd_registry_lock);
+    for (d = shd_registry; d != NULL; d = d->next_dict)
+      uv_mutex_lock(&d->lock);
+    return;
+  }
+  for (d = shd_registry; d != NULL; d = d->next_dict)
+    uv_mutex_unlock(&d->lock);
+  uv_mutex_unlock(&shd_registry_lock);
 }
 
 /* Copies k's value into *out; a string is copied into a malloc'd buffer

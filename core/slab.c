@@ -64,6 +64,10 @@ long wp__slab_set_retain_max(long bytes) {
   return -1;
 }
 
+void wp__slab_atfork(int phase) {
+  (void)phase; /* malloc's own locks are the C library's */
+}
+
 #else
 
 #include <pthread.h>
@@ -133,6 +137,21 @@ static void classes_init(void) {
     classes[i].slot_size = (size_t)(i + 1) * SLOT_UNIT;
     classes[i].next_chunk = FIRST_CHUNK;
   }
+}
+
+void wp__slab_atfork(int phase) {
+  int i;
+  uv_once(&classes_once, classes_init);
+  if (phase == WP__FORK_PREPARE) { /* a class lock, then the spare list's */
+    for (i = 0; i < NCLASSES; i++)
+      uv_mutex_lock(&classes[i].mu);
+    uv_mutex_lock(&spare.mu);
+    return;
+  }
+  /* The other threads' caches stay theirs: in a child, never freed. */
+  uv_mutex_unlock(&spare.mu);
+  for (i = NCLASSES - 1; i >= 0; i--)
+    uv_mutex_unlock(&classes[i].mu);
 }
 
 static void room_add(sclass *c, chunk *k) {

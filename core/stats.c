@@ -123,6 +123,7 @@ void wp_pool_count_drop_tenant(wp_pool *p, wp_drop_reason why,
     wp__count_drop(p, core, 1);
     return;
   }
+  if (wp__pool_forked(p)) return;
   if (tenant) {
     strncpy(t, tenant, sizeof t - 1);
     t[sizeof t - 1] = '\0';
@@ -170,6 +171,10 @@ void wp_pool_get_stats(wp_pool *p, wp_pool_stats *s) {
   uint64_t duration_ns = 0, dwell_ns = 0;
   int i;
   memset(s, 0, sizeof *s);
+  if (wp__pool_forked(p)) { /* the parent's pool: nothing runs here */
+    s->max_workers = p->max_workers;
+    return;
+  }
   wp__pool_lock(p);
   s->queued = p->nqueued;
   s->queued_peak = p->nqueued_peak;

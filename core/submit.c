@@ -70,6 +70,7 @@ int wp_submit_values(wp_pool *p, const char *handler, const wp_value *args,
   if (out) *out = NULL;
   if (handler == NULL || nargs < 0 || (nargs > 0 && args == NULL))
     return WP_EINVAL;
+  if (wp__pool_forked(p)) return WP_EFORKED;
   if (atomic_load(&p->stopped)) {
     wp__count_drop(p, WP__DROP_STOPPED, 1);
     return WP_ESTOPPED;
@@ -241,6 +242,7 @@ int wp__submit_lua_rec(wp_pool *p, lua_State *L, int task, int nargs,
                "bad argument #1 to '%s' (handler name or Lua function "
                "expected, got %s)",
                what, lua_typename(L, t));
+  if (wp__pool_forked(p)) return WP_EFORKED;
   if (atomic_load(&p->stopped)) {
     wp__count_drop(p, WP__DROP_STOPPED, 1);
     return WP_ESTOPPED;

@@ -227,6 +227,25 @@ WP_HIDDEN const char *wp__fnstore_get(uint64_t index, size_t *len);
  * stay); returns the previous limit. */
 WP_HIDDEN size_t wp__fnstore_set_max_bytes(size_t n);
 
+/* ---- fork (fork.c) ---------------------------------------------------- */
+
+/* Installs the fork handlers once; wp_pool_new calls it, and the bindings
+ * before they install theirs.  Any thread. */
+WP_HIDDEN void wp__fork_watch(void);
+/* How many forks this process is from the one that installed them: a pool
+ * made at another generation is dead here (wp__pool_forked).  Any thread. */
+WP_HIDDEN unsigned wp__fork_generation(void);
+
+/* What each module with process-wide locks does around a fork: takes them
+ * (PREPARE, in the forking thread), gives them back (PARENT, CHILD), and
+ * in the child forgets what belonged to the parent's other threads. */
+enum { WP__FORK_PREPARE, WP__FORK_PARENT, WP__FORK_CHILD };
+WP_HIDDEN void wp__pools_atfork(int phase);
+WP_HIDDEN void wp__shdict_atfork(int phase);
+WP_HIDDEN void wp__fnstore_atfork(int phase);
+WP_HIDDEN void wp__cfunction_atfork(int phase);
+WP_HIDDEN void wp__slab_atfork(int phase);
+
 typedef struct wp__worker wp__worker;
 
 /* ---- futures (future.c) ---------------------------------------------- */
@@ -479,6 +498,7 @@ enum { WP__RUNNING, WP__DRAINING, WP__STOPPING, WP__STOPPED };
 
 struct wp_pool {
   atomic_int refs;   /* handles; the last one stops the pool */
+  unsigned fork_gen; /* wp__fork_generation() when it was made */
   char *name;        /* owned, unique while registered */
   wp_pool *reg_next; /* registry list, under the registry lock */
   int registered;    /* under the registry lock */
@@ -577,6 +597,13 @@ struct wp_pool {
 #else
 WP_HIDDEN void wp__pool_check_locked(const wp_pool *p);
 #endif
+
+/* Whether p was made before a fork of this process, so that its workers,
+ * and maybe holders of its locks, are in the parent (fork.c).  Any
+ * thread. */
+static inline int wp__pool_forked(const wp_pool *p) {
+  return p->fork_gen != wp__fork_generation();
+}
 
 /* Takes a pool's mu and moves the futures of its inbox into the queue;
  * every holder of mu takes it this way.  Releases it after publishing

@@ -54,7 +54,8 @@ extern "C" {
   XX(DEADLOCK, -10, "would deadlock")                                          \
   XX(NOTNUM, -11, "not a number")                                              \
   XX(SYS, -12, "system error")                                                 \
-  XX(FULL, -13, "full")
+  XX(FULL, -13, "full")                                                        \
+  XX(FORKED, -14, "pool of the parent process (made before fork)")
 
 typedef enum {
 #define WP__ERR(name, code, msg) WP_E##name = (code),

@@ -1573,7 +1573,7 @@ Test(capi, strerror_and_err_name_for_every_code) {
   seen++;
   WP_ERRNO_MAP(CHECK)
 #undef CHECK
-  cr_assert_eq(seen, 12);
+  cr_assert_eq(seen, 13);
   cr_assert_str_eq(wp_strerror(WP_ESTOPPED), "stopped");
   cr_assert_str_eq(wp_err_name(WP_ETIMEDOUT), "ETIMEDOUT");
   cr_assert_str_eq(wp_strerror(WP_EDEADLOCK), "would deadlock");

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -425,4 +426,77 @@ Test(host, serve_errors_are_wp_codes) {
   cr_assert_eq(wpl_http_route("/test/hello", hello), WP_EEXISTS);
   cr_assert_eq(wpl_http_route("/metrics", hello), WP_EEXISTS);
   env_close(&e);
+}
+
+/* ---- fork ------------------------------------------------------------ */
+
+int luaopen_workerpool(lua_State *L);
+
+#if defined(__SANITIZE_THREAD__)
+#define FORK_CHILD_THREADS "false" /* TSan: no thread after such a fork */
+#else
+#define FORK_CHILD_THREADS "true"
+#endif
+
+/* Runs chunk in L and returns 0, or prints its error and returns 1. */
+static int run_chunk(lua_State *L, const char *chunk) {
+  if (luaL_dostring(L, chunk) == LUA_OK) return 0;
+  fprintf(stderr, "%s\n", lua_tostring(L, -1));
+  return 1;
+}
+
+/* The module in a child of fork(): a pool made before it answers
+ * EFORKED, its futures end failed, the metrics forget it, closing the
+ * state does not wait for workers that are not there, and the child's own
+ * pools work (core/fork.c; tests/core/test_fork.c has the C API's). */
+Test(host, a_forked_child_sees_the_parents_pools_as_dead) {
+  lua_State *L = luaL_newstate();
+  int st = 0;
+  pid_t pid;
+  luaL_openlibs(L);
+  luaL_requiref(L, "workerpool", luaopen_workerpool, 1);
+  lua_pop(L, 1);
+  cr_assert_eq(
+      run_chunk(L, "wp = require 'workerpool'\n"
+                   "pool = wp.new { name = 'lua-fork', max_workers = 2 }\n"
+                   "assert(pool:submit_wait(function() return 1 end) == 1)\n"
+                   "slow = pool:submit(function()\n"
+                   "  local t = os.clock() + 0.5\n"
+                   "  while os.clock() < t do end return 2 end)\n"),
+      0);
+  pid = fork();
+  cr_assert_neq(pid, -1);
+  if (pid == 0) {
+    alarm(60);
+    if (run_chunk(
+            L,
+            "local f, msg, name = pool:submit(function() return 1 end)\n"
+            "assert(f == nil and name == 'EFORKED', tostring(name))\n"
+            "assert(msg:find('before fork'), msg)\n"
+            "local ok, err = slow:wait()\n"
+            "assert(ok == false and err:find('before fork'), err)\n"
+            "assert(slow:status() == 'error')\n"
+            "pool:pause() pool:resume() -- nothing to do: no wait\n"
+            "assert(pool:stats().running == 0)\n"
+            "assert(wp.get('lua-fork') == nil)\n"
+            "assert(not wp.metrics():find('pool=\"lua-fork\"'))\n"
+            "if " FORK_CHILD_THREADS " then\n"
+            "  local q = wp.new { name = 'lua-fork', max_workers = 1 }\n"
+            "  assert(q:submit_wait(function(x) return x * 2 end, 21) == 42)\n"
+            "  q:stop_wait()\n"
+            "end\n"
+            "pool:stop_wait()\n"))
+      _exit(1);
+    lua_close(L); /* the old pool's handle: collected without a join */
+    _exit(0);
+  }
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+            "the child failed or hung (status %d)", st);
+  cr_assert_eq(
+      run_chunk(L, "assert(slow:wait() == true)\n"
+                   "assert(pool:submit_wait(function() return 3 end) == 3)\n"
+                   "pool:stop_wait()\n"),
+      0);
+  lua_close(L);
 }
