@@ -222,11 +222,7 @@ static void routes_init(void) {
 }
 
 void wpl_http_atfork(int phase) {
-  uv_once(&routes.once, routes_init);
-  if (phase == WP__FORK_PREPARE)
-    uv_mutex_lock(&routes.mu);
-  else
-    uv_mutex_unlock(&routes.mu);
+  wp__atfork_lock(phase, &routes.once, routes_init, &routes.mu);
 }
 
 /* The handler of path, or NULL.  Needs routes.mu. */

@@ -46,11 +46,7 @@ static void log_init(void) {
 }
 
 void wpl_log_atfork(int phase) {
-  uv_once(&logger.once, log_init);
-  if (phase == WP__FORK_PREPARE)
-    uv_mutex_lock(&logger.mu);
-  else
-    uv_mutex_unlock(&logger.mu);
+  wp__atfork_lock(phase, &logger.once, log_init, &logger.mu);
 }
 
 int wpl_log_level_parse(const char *name) {

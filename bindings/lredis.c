@@ -646,11 +646,7 @@ static void reg_init(void) {
 }
 
 void wpl_redis_atfork(int phase) {
-  uv_once(&reg_once, reg_init);
-  if (phase == WP__FORK_PREPARE)
-    uv_mutex_lock(&reg_mu);
-  else
-    uv_mutex_unlock(&reg_mu);
+  wp__atfork_lock(phase, &reg_once, reg_init, &reg_mu);
 }
 
 /* Under reg_mu: the entry of url, made if absent (NULL without memory). */

@@ -735,16 +735,14 @@ static void coll_init(void) {
 }
 
 void wpl_metrics_atfork(int phase) {
-  uv_once(&known_once, known_init);
-  uv_once(&coll_once, coll_init);
   if (phase == WP__FORK_PREPARE) {
-    uv_mutex_lock(&known_mu);
-    uv_mutex_lock(&coll_mu);
+    wp__atfork_lock(phase, &known_once, known_init, &known_mu);
+    wp__atfork_lock(phase, &coll_once, coll_init, &coll_mu);
     return;
   }
   if (phase == WP__FORK_CHILD) known = NULL; /* the parent's pools */
-  uv_mutex_unlock(&coll_mu);
-  uv_mutex_unlock(&known_mu);
+  wp__atfork_lock(phase, &coll_once, coll_init, &coll_mu);
+  wp__atfork_lock(phase, &known_once, known_init, &known_mu);
 }
 
 /* __gc of a state's sentinel: the state closes.   [-0, +0, -] */

@@ -93,13 +93,8 @@ static void reg_init(void) {
 }
 
 void wpl_policy_atfork(int phase) {
-  uv_once(&reg_once, reg_init);
-  if (phase == WP__FORK_PREPARE) {
-    uv_mutex_lock(&reg_mu);
-    return;
-  }
   if (phase == WP__FORK_CHILD) reg_head = NULL; /* the parent's pools */
-  uv_mutex_unlock(&reg_mu);
+  wp__atfork_lock(phase, &reg_once, reg_init, &reg_mu);
 }
 
 static spec_entry *reg_find(wp_pool *p) {

@@ -229,11 +229,7 @@ static void cf_init(void) {
 }
 
 void wp__cfunction_atfork(int phase) {
-  uv_once(&cfreg.once, cf_init);
-  if (phase == WP__FORK_PREPARE)
-    uv_mutex_lock(&cfreg.mu);
-  else
-    uv_mutex_unlock(&cfreg.mu);
+  wp__atfork_lock(phase, &cfreg.once, cf_init, &cfreg.mu);
 }
 
 int wp_register_cfunction(const char *qualname, lua_CFunction fn) {

@@ -42,11 +42,7 @@ static void init_once(void) {
 }
 
 void wp__fnstore_atfork(int phase) {
-  uv_once(&once, init_once);
-  if (phase == WP__FORK_PREPARE)
-    uv_mutex_lock(&mu);
-  else
-    uv_mutex_unlock(&mu);
+  wp__atfork_lock(phase, &once, init_once, &mu);
 }
 
 int wp__fnstore_intern(const char *rec, size_t len, uint32_t *index) {

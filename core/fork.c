@@ -59,6 +59,15 @@ static void watch(void) {
   (void)pthread_atfork(prepare, parent, child);
 }
 
+void wp__atfork_lock(int phase, uv_once_t *once, void (*init)(void),
+                     uv_mutex_t *mu) {
+  uv_once(once, init);
+  if (phase == WP__FORK_PREPARE)
+    uv_mutex_lock(mu);
+  else
+    uv_mutex_unlock(mu);
+}
+
 void wp__fork_watch(void) {
   uv_once(&watch_once, watch);
 }

@@ -125,17 +125,12 @@ static void reg_remove(wp_pool *p) {
 
 void wp__pools_atfork(int phase) {
   wp_pool *p;
-  if (phase == WP__FORK_PREPARE) {
-    uv_once(&reg.once, reg_init);
-    uv_mutex_lock(&reg.mu);
-    return;
-  }
   if (phase == WP__FORK_CHILD) { /* the parent's pools: dead here */
     for (p = reg.head; p; p = p->reg_next)
       p->registered = 0;
     reg.head = NULL;
   }
-  uv_mutex_unlock(&reg.mu);
+  wp__atfork_lock(phase, &reg.once, reg_init, &reg.mu);
 }
 
 wp_pool *wp_pool_find(const char *name) {

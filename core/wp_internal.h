@@ -241,6 +241,10 @@ WP_HIDDEN unsigned wp__fork_generation(void);
  * in the child forgets what belonged to the parent's other threads. */
 enum { WP__FORK_PREPARE, WP__FORK_PARENT, WP__FORK_CHILD };
 WP_HIDDEN void wp__pools_atfork(int phase);
+/* The phase for one lock made by init under once: taken at PREPARE,
+ * given back after. */
+WP_HIDDEN void wp__atfork_lock(int phase, uv_once_t *once, void (*init)(void),
+                               uv_mutex_t *mu);
 WP_HIDDEN void wp__shdict_atfork(int phase);
 WP_HIDDEN void wp__fnstore_atfork(int phase);
 WP_HIDDEN void wp__cfunction_atfork(int phase);
