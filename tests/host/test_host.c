@@ -457,12 +457,17 @@ Test(host, a_forked_child_sees_the_parents_pools_as_dead) {
   luaL_requiref(L, "workerpool", luaopen_workerpool, 1);
   lua_pop(L, 1);
   cr_assert_eq(
-      run_chunk(L, "wp = require 'workerpool'\n"
-                   "pool = wp.new { name = 'lua-fork', max_workers = 2 }\n"
-                   "assert(pool:submit_wait(function() return 1 end) == 1)\n"
-                   "slow = pool:submit(function()\n"
-                   "  local t = os.clock() + 0.5\n"
-                   "  while os.clock() < t do end return 2 end)\n"),
+      run_chunk(L,
+                "wp = require 'workerpool'\n"
+                "pool = wp.new { name = 'lua-fork', max_workers = 2 }\n"
+                "assert(pool:submit_wait(function() return 1 end) == 1)\n"
+                "slow = pool:submit(function()\n"
+                "  local t = os.clock() + 0.5\n"
+                "  while os.clock() < t do end return 2 end)\n"
+                "-- Forked once the task spins (no allocation): under ASan a\n"
+                "-- child's malloc hangs on a lock another thread held.\n"
+                "while pool:stats().running < 1 do wp.sleep(0.001) end\n"
+                "wp.sleep(0.1)\n"),
       0);
   pid = fork();
   cr_assert_neq(pid, -1);
