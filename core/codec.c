@@ -678,15 +678,39 @@ int wp__get_cvalue(wp__reader *r, wp_value *out) {
 
 /* ---- decoding into a state ------------------------------------------- */
 
+/* The table keys a state decoded last, by their place in their table:
+ * records built alike list their keys alike, so the key at place i is
+ * most often the one the previous record had there, and is pushed without
+ * hashing and interning it again.  One per state, in its registry, made
+ * when it first decodes a table; the strings are its user values.  Keys
+ * that do not repeat (a dictionary's) would make every lookup a miss that
+ * costs more than it saves: when fewer than half of a window of lookups
+ * hit, the next KEYS_PAUSE keys are decoded without the cache. */
+#define KEYS_N 128
+#define KEYS_MAXLEN 40 /* longer keys are not kept */
+#define KEYS_WINDOW 64
+#define KEYS_PAUSE 4096
+
+typedef struct keycache {
+  const char *s[KEYS_N];     /* the bytes of user value i + 1, or NULL */
+  unsigned char len[KEYS_N]; /* its length */
+  unsigned tries, hits;      /* in the current window */
+  unsigned pause;            /* keys still to decode without the cache */
+} keycache;
+
+static const char keys_key = 'k';
+
 typedef struct dec {
   lua_State *L;
   wp__reader *r;
   int refs; /* the first of NUM_SLOTS stack slots: the tables and
                functions numbered so far while there are at most
                NUM_SLOTS (number n in slot refs + n), then a table of
-               them all (number n at index n + 1) */
+               them all (number n at index n + 1); the key cache's slot
+               follows them */
   int nextid;
-  int cache; /* stack index of the compiled-function cache, or 0 */
+  int cache;    /* stack index of the compiled-function cache, or 0 */
+  keycache *kc; /* in slot refs + NUM_SLOTS once a table is decoded */
 } dec;
 
 static _Noreturn void dec_bad(dec *d) {
@@ -886,6 +910,55 @@ static inline int dec_plain(lua_State *L, wp__reader *r) {
   return 0;
 }
 
+/* [-0, +0, m] Puts the state's key cache in its slot, making it the
+ * first time. */
+static void dec_keys(dec *d) {
+  lua_State *L = d->L;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &keys_key) == LUA_TUSERDATA) {
+    d->kc = lua_touserdata(L, -1);
+  } else {
+    lua_pop(L, 1);
+    d->kc = lua_newuserdatauv(L, sizeof *d->kc, KEYS_N);
+    memset(d->kc, 0, sizeof *d->kc);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &keys_key);
+  }
+  lua_replace(L, d->refs + NUM_SLOTS);
+}
+
+/* [-0, +(0|1), m] Pushes the key of the pair at place i of a table when
+ * it is a short string, from the key cache when it holds that string for
+ * place i, and returns 1; else pushes nothing and returns 0. */
+static inline int dec_key(dec *d, uint32_t i) {
+  lua_State *L = d->L;
+  keycache *kc = d->kc;
+  const unsigned char *p = (const unsigned char *)d->r->p;
+  size_t left = (size_t)(d->r->end - d->r->p), len;
+  int k = (int)(i % KEYS_N), slot = d->refs + NUM_SLOTS;
+  if (kc->pause) {
+    kc->pause--;
+    return 0;
+  }
+  if (left < 2 || p[0] != WP__T_STR || (len = p[1]) > KEYS_MAXLEN ||
+      left - 2 < len)
+    return 0;
+  if (++kc->tries == KEYS_WINDOW) {
+    if (kc->hits < KEYS_WINDOW / 2) kc->pause = KEYS_PAUSE;
+    kc->tries = kc->hits = 0;
+  }
+  if (kc->len[k] == len && kc->s[k] && memcmp(kc->s[k], p + 2, len) == 0) {
+    kc->hits++;
+    lua_getiuservalue(L, slot, k + 1);
+  } else {
+    kc->s[k] = lua_pushlstring(L, (const char *)p + 2, len);
+    kc->len[k] = (unsigned char)len;
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, slot, k + 1); /* anchors s[k] */
+  }
+  d->r->p += 2 + len;
+  return 1;
+}
+
 static void dec_value(dec *d, int depth) {
   lua_State *L = d->L;
   wp__reader *r = d->r;
@@ -930,8 +1003,9 @@ static void dec_value(dec *d, int depth) {
     break;
   }
   case WP__T_TABLE: {
-    uint32_t hints[2];
+    uint32_t hints[2], i;
     size_t left;
+    int keyed;
     luaL_checkstack(L, 4, "tables nested too deeply");
     if (get_bytes(r, hints, sizeof hints)) dec_bad(d);
     /* Hints only size the table; a pair takes at least 2 bytes. */
@@ -939,13 +1013,16 @@ static void dec_value(dec *d, int depth) {
     if (hints[0] > left || hints[1] > hints[0]) dec_bad(d);
     lua_createtable(L, (int)hints[1], (int)(hints[0] - hints[1]));
     dec_register(d);
-    for (;;) {
+    /* Only tables with other keys than integers look at the key cache. */
+    keyed = hints[1] < hints[0];
+    if (keyed && d->kc == NULL) dec_keys(d);
+    for (i = 0;; i++) {
       if (r->p >= r->end) dec_bad(d);
       if ((unsigned char)*r->p == WP__T_END) {
         r->p++;
         break;
       }
-      if (!dec_plain(L, r)) {
+      if (!(keyed && dec_key(d, i)) && !dec_plain(L, r)) {
         dec_value(d, depth + 1);
         if (lua_isnil(L, -1)) dec_bad(d);
       }
@@ -964,7 +1041,7 @@ void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   int i, k;
   if (n < 0 || (size_t)n > (size_t)(r->end - r->p)) /* >= 1 byte each */
     luaL_error(L, "malformed value message");
-  luaL_checkstack(L, n + NUM_SLOTS + 3, "too many values");
+  luaL_checkstack(L, n + NUM_SLOTS + 4, "too many values");
   /* Leading scalars (most results are a few) need no table of
    * references. */
   for (i = 0; i < n && r->p < r->end; i++) {
@@ -980,11 +1057,12 @@ void wp__decode(lua_State *L, wp__reader *r, int n, int cache) {
   d.r = r;
   d.nextid = 0;
   d.cache = cache ? lua_absindex(L, cache) : 0;
+  d.kc = NULL;
   d.refs = lua_gettop(L) + 1;
-  for (k = 0; k < NUM_SLOTS; k++)
+  for (k = 0; k <= NUM_SLOTS; k++) /* the references, then the key cache */
     lua_pushnil(L);
   for (; i < n; i++)
     dec_value(&d, 0);
-  lua_rotate(L, d.refs, -NUM_SLOTS); /* the slots go on top */
-  lua_pop(L, NUM_SLOTS);
+  lua_rotate(L, d.refs, -(NUM_SLOTS + 1)); /* the slots go on top */
+  lua_pop(L, NUM_SLOTS + 1);
 }

@@ -725,6 +725,61 @@ T.test("a task sent again inside its own table arguments is one function", funct
     "bad argument #3 to 'submit' (cannot send a thread inside a table or upvalue)")
 end)
 
+T.test("table keys: records alike, keys changed in place, dictionaries", function()
+  -- The decoder keeps the keys it saw by their place in their table
+  -- (core/codec.c, the key cache): every key must still arrive as sent.
+  local keys = {}
+  for j = 1, 150 do keys[j] = "field" .. j end -- more places than it keeps
+  for i = 1, 200 do
+    local t = {}
+    for j = 1, 150 do t[keys[j]] = i * 1000 + j end
+    local sum, n, bad = pool:submit_wait(function(r)
+      local s, c, wrong = 0, 0, nil
+      for k, v in pairs(r) do
+        c = c + 1
+        s = s + v
+        if k ~= "field" .. (v % 1000) then wrong = k end
+      end
+      return s, c, wrong
+    end, t)
+    T.eq(n, 150, "record " .. i .. ": every key")
+    T.eq(bad, nil, "record " .. i .. ": keys match their values")
+    T.eq(sum, 150 * i * 1000 + 150 * 151 // 2)
+  end
+  -- Same place, same length, other bytes; NUL bytes; the empty key; the
+  -- longest kept key and one past it.
+  local long40, long41 = string.rep("k", 40), string.rep("k", 41)
+  local seq = {
+    { abc = 1 }, { abd = 2 }, { abc = 3 }, { ["a\0b"] = 4 }, { ["a\0c"] = 5 },
+    { [""] = 6 }, { [""] = 7, x = 8 }, { [long40] = 9 }, { [long40 .. ""] = 10 },
+    { [long41] = 11 }, { [long40:sub(1, 39) .. "j"] = 12 },
+  }
+  for round = 1, 3 do
+    for i, t in ipairs(seq) do
+      T.ok(same(echo(t), t), "round " .. round .. ", table " .. i)
+    end
+  end
+  -- Records inside a list share places with each other.
+  local list = {}
+  for i = 1, 50 do list[i] = { name = "n" .. i, id = i, tags = { a = i } } end
+  T.ok(same(echo(list), list), "a list of records")
+  -- Keys that never repeat (a dictionary's), then records again.
+  for i = 1, 300 do
+    local d = {}
+    for j = 1, 20 do d["u" .. i .. "_" .. j] = j end
+    T.ok(same(echo(d), d), "dictionary " .. i)
+  end
+  for i = 1, 50 do
+    local t = { alpha = i, beta = -i, gamma = tostring(i) }
+    T.ok(same(echo(t), t), "record " .. i .. " after the dictionaries")
+  end
+  -- A full collection in the worker between two alike records.
+  T.ok(same(echo({ kept = 1, also = 2 }), { kept = 1, also = 2 }))
+  pool:submit_wait(function() collectgarbage(); collectgarbage() end)
+  collectgarbage()
+  T.ok(same(echo({ kept = 3, also = 4 }), { kept = 3, also = 4 }))
+end)
+
 -- Last: today this one reads past the end of a buffer (see the report),
 -- which ends the whole file under AddressSanitizer.
 T.test("workerpool C functions: resolved, or the documented error", function()
