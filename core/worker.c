@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <lualib.h>
 
@@ -516,6 +517,13 @@ wp_status wp__worker_run(wp__worker *w, wp_future *f) {
   }
   w->in_task = 0;
   lua_sethook(L, NULL, 0, 0);
+  /* The task forked and this is the child: its pool, and every other
+   * thread, stayed in the parent, so nothing here can end the task or run
+   * another.  The child ends as a forked child should, with no atexit
+   * handler and no stdio buffer flushed twice: 0 when the task returned, 1
+   * when it failed (docs/api.md, "After fork()"). */
+  if (wp__pool_forked(w->pool))
+    _exit(st == LUA_OK && run.status == WP_OK ? 0 : 1);
   if (wp_interrupted()) { /* asked to stop: that is how it ended */
     status = (wp_status)atomic_load(&w->kill_reason);
     done = wp__future_fail(f, status,

@@ -5,7 +5,8 @@
  * releasing it neither joins nor frees.  The process-wide locks (slab,
  * function store, shared dictionaries, C-function names, the pool
  * registry) are free in the child even when other threads held them at
- * the fork, so the child can make pools of its own.
+ * the fork, so the child can make pools of its own.  The child of a task
+ * that forks ends when the task returns.
  *
  * Each child checks itself and reports through its exit status; an alarm
  * ends a child that hangs.  Under ThreadSanitizer a child starts no thread
@@ -383,4 +384,73 @@ Test(fork, while_other_threads_make_and_stop_pools) {
   atomic_store(&stop_load, 1);
   for (i = 0; i < 2; i++)
     cr_assert_eq(uv_thread_join(&t[i]), 0);
+}
+
+/* ---- a task that forks --------------------------------------------------- */
+
+/* [-0, +1, -] fork_now(): fork() from inside a task; the child's pid to
+ * the parent, 0 to the child. */
+static int fork_now(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)fork());
+  return 1;
+}
+
+static void open_fork(lua_State *L, void *ud) {
+  (void)ud;
+  lua_register(L, "fork_now", fork_now);
+}
+
+#define FORKER                                                                 \
+  "function forker(fail)\n"                                                    \
+  "  local pid = fork_now()\n"                                                 \
+  "  if pid == 0 and fail then error('the child fails') end\n"                 \
+  "  return pid\n"                                                             \
+  "end\n"
+
+/* Runs forker(fail) on p and returns how its child ended: its exit status,
+ * or -1 when it was still running after 30 s (then killed). */
+static int fork_in_task(wp_pool *p, int fail) {
+  wp_value arg, v;
+  wp_future *f;
+  pid_t pid;
+  int st = 0, i;
+  arg.type = WP_TBOOLEAN;
+  arg.u.b = fail;
+  cr_assert_eq(wp_submit_values(p, "forker", &arg, 1, &f), 0);
+  cr_assert_eq(wp_future_wait(f, 30), 0);
+  cr_assert_eq(wp_future_status(f), WP_OK, "the parent's task ends as usual");
+  cr_assert_eq(wp_future_values(f, &v, 1), 1);
+  cr_assert_eq(v.type, WP_TINTEGER);
+  pid = (pid_t)v.u.i;
+  cr_assert_gt(pid, 0);
+  wp_future_release(f);
+  for (i = 0; i < 3000; i++) {
+    if (waitpid(pid, &st, WNOHANG) == pid)
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st);
+    usleep(10 * 1000);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &st, 0);
+  return -1;
+}
+
+Test(fork, the_child_of_a_task_that_forks_ends_with_the_task) {
+  wp_options o;
+  wp_pool *p = NULL;
+  char err[256];
+  wp_options_init(&o);
+  o.name = "fork-in-task";
+  o.max_workers = 2;
+  o.idle_timeout = -1; /* a worker left in the child would wait forever */
+  o.init = INIT FORKER;
+  o.init_len = strlen(INIT FORKER);
+  o.open_state = open_fork;
+  cr_assert_eq(wp_pool_new(&o, &p, err, sizeof err), 0, "%s", err);
+  cr_assert_eq(fork_in_task(p, 0), 0,
+               "the child exits 0 when the task returns");
+  cr_assert_eq(fork_in_task(p, 1), 1, "and 1 when the task fails");
+  /* The parent's pool goes on. */
+  cr_assert_eq(add_on(p, 2, 3), 5);
+  cr_assert_eq(wp_pool_stop_wait(p), 0);
+  wp_pool_release(p);
 }
