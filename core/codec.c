@@ -692,6 +692,7 @@ int wp__get_cvalue(wp__reader *r, wp_value *out) {
 #define KEYS_PAUSE 4096
 
 typedef struct keycache {
+  struct keycache *self;     /* marks it as ours (dec_keys) */
   const char *s[KEYS_N];     /* the bytes of user value i + 1, or NULL */
   unsigned char len[KEYS_N]; /* its length */
   unsigned tries, hits;      /* in the current window */
@@ -914,12 +915,19 @@ static inline int dec_plain(lua_State *L, wp__reader *r) {
  * first time. */
 static void dec_keys(dec *d) {
   lua_State *L = d->L;
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &keys_key) == LUA_TUSERDATA) {
-    d->kc = lua_touserdata(L, -1);
+  keycache *kc = NULL;
+  /* Checked, so that a userdata put there through debug.getregistry()
+   * is not taken for one. */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &keys_key) == LUA_TUSERDATA &&
+      lua_rawlen(L, -1) == sizeof *kc)
+    kc = lua_touserdata(L, -1);
+  if (kc != NULL && kc->self == kc) {
+    d->kc = kc;
   } else {
     lua_pop(L, 1);
     d->kc = lua_newuserdatauv(L, sizeof *d->kc, KEYS_N);
     memset(d->kc, 0, sizeof *d->kc);
+    d->kc->self = d->kc;
     lua_pushvalue(L, -1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &keys_key);
   }

@@ -780,6 +780,29 @@ T.test("table keys: records alike, keys changed in place, dictionaries", functio
   T.ok(same(echo({ kept = 3, also = 4 }), { kept = 3, also = 4 }))
 end)
 
+T.test("table keys: a registry rewritten through the debug library", function()
+  -- The key cache sits in each state's registry under a light userdata
+  -- key; a task that puts another userdata there must not have it taken
+  -- for the cache.
+  local one <close> = wp.new { max_workers = 1 }
+  local sum = function(r) return r.alpha + r.beta end
+  T.eq(one:submit_wait(sum, { alpha = 1, beta = 2 }), 3)
+  local replaced = one:submit_wait(function()
+    local reg, n = debug.getregistry(), 0
+    for k, v in pairs(reg) do
+      if type(k) == "userdata" and type(v) == "userdata" then
+        reg[k] = io.tmpfile()
+        n = n + 1
+      end
+    end
+    return n
+  end)
+  T.ok(replaced >= 1, "the cache was among the values replaced")
+  for i = 1, 3 do
+    T.eq(one:submit_wait(sum, { alpha = i, beta = 2 }), i + 2)
+  end
+end)
+
 -- Last: today this one reads past the end of a buffer (see the report),
 -- which ends the whole file under AddressSanitizer.
 T.test("workerpool C functions: resolved, or the documented error", function()
